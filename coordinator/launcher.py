@@ -1,0 +1,184 @@
+"""Launch ``dmoe`` subcommands as real OS processes and control them with real signals.
+
+Used by the simulator, tests and benchmarks. Each child runs in its own session (process group),
+so a signal reaches the dmoe process *and* its helpers (hivemind's p2pd daemon) the way a
+machine crash or freeze would. Children get SIGTERM if the launcher dies (``PR_SET_PDEATHSIG``),
+and ``ProcessGroup.stop_all`` is registered at exit, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from dmoe.ready import parse_ready
+
+_PR_SET_PDEATHSIG = 1
+_LIVE: weakref.WeakSet[DmoeProcess] = weakref.WeakSet()
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: new session + SIGTERM when the launcher dies (Linux only; best effort elsewhere)."""
+    os.setsid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+class ProcessFailed(RuntimeError):
+    """A launched process exited or did not become ready in time; message includes its log tail."""
+
+
+class DmoeProcess:
+    """One ``python -m dmoe <subcommand> ...`` child with its output teed to a log file."""
+
+    def __init__(
+        self,
+        subcommand: str,
+        args: Sequence[str],
+        *,
+        name: str,
+        log_path: str | Path,
+        env: dict[str, str] | None = None,
+        cwd: str | Path | None = None,
+    ) -> None:
+        self.subcommand = subcommand
+        self.args = [str(a) for a in args]
+        self.name = name
+        self.log_path = Path(log_path)
+        self.env = env
+        self.cwd = cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready: dict[str, Any] | None = None
+        self._ready_event = threading.Event()
+        self._reader: threading.Thread | None = None
+        self.frozen = False
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "process not started"
+        return self.proc.pid
+
+    def start(self) -> DmoeProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRPC_VERBOSITY": "ERROR", **(self.env or {})}
+        cmd = [sys.executable, "-m", "dmoe", self.subcommand, *self.args]
+        self.ready = None
+        self._ready_event.clear()
+        self.frozen = False
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=self.cwd,
+            preexec_fn=_die_with_parent,
+        )
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed by the reader thread
+        log.write(f"--- {time.strftime('%H:%M:%S')} start: {' '.join(cmd)}\n".encode())
+        self._reader = threading.Thread(target=self._pump, args=(self.proc.stdout, log), daemon=True)
+        self._reader.start()
+        _LIVE.add(self)
+        return self
+
+    def _pump(self, stream: IO[bytes], log: IO[bytes]) -> None:
+        with log:
+            for raw in iter(stream.readline, b""):
+                log.write(raw)
+                log.flush()
+                if self.ready is None:
+                    ready = parse_ready(raw.decode(errors="replace"))
+                    if ready is not None:
+                        self.ready = ready
+                        self._ready_event.set()
+        self._ready_event.set()  # EOF: wake waiters so they see the exit
+
+    def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Block until the child prints ``dmoe-ready``; raise ProcessFailed with its log tail otherwise."""
+        self._ready_event.wait(timeout)
+        if self.ready is None:
+            code = self.proc.poll() if self.proc else None
+            why = f"exited with code {code}" if code is not None else f"not ready after {timeout:.0f}s"
+            raise ProcessFailed(f"{self.name} {why}; last log lines:\n{self.log_tail()}")
+        return self.ready
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the whole process group (the dmoe process and its p2pd daemon)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """Crash: SIGKILL, no chance to clean up."""
+        self.send_signal(signal.SIGKILL)
+        self._reap(10.0)
+
+    def freeze(self) -> None:
+        self.send_signal(signal.SIGSTOP)
+        self.frozen = True
+
+    def resume(self) -> None:
+        self.send_signal(signal.SIGCONT)
+        self.frozen = False
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """Graceful leave: SIGTERM (after SIGCONT if frozen), SIGKILL if it does not exit in time."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            if self.frozen:
+                self.resume()
+            self.send_signal(signal.SIGTERM)
+            if self._reap(timeout) is None:
+                self.send_signal(signal.SIGKILL)
+                self._reap(10.0)
+        else:
+            self.send_signal(signal.SIGKILL)  # leftovers in the group, if any
+        return self.proc.returncode
+
+    def _reap(self, timeout: float) -> int | None:
+        assert self.proc is not None
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the group may outlive its leader (p2pd)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        return code
+
+
+def stop_all(timeout: float = 20.0) -> None:
+    """Stop every process this launcher started that is still running."""
+    for proc in list(_LIVE):
+        proc.stop(timeout)
+
+
+atexit.register(stop_all)

@@ -1,0 +1,5 @@
+import sys
+
+from dmoe.cli import main
+
+sys.exit(main())

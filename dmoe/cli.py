@@ -1,0 +1,48 @@
+"""The ``dmoe`` console entry point: dispatches to subcommands, each with its own ``--help``.
+
+The library never imports ``dmoe.node`` or ``dmoe.coordinator``; only this dispatcher does, and
+only the subcommand being run is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from dmoe.errors import DmoeError
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "node": ("dmoe.node.cli", "serve experts over gRPC and announce them in the DHT"),
+    "train": ("dmoe.train_cli", "join a swarm and train a language model through remote experts"),
+    "coordinator": ("dmoe.coordinator.cli", "stable bootstrap peer and live view of a swarm"),
+    "simulate": ("dmoe.coordinator.simulate_cli", "run a swarm under churn and home links, write a report"),
+}
+
+USAGE = "usage: dmoe {" + ",".join(SUBCOMMANDS) + "} [--help] ...\n\n" + "\n".join(
+    f"  {name:<12} {help_}" for name, (_, help_) in SUBCOMMANDS.items()
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print("dmoe: decentralized Mixture-of-Experts training on volunteer computers\n\n" + USAGE)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"dmoe: unknown command {name!r}; choose one of: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    try:
+        return int(module.main(rest) or 0)
+    except DmoeError as e:
+        print(f"dmoe {name}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""One async interface over the two ways dmoe reaches hivemind's DHT.
+
+* ``InLoopDHT`` wraps a ``hivemind.dht.DHTNode`` running in *our* asyncio loop (nodes, the
+  coordinator and the default client handle: one loop per process, no extra process).
+* ``ProcessDHT`` wraps a ``hivemind.DHT`` (which runs its DHTNode in a child process), so users
+  and the trainer's hivemind averager can share one DHT with the gating layer. Calls are shipped
+  with ``DHT.run_coroutine`` and awaited as futures.
+
+Both sign records with an ``RSASignatureValidator``: a subkey carrying our ``[owner:...]`` marker
+can only be overwritten by us, and values read back are stripped of signatures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, Protocol
+
+import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.node import DHTNode
+from hivemind.utils import ValueWithExpiration
+
+
+class DHTAccess(Protocol):
+    owner_marker: bytes
+
+    @property
+    def peer_id(self) -> str: ...
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, ValueWithExpiration | None]: ...
+
+    async def store_many(
+        self, keys: Sequence[str], subkeys: Sequence[bytes], values: Sequence[Any], expirations: Sequence[float]
+    ) -> dict[tuple[str, bytes], bool]: ...
+
+    async def visible_maddrs(self) -> list[str]: ...
+
+    async def shutdown(self) -> None: ...
+
+
+async def _node_get_many(node: DHTNode, keys: Sequence[str]) -> dict[str, ValueWithExpiration | None]:
+    return await node.get_many(list(keys), sufficient_expiration_time=float("inf"))
+
+
+async def _node_store_many(
+    node: DHTNode, keys: Sequence[str], subkeys: Sequence[bytes], values: Sequence[Any], expirations: Sequence[float]
+) -> dict[tuple[str, bytes], bool]:
+    result = await node.store_many(list(keys), list(values), list(expirations), subkeys=list(subkeys))
+    return {(k, s): ok for (k, s), ok in result.items()} if result else {}
+
+
+class InLoopDHT:
+    """A DHTNode living in the current event loop."""
+
+    def __init__(self, node: DHTNode, validator: RSASignatureValidator) -> None:
+        self.node = node
+        self.owner_marker = validator.local_public_key
+
+    @classmethod
+    async def create(
+        cls,
+        *,
+        initial_peers: Sequence[str] = (),
+        host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+        announce_maddrs: Sequence[str] | None = None,
+        identity_path: str | None = None,
+        client_mode: bool = False,
+        **kwargs: Any,
+    ) -> InLoopDHT:
+        validator = RSASignatureValidator()
+        node = await DHTNode.create(
+            initial_peers=list(initial_peers) or None,
+            host_maddrs=list(host_maddrs),
+            announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
+            identity_path=identity_path,
+            client_mode=client_mode,
+            record_validator=validator,
+            **kwargs,
+        )
+        return cls(node, validator)
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.node.peer_id)
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, ValueWithExpiration | None]:
+        return await _node_get_many(self.node, keys)
+
+    async def store_many(
+        self, keys: Sequence[str], subkeys: Sequence[bytes], values: Sequence[Any], expirations: Sequence[float]
+    ) -> dict[tuple[str, bytes], bool]:
+        return await _node_store_many(self.node, keys, subkeys, values, expirations)
+
+    async def visible_maddrs(self) -> list[str]:
+        return [str(m) for m in await self.node.get_visible_maddrs()]
+
+    async def shutdown(self) -> None:
+        await self.node.shutdown()
+
+
+async def _remote_get_many(_dht: hivemind.DHT, node: DHTNode, keys: Sequence[str]) -> dict:
+    return await _node_get_many(node, keys)
+
+
+async def _remote_store_many(_dht: hivemind.DHT, node: DHTNode, args: tuple) -> dict:
+    return await _node_store_many(node, *args)
+
+
+class ProcessDHT:
+    """An existing ``hivemind.DHT`` (child-process DHT); adds our signature validator to it."""
+
+    def __init__(self, dht: hivemind.DHT) -> None:
+        self.dht = dht
+        validator = RSASignatureValidator()
+        dht.add_validators([validator])
+        self.owner_marker = validator.local_public_key
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.dht.peer_id)
+
+    async def _run(self, fn: Any) -> Any:
+        # MPFuture is a concurrent.futures.Future, so asyncio can await it from any loop
+        return await asyncio.wrap_future(self.dht.run_coroutine(fn, return_future=True))
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, ValueWithExpiration | None]:
+        return await self._run(partial(_remote_get_many, keys=list(keys)))
+
+    async def store_many(
+        self, keys: Sequence[str], subkeys: Sequence[bytes], values: Sequence[Any], expirations: Sequence[float]
+    ) -> dict[tuple[str, bytes], bool]:
+        args = (list(keys), list(subkeys), list(values), list(expirations))
+        return await self._run(partial(_remote_store_many, args=args))
+
+    async def visible_maddrs(self) -> list[str]:
+        return [str(m) for m in self.dht.get_visible_maddrs()]
+
+    async def shutdown(self) -> None:
+        """The wrapped DHT belongs to the caller; leave it running."""
+
