@@ -1,0 +1,38 @@
+# dmoe: two commands do all the set-up on a fresh clone.
+#   make demo   - run the default local swarm simulation (nodes, trainer, churn, home links) and write a report
+#   make test   - install everything the tests need and run the whole suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: setup system-deps demo test lint proto compose-demo clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+system-deps:
+	sh scripts/system_deps.sh
+
+demo: setup
+	$(VENV)/bin/dmoe simulate --out runs/demo
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m dmoe.protogen --check
+
+test: setup system-deps lint
+	$(VENV)/bin/pytest -q
+
+proto: setup
+	$(PY) -m dmoe.protogen
+
+compose-demo: setup system-deps
+	$(PY) scripts/compose_demo.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info
