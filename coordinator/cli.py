@@ -1,0 +1,171 @@
+"""``dmoe coordinator``: a stable bootstrap peer for a swarm and a live view of what it holds.
+
+Start-up order is chosen so that every failure an operator can cause is reported in one line
+before anything slow happens: flags are parsed, the identity file is read (or created), the HTTP
+port is bound, and only then is the DHT peer started (which spawns hivemind's p2pd). Once the view
+has done its first refresh, the ``dmoe-ready`` line is printed. SIGTERM/SIGINT stop the refresh
+loop, save the known peers, close HTTP and shut the DHT peer down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import uvloop
+from dmoe.coordinator.bootstrap import BootstrapOptions, BootstrapPeer, CoordinatorStartError, load_or_create_identity
+from dmoe.coordinator.http import HttpServer, coordinator_routes
+from dmoe.coordinator.swarm_metrics import make_registry
+from dmoe.coordinator.view import PrefixSpec, SwarmView, parse_prefixes
+from hivemind.utils.multiaddr import Multiaddr
+
+from dmoe.config import make_parser, port_number, positive_float, setup_logging
+from dmoe.errors import ConfigError
+from dmoe.ready import print_ready
+from dmoe.registry import ExpertRegistry
+
+logger = logging.getLogger("dmoe.coordinator")
+
+DEFAULT_DHT_PORT = 31337
+DEFAULT_HTTP_PORT = 8470
+PEERS_SAVE_PERIOD = 10.0  # seconds between saves of the known-peers file
+
+
+def default_identity_path() -> str:
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(data_home, "dmoe", "coordinator.key")
+
+
+def _maddr(text: str) -> str:
+    try:
+        return str(Multiaddr(text))
+    except Exception as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a multiaddr ({e})") from None
+
+
+def _peer_maddr(text: str) -> str:
+    maddr = _maddr(text)
+    if "p2p" not in Multiaddr(maddr):
+        raise argparse.ArgumentTypeError(f"{text!r} lacks the /p2p/PEER_ID part (copy it from a dmoe-ready line)")
+    return maddr
+
+
+def _prefixes(text: str) -> list[PrefixSpec]:
+    try:
+        return parse_prefixes(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser(
+        "dmoe coordinator",
+        "Bootstrap peer with a stable multiaddr (persistent identity) and a live view of the swarm's "
+        "experts and nodes, served over HTTP: / (page), /status (JSON), /metrics (Prometheus).",
+    )
+    parser.add_argument("--identity", default=default_identity_path(),
+                        help="private key file that fixes the peer id; created on first start, reused after")
+    parser.add_argument("--host-maddrs", nargs="+", type=_maddr, default=[f"/ip4/0.0.0.0/tcp/{DEFAULT_DHT_PORT}"],
+                        help="multiaddrs the DHT peer listens on; keep the port fixed for a stable address")
+    parser.add_argument("--announce-maddrs", nargs="*", type=_maddr, default=[],
+                        help="public multiaddrs to advertise (behind NAT/port forwarding); explicit ports only")
+    parser.add_argument("--initial-peers", nargs="*", type=_peer_maddr, default=[],
+                        help="multiaddrs of other coordinators or peers to join (for redundancy)")
+    parser.add_argument("--prefixes", type=_prefixes, default=[],
+                        help="grid prefixes to watch, comma-separated, e.g. 'ffn' or 'ffn.[0:4].[0:8]' (which "
+                             "also declares the grid size); prefixes that nodes announce are always discovered")
+    parser.add_argument("--http-host", default="0.0.0.0", help="address the HTTP server binds")
+    parser.add_argument("--http-port", type=port_number, default=DEFAULT_HTTP_PORT,
+                        help="HTTP port for /, /status, /metrics (0: any free port)")
+    parser.add_argument("--refresh-period", type=positive_float, default=3.0,
+                        help="seconds between reads of the swarm from the DHT")
+    parser.add_argument("--forget-after", type=positive_float, default=300.0,
+                        help="seconds a vanished node or expert stays listed as recently gone")
+    parser.add_argument("--peers-file", default="",
+                        help="where to remember peers across restarts (default: IDENTITY.peers.json; 'none' to "
+                             "disable)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return uvloop.run(_serve(args))
+    except CoordinatorStartError as e:
+        print(f"dmoe coordinator: {e}", file=sys.stderr)
+        return 1
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    identity = Path(args.identity).expanduser()
+    load_or_create_identity(identity)  # fail on a bad identity file before binding anything
+    peers_file = None if args.peers_file.lower() == "none" else Path(
+        args.peers_file or f"{identity}.peers.json").expanduser()
+
+    http = HttpServer({})
+    http_host, http_port = http.bind(args.http_host, args.http_port)
+    try:
+        peer = await BootstrapPeer.start(BootstrapOptions(
+            identity_path=identity, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs,
+            initial_peers=args.initial_peers, known_peers_path=peers_file,
+        ))
+    except BaseException:
+        await http.close()
+        raise
+    try:
+        return await _run(args, stop, peer, http, f"{http_host}:{http_port}")
+    finally:
+        await peer.remember_peers()
+        await http.close()
+        await peer.shutdown()
+        logger.info("coordinator stopped")
+
+
+async def _run(args: argparse.Namespace, stop: asyncio.Event, peer: BootstrapPeer, http: HttpServer,
+               http_address: str) -> int:
+    view = SwarmView(ExpertRegistry(peer.dht), prefixes=args.prefixes, period=args.refresh_period,
+                     forget_after=args.forget_after)
+    maddrs = await peer.visible_maddrs()
+    about: dict[str, Any] = {"peer_id": str(peer.peer_id), "dht": maddrs, "http": http_address}
+    http.routes.update(coordinator_routes(view, make_registry(view, dht_peers=peer.routing_table_size),
+                                          about=lambda: {**about, "dht_peers": peer.routing_table_size()}))
+    await http.start()
+    with contextlib.suppress(Exception):  # an empty first view is fine; the loop below retries
+        await asyncio.wait_for(view.refresh(), view.lookup_timeout)
+    tasks = [asyncio.create_task(view.run(stop)), asyncio.create_task(_save_peers_periodically(peer, view, stop))]
+    print_ready("coordinator", dht=maddrs, http=http_address, peer_id=str(peer.peer_id))
+    logger.info("coordinator %s ready: DHT %s, HTTP http://%s/", peer.peer_id, " ".join(maddrs), http_address)
+    try:
+        await stop.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    logger.info("shutting down")
+    return 0
+
+
+async def _save_peers_periodically(peer: BootstrapPeer, view: SwarmView, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), PEERS_SAVE_PERIOD)
+        # nodes may publish their DHT multiaddrs in their record ("dht"); remember those too
+        announced = [m for node in view.snapshot.nodes.values() for m in _as_list(node.info.get("dht"))]
+        await peer.remember_peers(announced)
+
+
+def _as_list(value: object) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list | tuple) else []

@@ -1,0 +1,342 @@
+"""The swarm as the DHT shows it right now: nodes, experts per grid prefix, replicas, recent losses.
+
+The coordinator has no private channel to nodes: it reads the same DHT records a client reads,
+through ``ExpertRegistry``, so what it shows is what a trainer would find.
+
+One refresh is
+
+1. ``list_nodes()``: one lookup of ``_dmoe.nodes``, where every node publishes its endpoint, the
+   experts it hosts and a load figure. The experts' uids also tell us which grid prefixes exist
+   and how many dimensions each grid has (``ffn.3.5`` is prefix ``ffn``, 2-D).
+2. A level-by-level walk of every prefix's grid, exactly like a beam search with an unlimited
+   beam: level 0 asks ``ffn.`` for alive first coordinates, level 1 asks ``ffn.<i>.`` for every
+   alive ``i`` (all in one batched lookup), and so on. The last level gives, per expert, every
+   node serving it (replicas). Lookups grow with alive inner cells, not with grid size.
+   A prefix whose dimension count nobody told us (``--prefixes ffn`` with no node record
+   mentioning it) is probed one level deeper until a level comes back empty.
+
+Between refreshes the view remembers what it saw, so it can report *changes*: nodes and experts
+that vanished (kept for ``forget_after`` seconds), and when each node last re-announced (its record's
+expiration moved forward). The grid shape is the one declared with ``--prefixes ffn.[0:4].[0:8]``,
+or else the bounding box (from 0) of every coordinate ever seen, so coverage means "alive cells out of
+the grid people are using".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hivemind.utils import get_dht_time
+
+from dmoe.errors import ConfigError
+from dmoe.registry import ExpertEndpoint, ExpertRegistry, NodeRecord
+from dmoe.uids import UID_DELIMITER, split_uid
+
+logger = logging.getLogger(__name__)
+
+MAX_PROBE_DEPTH = 8  # grid dimensions we probe for when nobody told us the dimension count
+_RANGE = re.compile(r"^\[(\d+):(\d+)\]$")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+@dataclass(frozen=True)
+class PrefixSpec:
+    """A grid prefix to watch; ``grid`` is the declared [lo, hi) range per dimension, if any."""
+
+    name: str
+    grid: tuple[tuple[int, int], ...] | None = None
+
+
+def parse_prefixes(text: str) -> list[PrefixSpec]:
+    """``'ffn.[0:4].[0:8],attn'`` -> specs; raises ConfigError naming the bad item."""
+    specs: dict[str, PrefixSpec] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        parts = item.rstrip(UID_DELIMITER).split(UID_DELIMITER)
+        ranges: list[tuple[int, int]] = []
+        while parts and (m := _RANGE.match(parts[-1])):
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi <= lo:
+                raise ConfigError(f"prefix {item!r}: empty range [{lo}:{hi}], need [a:b] with a < b")
+            ranges.insert(0, (lo, hi))
+            parts.pop()
+        if not parts or not all(_NAME.match(p) for p in parts):
+            raise ConfigError(
+                f"prefix {item!r} must be a grid name like 'ffn' or 'layer0.ffn', optionally followed by "
+                "one [a:b] range per grid dimension (e.g. 'ffn.[0:4].[0:8]')"
+            )
+        name = UID_DELIMITER.join(parts)
+        specs[name] = PrefixSpec(name, tuple(ranges) if ranges else None)
+    return list(specs.values())
+
+
+@dataclass
+class NodeState:
+    node_id: str
+    endpoint: str
+    experts: list[str]
+    load: float
+    expiration: float  # DHT time at which its record expires unless refreshed
+    first_seen: float  # wall time
+    last_announce: float  # wall time we first saw its current record (i.e. after it re-announced)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "endpoint": self.endpoint,
+            "experts": self.experts,
+            "num_experts": len(self.experts),
+            "load": self.load,
+            "last_seen_s": round(max(0.0, now - self.last_announce), 3),
+            "up_s": round(max(0.0, now - self.first_seen), 3),
+            "expires_in_s": round(self.expiration - get_dht_time(), 3),
+            "info": self.info,
+        }
+
+
+@dataclass
+class PrefixState:
+    prefix: str
+    grid: tuple[tuple[int, int], ...]  # [lo, hi) per dimension; () when nothing is known yet
+    declared: bool
+    experts: dict[str, list[ExpertEndpoint]]  # alive uid -> replicas
+
+    @property
+    def cells(self) -> int:
+        return math.prod(hi - lo for lo, hi in self.grid) if self.grid else 0
+
+    def alive_in_grid(self) -> int:
+        return sum(1 for uid in self.experts if _in_grid(split_uid(uid)[1], self.grid))
+
+    @property
+    def coverage(self) -> float:
+        return self.alive_in_grid() / self.cells if self.cells else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        replicas = [len(eps) for eps in self.experts.values()]
+        return {
+            "prefix": self.prefix,
+            "grid": [list(r) for r in self.grid],
+            "grid_declared": self.declared,
+            "cells": self.cells,
+            "alive": len(self.experts),
+            "coverage": round(self.coverage, 6),
+            "replicas_min": min(replicas, default=0),
+            "replicas_max": max(replicas, default=0),
+            "experts": {
+                uid: [{"endpoint": e.endpoint, "node_id": e.node_id, "load": e.load} for e in eps]
+                for uid, eps in sorted(self.experts.items(), key=lambda kv: split_uid(kv[0])[1])
+            },
+        }
+
+
+@dataclass
+class Gone:
+    """Something that was alive at the previous refresh and is not any more."""
+
+    key: str  # expert uid or node id
+    gone_at: float  # wall time
+    detail: dict[str, Any]
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        return {"id": self.key, "gone_s_ago": round(now - self.gone_at, 3), **self.detail}
+
+
+@dataclass
+class SwarmSnapshot:
+    taken_at: float = 0.0  # wall time; 0 before the first successful refresh
+    refresh_seconds: float = 0.0
+    nodes: dict[str, NodeState] = field(default_factory=dict)
+    prefixes: dict[str, PrefixState] = field(default_factory=dict)
+    gone_experts: dict[str, Gone] = field(default_factory=dict)
+    gone_nodes: dict[str, Gone] = field(default_factory=dict)
+
+
+@dataclass
+class SwarmCounters:
+    refreshes: int = 0
+    refresh_errors: int = 0
+    last_error: str = ""
+    node_joins: int = 0
+    node_departures: int = 0
+    expert_disappearances: dict[str, int] = field(default_factory=dict)  # per prefix
+
+
+class SwarmView:
+    """Keeps the latest ``SwarmSnapshot``; ``run()`` refreshes it every ``period`` seconds."""
+
+    def __init__(
+        self,
+        registry: ExpertRegistry,
+        *,
+        prefixes: Sequence[PrefixSpec] = (),
+        period: float = 3.0,
+        forget_after: float = 300.0,
+        lookup_timeout: float | None = None,
+    ) -> None:
+        self.registry = registry
+        self.declared = {spec.name: spec for spec in prefixes}
+        self.period = period
+        self.forget_after = forget_after
+        self.lookup_timeout = lookup_timeout if lookup_timeout is not None else max(10.0, 3 * period)
+        self.snapshot = SwarmSnapshot()
+        self.counters = SwarmCounters()
+        self._dims: dict[str, int] = {n: len(s.grid) for n, s in self.declared.items() if s.grid}
+        self._seen_max: dict[str, list[int]] = {}  # prefix -> max coordinate seen per dimension
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Refresh until ``stop`` is set; a failed refresh is logged and counted, never fatal."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(self.refresh(), self.lookup_timeout)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.counters.refresh_errors += 1
+                self.counters.last_error = f"{type(e).__name__}: {e}"[:300]
+                logger.warning("swarm refresh failed (keeping the previous view): %s", self.counters.last_error)
+            try:
+                await asyncio.wait_for(stop.wait(), self.period)
+            except TimeoutError:
+                pass
+
+    async def refresh(self) -> SwarmSnapshot:
+        started = time.perf_counter()
+        records = await self.registry.list_nodes()
+        now = time.time()
+        nodes = self._merge_nodes(records, now)
+        for node in nodes.values():
+            self._learn_uids(node.experts)
+        names = sorted({*self.declared, *self._dims, *self.snapshot.prefixes})
+        walked = await asyncio.gather(*(self._walk(name, self._dims.get(name)) for name in names))
+        prefixes = {}
+        for name, experts in zip(names, walked, strict=True):
+            self._learn_uids(experts)
+            spec = self.declared.get(name)
+            declared = spec is not None and spec.grid is not None
+            grid = spec.grid if declared else tuple((0, m + 1) for m in self._seen_max.get(name, []))
+            prefixes[name] = PrefixState(name, grid, declared, experts)
+        previous = self.snapshot
+        snapshot = SwarmSnapshot(now, time.perf_counter() - started, nodes, prefixes)
+        self._track_losses(previous, snapshot, now)
+        self.snapshot = snapshot
+        self.counters.refreshes += 1
+        return snapshot
+
+    def _merge_nodes(self, records: list[NodeRecord], now: float) -> dict[str, NodeState]:
+        nodes: dict[str, NodeState] = {}
+        for record in records:
+            key = record.node_id
+            old = self.snapshot.nodes.get(key)
+            extra = {k: v for k, v in record.info.items() if k not in ("endpoint", "experts", "load")}
+            if old is not None:
+                reannounced = record.expiration > old.expiration + 1e-6
+                last = now if reannounced else old.last_announce
+                nodes[key] = NodeState(key, record.endpoint, record.experts, record.load, record.expiration,
+                                       old.first_seen, last, extra)
+            else:
+                nodes[key] = NodeState(key, record.endpoint, record.experts, record.load, record.expiration,
+                                       now, now, extra)
+        return nodes
+
+    def _learn_uids(self, uids: Sequence[str] | dict[str, Any]) -> None:
+        for uid in uids:
+            try:
+                prefix, coords = split_uid(uid)
+            except ConfigError:
+                continue  # a node announcing a non-grid uid; nothing to map
+            self._dims[prefix] = max(self._dims.get(prefix, 0), len(coords))
+            seen = self._seen_max.setdefault(prefix, [])
+            seen.extend([0] * (len(coords) - len(seen)))
+            for i, c in enumerate(coords):
+                seen[i] = max(seen[i], c)
+
+    async def _walk(self, prefix: str, dims: int | None) -> dict[str, list[ExpertEndpoint]]:
+        """Alive experts under ``prefix`` and their replicas, one batched lookup per grid level."""
+        leaves: dict[str, list[ExpertEndpoint]] = {}
+        frontier: dict[str, list[ExpertEndpoint]] = {}  # inner cells found at the previous level
+        keys = [prefix + UID_DELIMITER]
+        for depth in range(1, (dims or MAX_PROBE_DEPTH) + 1):
+            table = await self.registry.get_prefixes(keys)
+            found = {eps[0].uid: eps for key in keys for eps in table[key].values() if eps}
+            if dims is None:  # probing: a cell without children at this level was a leaf
+                leaves.update({uid: eps for uid, eps in frontier.items() if not _has_children(uid, found)})
+            if dims is not None and depth == dims:
+                leaves.update(found)
+                break
+            if not found:
+                break
+            frontier = found
+            keys = [uid + UID_DELIMITER for uid in found]
+        else:
+            leaves.update(frontier if dims is None else {})
+        return leaves
+
+    def _track_losses(self, previous: SwarmSnapshot, current: SwarmSnapshot, now: float) -> None:
+        gone_nodes = {k: g for k, g in previous.gone_nodes.items()
+                      if now - g.gone_at < self.forget_after and k not in current.nodes}
+        gone_experts = {k: g for k, g in previous.gone_experts.items() if now - g.gone_at < self.forget_after}
+        for key, node in previous.nodes.items():
+            if key not in current.nodes:
+                self.counters.node_departures += 1
+                gone_nodes[key] = Gone(key, now, {"endpoint": node.endpoint, "num_experts": len(node.experts)})
+                logger.info("node %s at %s is gone (%d experts)", key, node.endpoint, len(node.experts))
+        for key, node in current.nodes.items():
+            if key not in previous.nodes:
+                self.counters.node_joins += 1
+                logger.info("node %s at %s joined with %d experts (load %.3g)",
+                            key, node.endpoint, len(node.experts), node.load)
+        alive = {uid for p in current.prefixes.values() for uid in p.experts}
+        for name, state in previous.prefixes.items():
+            lost = [uid for uid in state.experts if uid not in alive]
+            for uid in lost:
+                gone_experts[uid] = Gone(uid, now, {"prefix": name,
+                                                    "endpoints": [e.endpoint for e in state.experts[uid]]})
+            if lost:
+                self.counters.expert_disappearances[name] = self.counters.expert_disappearances.get(name, 0) + len(lost)
+                shown = ", ".join(sorted(lost, key=lambda u: split_uid(u)[1])[:8])
+                logger.info("%d expert(s) of %s disappeared: %s%s", len(lost), name, shown,
+                            ", ..." if len(lost) > 8 else "")
+        current.gone_nodes = gone_nodes
+        current.gone_experts = {k: g for k, g in gone_experts.items() if k not in alive}
+
+    def to_json(self) -> dict[str, Any]:
+        snap, now = self.snapshot, time.time()
+        return {
+            "taken_at": snap.taken_at,
+            "age_s": round(now - snap.taken_at, 3) if snap.taken_at else None,
+            "refresh_seconds": round(snap.refresh_seconds, 6),
+            "refresh_period_s": self.period,
+            "nodes": [n.to_json(now) for n in sorted(snap.nodes.values(), key=lambda n: n.endpoint)],
+            "prefixes": {name: p.to_json() for name, p in snap.prefixes.items()},
+            "gone": {
+                "nodes": [g.to_json(now) for g in sorted(snap.gone_nodes.values(), key=lambda g: -g.gone_at)],
+                "experts": [g.to_json(now) for g in sorted(snap.gone_experts.values(), key=lambda g: -g.gone_at)],
+                "forget_after_s": self.forget_after,
+            },
+            "counters": {
+                "refreshes": self.counters.refreshes,
+                "refresh_errors": self.counters.refresh_errors,
+                "last_error": self.counters.last_error,
+                "node_joins": self.counters.node_joins,
+                "node_departures": self.counters.node_departures,
+                "expert_disappearances": dict(self.counters.expert_disappearances),
+            },
+        }
+
+
+def _has_children(uid: str, found: dict[str, list[ExpertEndpoint]]) -> bool:
+    head = uid + UID_DELIMITER
+    return any(child.startswith(head) for child in found)
+
+
+def _in_grid(coords: tuple[int, ...], grid: tuple[tuple[int, int], ...]) -> bool:
+    return len(coords) == len(grid) and all(lo <= c < hi for c, (lo, hi) in zip(coords, grid, strict=True))
+
