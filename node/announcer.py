@@ -1,0 +1,155 @@
+"""Joining the DHT and keeping this node's expert records alive in it.
+
+``start_dht`` starts hivemind's DHTNode in the node's own event loop (``dmoe.dht_access.InLoopDHT``,
+records signed by hivemind's ``RSASignatureValidator``). Its p2pd daemon is started in a session
+of its own with ``PR_SET_PDEATHSIG=SIGKILL``: a SIGTERM sent to the node's process group (what
+the launcher does for a graceful leave) then reaches only the node, whose shutdown still needs
+p2pd to withdraw its records; a crash of the node still takes p2pd down with it.
+
+``Announcer`` stores every expert's records through ``dmoe.registry.ExpertRegistry`` (key layout
+documented there) with expiration ``ttl`` and refreshes them every ``ttl / 3`` with the current
+load, so a node that dies disappears from lookups within one ttl while a live one never blinks
+out even if one refresh is lost. ``stop(withdraw=True)`` overwrites them with tombstones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from dmoe.dht_access import InLoopDHT
+from dmoe.registry import ExpertRegistry
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _p2pd_preexec() -> None:
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _p2pd_in_own_session() -> Iterator[None]:
+    """While creating the DHT, spawn subprocesses (p2pd) in their own session, dying with us."""
+    original = asyncio.subprocess.create_subprocess_exec
+
+    async def spawn(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        kwargs.setdefault("preexec_fn", _p2pd_preexec)
+        return await original(*args, **kwargs)
+
+    asyncio.subprocess.create_subprocess_exec = spawn
+    try:
+        yield
+    finally:
+        asyncio.subprocess.create_subprocess_exec = original
+
+
+async def start_dht(
+    *,
+    initial_peers: Sequence[str] = (),
+    host_maddrs: Sequence[str],
+    announce_maddrs: Sequence[str] | None = None,
+) -> InLoopDHT:
+    with _p2pd_in_own_session():
+        dht = await InLoopDHT.create(
+            initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs
+        )
+    if initial_peers:
+        log.info("joined the swarm through %d initial peer(s) as %s", len(initial_peers), dht.peer_id)
+    else:
+        log.info("started a new swarm as %s", dht.peer_id)
+    return dht
+
+
+class Announcer:
+    def __init__(
+        self,
+        registry: ExpertRegistry,
+        *,
+        uids: Sequence[str],
+        endpoint: str,
+        node_id: str,
+        ttl: float,
+        load: Callable[[], float],
+        node_info: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.uids = list(uids)
+        self.endpoint = endpoint
+        self.node_id = node_id
+        self.ttl = ttl
+        self.load = load
+        self.node_info = node_info or dict
+        self.interval = ttl / 3
+        self._task: asyncio.Task | None = None
+        self.on_result: Callable[[bool], None] | None = None
+        self._failures = 0
+
+    async def announce_once(self, timeout: float | None = None) -> bool:
+        try:
+            ok = await asyncio.wait_for(
+                self.registry.announce(
+                    self.uids, endpoint=self.endpoint, node_id=self.node_id, load=self.load(), ttl=self.ttl,
+                    node_info=self.node_info(),
+                ),
+                timeout or self.interval,
+            )
+        except (TimeoutError, OSError, RuntimeError) as e:
+            log.warning("announce failed: %s: %s", type(e).__name__, e)
+            ok = False
+        if self.on_result is not None:
+            self.on_result(ok)
+        return ok
+
+    async def start(self, first_attempts: int = 3) -> bool:
+        """Announce once (a few tries), then keep refreshing in the background."""
+        ok = False
+        for attempt in range(first_attempts):
+            ok = await self.announce_once()
+            if ok:
+                break
+            await asyncio.sleep(min(1.0 * (attempt + 1), self.interval))
+        if ok:
+            log.info("announced %d expert(s) at %s (ttl %.0fs)", len(self.uids), self.endpoint, self.ttl)
+        else:
+            log.warning("could not announce experts yet; will keep trying every %.1fs", self.interval)
+        self._task = asyncio.create_task(self._refresh_loop(), name="dmoe-announcer")
+        return ok
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            ok = await self.announce_once()
+            if ok and self._failures:
+                log.info("announce works again after %d failed round(s)", self._failures)
+                self._failures = 0
+            elif not ok:
+                self._failures += 1
+                if self._failures in (1, 10) or self._failures % 100 == 0:
+                    log.warning("announce round failed (%d in a row)", self._failures)
+
+    async def stop(self, *, withdraw: bool = True, timeout: float = 5.0) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if withdraw:
+            try:
+                ok = await asyncio.wait_for(
+                    self.registry.withdraw(self.uids, node_id=self.node_id, ttl=self.ttl), timeout
+                )
+            except (TimeoutError, OSError, RuntimeError) as e:
+                ok = False
+                log.warning("withdraw failed (%s); records expire within %.0fs", type(e).__name__, self.ttl)
+            if ok:
+                log.info("withdrew %d expert record(s) from the DHT", len(self.uids))

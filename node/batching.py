@@ -1,0 +1,294 @@
+"""BatchScheduler: per-expert request queues, fair batching, and worker threads for compute.
+
+Design
+------
+* Scheduling happens on the event loop; compute happens in a ``ThreadPoolExecutor`` with
+  ``num_workers`` threads. The loop never runs torch code except cheap input checks.
+* Requests are queued per ``(uid, kind, batch signature)`` (kind = forward/backward, signature =
+  dtypes and trailing shapes), so one queue's requests can be concatenated along dim 0.
+* When a worker is free, the scheduler picks, among experts not already being computed, the
+  queue whose *oldest* request has waited longest (fair across experts: a busy expert cannot
+  starve a quiet one) and takes requests oldest-first up to ``max_batch_size`` rows (a single
+  larger request still runs, alone).
+* No added latency for a lone client: with an idle worker a batch starts at once. Requests that
+  arrive while the workers are busy pile up and form the next batch. ``max_batch_delay`` > 0
+  lets an idle worker wait that long for a partial batch to fill (it bounds the wait of the
+  oldest request, never more).
+* One expert is never computed by two workers at the same time (a forward must not read weights
+  mid optimizer step, and it lets the queue grow into a bigger batch meanwhile).
+* Admission: a request that would push the queued rows over ``max_queued_rows`` is refused at
+  once with RESOURCE_EXHAUSTED. A request whose gRPC deadline passed while queued is dropped
+  without compute (DEADLINE_EXCEEDED); a request whose client went away is skipped.
+* Replies are serialized to protobuf tensors in the worker too, so big copies stay off the loop.
+* If a merged batch raises, each of its requests is retried alone, so one pathological request
+  fails by itself and the others still get answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+from dmoe.node.backend import ExpertBackend
+from dmoe.node.metrics import NodeMetrics
+from dmoe.node.validation import RpcFailure
+
+from dmoe.proto import expert_pb2 as pb
+from dmoe.wire import serialize_tensor
+
+log = logging.getLogger(__name__)
+
+FORWARD = "forward"
+BACKWARD = "backward"
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    max_batch_size: int = 1024  # rows per merged batch
+    max_batch_delay: float = 0.0  # seconds an idle worker may wait for a partial batch to fill
+    max_queued_rows: int = 16384  # admission limit over all queues
+    num_workers: int = 1
+
+
+@dataclass(eq=False)
+class Task:
+    uid: str
+    kind: str
+    tensors: list[torch.Tensor]
+    rows: int
+    signature: tuple
+    compression: str
+    deadline: float | None  # loop.time() after which the caller has given up
+    future: asyncio.Future
+    enqueued: float = field(default=0.0)
+
+
+class BatchScheduler:
+    def __init__(
+        self,
+        backends: dict[str, ExpertBackend],
+        *,
+        options: BatchingOptions,
+        metrics: NodeMetrics,
+    ) -> None:
+        self.backends = backends
+        self.options = options
+        self.metrics = metrics
+        self.executor = ThreadPoolExecutor(max_workers=options.num_workers, thread_name_prefix="dmoe-expert")
+        self.idle_workers = options.num_workers
+        self.queues: dict[tuple, deque[Task]] = {}
+        self.busy_uids: set[str] = set()
+        self.queued_rows = 0
+        self.queued_requests = 0
+        self.inflight_rows = 0
+        self.accepting = True
+        self._timer: asyncio.TimerHandle | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def load(self) -> float:
+        """Queued plus in-flight rows, in units of max_batch_size (announced in the DHT, sent in Ping)."""
+        return (self.queued_rows + self.inflight_rows) / self.options.max_batch_size
+
+    # ---- admission ----
+
+    async def submit(
+        self, uid: str, kind: str, tensors: list[torch.Tensor], *, rows: int, signature: tuple,
+        compression: str, timeout: float | None,
+    ) -> list[pb.Tensor]:
+        """Queue one validated request and wait for its serialized reply tensors."""
+        loop = self._loop = asyncio.get_running_loop()
+        if not self.accepting:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "node is shutting down", reason="shutting_down")
+        if self.queued_rows + rows > self.options.max_queued_rows:
+            raise RpcFailure(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"queue full: {self.queued_rows} rows queued, +{rows} would exceed --max-queued-rows "
+                f"{self.options.max_queued_rows}",
+                reason="queue_full",
+            )
+        now = loop.time()
+        task = Task(
+            uid=uid, kind=kind, tensors=tensors, rows=rows, signature=signature, compression=compression,
+            deadline=None if timeout is None else now + timeout, future=loop.create_future(), enqueued=now,
+        )
+        self.queues.setdefault((uid, kind, signature), deque()).append(task)
+        self._count(+1, rows)
+        self._dispatch()
+        return await task.future
+
+    def _count(self, requests: int, rows: int) -> None:
+        self.queued_requests += requests
+        self.queued_rows += rows
+        self.metrics.queued_rows.set(self.queued_rows)
+        self.metrics.queued_requests.set(self.queued_requests)
+        if self.queued_requests == 0 and self.inflight_rows == 0:
+            self._idle.set()
+        else:
+            self._idle.clear()
+
+    # ---- scheduling ----
+
+    def _prune(self, queue: deque[Task], now: float) -> None:
+        """Drop cancelled requests and requests past their deadline from the head of a queue."""
+        while queue:
+            task = queue[0]
+            if task.future.done():  # the client went away (handler cancelled)
+                queue.popleft()
+                self._count(-1, -task.rows)
+            elif task.deadline is not None and now >= task.deadline:
+                queue.popleft()
+                self._count(-1, -task.rows)
+                self.metrics.rejections.labels("deadline").inc()
+                task.future.set_exception(
+                    RpcFailure(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"deadline passed after {now - task.enqueued:.3f}s in the queue; dropped without compute",
+                        reason="deadline",
+                    )
+                )
+            else:
+                return
+
+    def _dispatch(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        delay = self.options.max_batch_delay
+        while self.idle_workers > 0:
+            now = loop.time()
+            best_key, best_time, wake_at = None, float("inf"), float("inf")
+            for key, queue in list(self.queues.items()):
+                self._prune(queue, now)
+                if not queue:
+                    del self.queues[key]
+                    continue
+                if key[0] in self.busy_uids:
+                    continue
+                head = queue[0].enqueued
+                if delay > 0 and now < head + delay and sum(t.rows for t in queue) < self.options.max_batch_size:
+                    wake_at = min(wake_at, head + delay)
+                    continue
+                if head < best_time:
+                    best_key, best_time = key, head
+            if best_key is None:
+                if wake_at < float("inf"):
+                    self._timer = loop.call_at(wake_at, self._dispatch)
+                return
+            self._start_batch(best_key)
+
+    def _start_batch(self, key: tuple) -> None:
+        queue = self.queues[key]
+        batch: list[Task] = []
+        rows = 0
+        while queue and (not batch or rows + queue[0].rows <= self.options.max_batch_size):
+            task = queue.popleft()
+            self._count(-1, -task.rows)
+            if task.future.done():
+                continue
+            batch.append(task)
+            rows += task.rows
+        if not queue:
+            del self.queues[key]
+        if not batch:
+            return
+        uid, kind, _ = key
+        now = self._loop.time()
+        for task in batch:
+            self.metrics.queue_wait.labels(kind).observe(now - task.enqueued)
+        self.idle_workers -= 1
+        self.busy_uids.add(uid)
+        self.inflight_rows += rows
+        self._idle.clear()
+        fut = self._loop.run_in_executor(self.executor, _run_batch, self.backends[uid], kind, batch, self.metrics)
+        fut.add_done_callback(lambda f: self._finish_batch(uid, kind, batch, rows, f))
+
+    def _finish_batch(self, uid: str, kind: str, batch: list[Task], rows: int, fut: asyncio.Future) -> None:
+        self.idle_workers += 1
+        self.busy_uids.discard(uid)
+        self.inflight_rows -= rows
+        results = fut.result()  # _run_batch never raises: per-task results or exceptions
+        for task, result in zip(batch, results, strict=True):
+            if task.future.done():
+                continue
+            if isinstance(result, BaseException):
+                task.future.set_exception(result)
+            else:
+                task.future.set_result(result)
+        self._count(0, 0)
+        self._dispatch()
+
+    # ---- shutdown ----
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+
+    async def drain(self) -> None:
+        """Wait until every queued and in-flight request is answered."""
+        await self._idle.wait()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.executor.shutdown(wait=True)
+
+
+def _run_batch(
+    backend: ExpertBackend, kind: str, batch: list[Task], metrics: NodeMetrics
+) -> list[list[pb.Tensor] | BaseException]:
+    """Worker thread: compute one merged batch; on failure retry each request alone."""
+    try:
+        return _compute(backend, kind, batch, metrics)
+    except Exception as e:
+        if len(batch) == 1:
+            return [_as_failure(backend, e)]
+    results: list[list[pb.Tensor] | BaseException] = []
+    for task in batch:
+        try:
+            results.extend(_compute(backend, kind, [task], metrics))
+        except Exception as e:
+            results.append(_as_failure(backend, e))
+    return results
+
+
+def _as_failure(backend: ExpertBackend, error: Exception) -> RpcFailure:
+    log.warning("expert %s failed: %s: %s", backend.uid, type(error).__name__, error)
+    return RpcFailure(grpc.StatusCode.INTERNAL, f"expert {backend.uid} failed: {type(error).__name__}: {error}",
+                      reason="compute_error")
+
+
+def _compute(backend: ExpertBackend, kind: str, batch: list[Task], metrics: NodeMetrics) -> list[list[pb.Tensor]]:
+    start = time.perf_counter()
+    n = len(batch[0].tensors)
+    if len(batch) == 1:
+        merged = batch[0].tensors
+    else:
+        merged = [torch.cat([task.tensors[i] for task in batch]) for i in range(n)]
+    if kind == FORWARD:
+        outputs = backend.forward(merged)
+    else:
+        n_in = len(backend.schema.inputs)
+        outputs = backend.backward(merged[:n_in], merged[n_in:])
+        metrics.updates.labels(backend.uid).inc()
+    sizes = [task.rows for task in batch]
+    per_task: list[list[pb.Tensor]] = [[] for _ in batch]
+    for out in outputs:
+        if out.dim() == 0 or out.shape[0] != sum(sizes):
+            raise ValueError(f"expert output of shape {list(out.shape)} has no batch dimension of {sum(sizes)} rows")
+        for i, piece in enumerate(out.split(sizes) if len(batch) > 1 else (out,)):
+            per_task[i].append(serialize_tensor(piece, batch[i].compression))
+    metrics.compute.labels(kind).observe(time.perf_counter() - start)
+    metrics.batch_rows.labels(kind).observe(sum(sizes))
+    metrics.batch_requests.labels(kind).observe(len(batch))
+    return per_task

@@ -1,0 +1,72 @@
+"""Prometheus metrics of one node (prometheus-client, served on ``--metrics-port``).
+
+Each node owns its ``CollectorRegistry`` (several nodes may live in one test process). The
+exporter is prometheus-client's own small HTTP server thread; it only reads counters.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class NodeMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "dmoe_node_requests", "RPCs handled, by method and final status", ["method", "status"], registry=r
+        )
+        self.rejections = Counter(
+            "dmoe_node_rejections", "requests refused before compute, by reason", ["reason"], registry=r
+        )
+        self.latency = Histogram(
+            "dmoe_node_request_seconds", "RPC latency (receive to reply), seconds", ["method"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_wait = Histogram(
+            "dmoe_node_queue_wait_seconds", "time a request waited in the queue before compute, seconds",
+            ["kind"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.compute = Histogram(
+            "dmoe_node_batch_compute_seconds", "compute time of one batch in a worker, seconds", ["kind"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_rows = Histogram(
+            "dmoe_node_batch_rows", "rows per computed batch", ["kind"], buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.batch_requests = Histogram(
+            "dmoe_node_batch_requests", "requests merged per computed batch", ["kind"], buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queued_rows = Gauge("dmoe_node_queued_rows", "rows waiting in the queues", registry=r)
+        self.queued_requests = Gauge("dmoe_node_queued_requests", "requests waiting in the queues", registry=r)
+        self.bytes_in = Counter("dmoe_node_bytes_in", "request tensor payload received, bytes", ["method"], registry=r)
+        self.bytes_out = Counter("dmoe_node_bytes_out", "reply tensor payload sent, bytes", ["method"], registry=r)
+        self.updates = Counter("dmoe_node_optimizer_updates", "optimizer steps applied", ["uid"], registry=r)
+        self.experts = Gauge("dmoe_node_experts_hosted", "experts served by this node", registry=r)
+        self.checkpoints = Counter("dmoe_node_checkpoints_saved", "checkpoints written", registry=r)
+        self.announces = Counter(
+            "dmoe_node_dht_announces", "DHT announce rounds, by result", ["result"], registry=r
+        )
+        self._server = None
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Start the /metrics HTTP exporter; returns the port actually bound (``port=0`` picks one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        bound = int(server.server_port)
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

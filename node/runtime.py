@@ -1,0 +1,231 @@
+"""ExpertNode: builds the experts and wires server, scheduler, DHT, checkpoints and metrics.
+
+Everything runs in one asyncio loop (uvloop under ``dmoe node``): the grpc.aio server, hivemind's
+DHTNode, the announcer, the checkpoint timer and the batch scheduler. Torch compute and checkpoint
+disk I/O run in worker threads.
+
+Lifecycle: ``start()`` restores the newest checkpoint, starts gRPC, joins the DHT, announces, and
+returns the ready-line fields. ``shutdown()`` (on SIGTERM/SIGINT) stops taking new work, withdraws
+the DHT records, lets in-flight requests finish, saves a checkpoint and leaves the DHT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import torch
+from dmoe.node.announcer import Announcer, start_dht
+from dmoe.node.backend import ExpertBackend, OptimizerOptions
+from dmoe.node.batching import BatchingOptions, BatchScheduler
+from dmoe.node.checkpoint import CheckpointStore
+from dmoe.node.metrics import NodeMetrics
+from dmoe.node.server import ExpertServicer
+
+from dmoe.dht_access import InLoopDHT
+from dmoe.experts import create_expert, expert_schema
+from dmoe.proto import expert_pb2_grpc as pb_grpc
+from dmoe.registry import ExpertRegistry
+from dmoe.wire import GRPC_OPTIONS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeConfig:
+    experts: list[str]
+    expert_cls: str = "ffn"
+    hidden_dim: int = 1024
+    seed: int = 0
+    host: str = "0.0.0.0"
+    port: int = 0
+    announce_host: str | None = None
+    announce_port: int | None = None
+    initial_peers: list[str] = field(default_factory=list)
+    dht_host_maddrs: list[str] | None = None
+    dht_announce_maddrs: list[str] | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_interval: float = 300.0  # seconds
+    checkpoint_keep: int = 3
+    metrics_port: int | None = None
+    announce_ttl: float = 30.0  # seconds
+    max_request_bytes: int = 64 * 2**20
+    shutdown_grace: float = 10.0  # seconds in-flight requests get to finish on shutdown
+    device: str | None = None  # None: cuda when available, else cpu
+    batching: BatchingOptions = field(default_factory=BatchingOptions)
+    optimizer: OptimizerOptions = field(default_factory=OptimizerOptions)
+
+
+def guess_public_host() -> str:
+    """The local address used for outbound traffic (no packet is sent); 127.0.0.1 if none."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # TEST-NET-1: only selects a route
+        return s.getsockname()[0]
+    return "127.0.0.1"
+
+
+class ExpertNode:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.metrics = NodeMetrics()
+        self.backends: dict[str, ExpertBackend] = {}
+        for uid in config.experts:
+            module = create_expert(config.expert_cls, hidden_dim=config.hidden_dim, seed=config.seed, uid=uid)
+            self.backends[uid] = ExpertBackend(
+                uid, module, schema=expert_schema(module, config.hidden_dim), expert_cls=config.expert_cls,
+                hidden_dim=config.hidden_dim, optimizer=config.optimizer, device=self.device,
+            )
+        self.metrics.experts.set(len(self.backends))
+        self.scheduler = BatchScheduler(self.backends, options=config.batching, metrics=self.metrics)
+        self.checkpoints = CheckpointStore(config.checkpoint_dir, keep=config.checkpoint_keep) \
+            if config.checkpoint_dir else None
+        self.dht: InLoopDHT | None = None
+        self.announcer: Announcer | None = None
+        self.server: grpc.aio.Server | None = None
+        self.grpc_port = 0
+        self.metrics_port: int | None = None
+        self._checkpoint_task: asyncio.Task | None = None
+        self._save_lock = asyncio.Lock()
+        self._updates_at_last_save = -1
+
+    @property
+    def node_id(self) -> str:
+        return self.dht.peer_id if self.dht is not None else ""
+
+    # ---- start ----
+
+    def restore(self) -> None:
+        if self.checkpoints is None:
+            return
+        found = self.checkpoints.load_latest()
+        if found is None:
+            log.info("no checkpoint in %s; starting from seed %d", self.checkpoints.directory, self.config.seed)
+            return
+        path, payload = found
+        restored, skipped = 0, []
+        for uid, state in payload["experts"].items():
+            backend = self.backends.get(uid)
+            if backend is None or state.get("expert_cls") != backend.expert_cls \
+                    or state.get("hidden_dim") != backend.hidden_dim:
+                skipped.append(uid)
+                continue
+            backend.load_state_dict(state)
+            restored += 1
+        log.info("restored %d expert(s) from %s (%d updates)%s", restored, path.name, self.total_updates(),
+                 f"; ignored {len(skipped)} not matching this node" if skipped else "")
+        self._updates_at_last_save = self.total_updates()
+
+    def total_updates(self) -> int:
+        return sum(b.updates for b in self.backends.values())
+
+    async def start(self) -> dict[str, Any]:
+        cfg = self.config
+        await asyncio.get_running_loop().run_in_executor(None, self.restore)
+        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        servicer = ExpertServicer(
+            self.backends, self.scheduler, metrics=self.metrics, node_id=lambda: self.node_id,
+            max_request_bytes=cfg.max_request_bytes,
+        )
+        pb_grpc.add_ExpertServiceServicer_to_server(servicer, self.server)
+        self.grpc_port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if not self.grpc_port:
+            raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
+        await self.server.start()
+        local_host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+        announce_host = cfg.announce_host or (guess_public_host() if cfg.host in ("0.0.0.0", "::") else cfg.host)
+        self.endpoint = f"{announce_host}:{cfg.announce_port or self.grpc_port}"
+        log.info("serving %d %s expert(s) (hidden %d) on %s:%d, device %s", len(self.backends), cfg.expert_cls,
+                 cfg.hidden_dim, cfg.host, self.grpc_port, self.device)
+
+        dht_host = "0.0.0.0" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+        self.dht = await start_dht(
+            initial_peers=cfg.initial_peers,
+            host_maddrs=cfg.dht_host_maddrs or [f"/ip4/{dht_host}/tcp/0"],
+            announce_maddrs=cfg.dht_announce_maddrs,
+        )
+        self.announcer = Announcer(
+            ExpertRegistry(self.dht), uids=list(self.backends), endpoint=self.endpoint, node_id=self.node_id,
+            ttl=cfg.announce_ttl, load=lambda: self.scheduler.load,
+            node_info=lambda: {"expert_cls": cfg.expert_cls, "hidden_dim": cfg.hidden_dim,
+                               "updates": self.total_updates()},
+        )
+        self.announcer.on_result = lambda ok: self.metrics.announces.labels("ok" if ok else "failed").inc()
+        await self.announcer.start()
+
+        if cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(cfg.metrics_port, host=cfg.host)
+        if self.checkpoints is not None:
+            self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(), name="dmoe-checkpoints")
+        return {
+            "grpc": f"{local_host}:{self.grpc_port}",
+            "announced": self.endpoint,
+            "dht": await self.dht.visible_maddrs(),
+            "experts": list(self.backends),
+            "node_id": self.node_id,
+            "metrics_port": self.metrics_port,
+        }
+
+    # ---- checkpoints ----
+
+    async def save_checkpoint(self, *, force: bool = False) -> None:
+        if self.checkpoints is None:
+            return
+        async with self._save_lock:
+            updates = self.total_updates()
+            if not force and updates == self._updates_at_last_save:
+                return  # nothing changed since the last save
+            started = time.perf_counter()
+
+            def snapshot_and_save() -> Any:
+                states = {uid: b.state_dict() for uid, b in self.backends.items()}
+                return self.checkpoints.save(states)
+
+            path = await asyncio.get_running_loop().run_in_executor(None, snapshot_and_save)
+            self._updates_at_last_save = updates
+            self.metrics.checkpoints.inc()
+            log.info("checkpoint saved: %s (%d updates, %.2fs)", path.name, updates, time.perf_counter() - started)
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.checkpoint_interval)
+            try:
+                await self.save_checkpoint()
+            except OSError as e:
+                log.error("checkpoint failed: %s", e)
+
+    # ---- stop ----
+
+    async def shutdown(self, *, save: bool = True) -> None:
+        log.info("shutting down: no new requests, finishing in-flight work")
+        self.scheduler.stop_accepting()
+        if self._checkpoint_task is not None:
+            self._checkpoint_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoint_task
+        server_stopped = asyncio.create_task(self.server.stop(self.config.shutdown_grace)) if self.server else None
+        if self.announcer is not None:
+            await self.announcer.stop(withdraw=True)
+        if server_stopped is not None:
+            await server_stopped
+        try:
+            await asyncio.wait_for(self.scheduler.drain(), self.config.shutdown_grace)
+        except TimeoutError:
+            log.warning("in-flight compute did not finish within %.0fs", self.config.shutdown_grace)
+        if save:
+            try:
+                await self.save_checkpoint(force=True)
+            except OSError as e:
+                log.error("final checkpoint failed: %s", e)
+        if self.dht is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.dht.shutdown(), 10)
+        self.scheduler.close()
+        self.metrics.close()
+        log.info("node stopped")

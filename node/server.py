@@ -1,0 +1,221 @@
+"""ExpertServicer: the grpc.aio implementation of ``dmoe.ExpertService`` (proto/expert.proto).
+
+Every call goes: size limit -> uid lookup -> decode tensors -> schema check -> queue -> reply.
+Each refusal becomes a gRPC status with a message naming the problem:
+
+=====================================  ====================
+unknown uid                            NOT_FOUND
+bad tensor count/dtype/rank/shape,     INVALID_ARGUMENT
+NaN/Inf, malformed bytes, bad
+compression
+payload over ``--max-request-mb``,     RESOURCE_EXHAUSTED (at once, so the client can fall back)
+queue over ``--max-queued-rows``
+deadline passed while queued           DEADLINE_EXCEEDED (dropped without compute)
+node shutting down                     UNAVAILABLE
+=====================================  ====================
+
+Payloads over ``dmoe.wire.MAX_UNARY_BYTES`` come through the ``*Stream`` RPCs: the client cuts a
+serialized ``ExpertRequest`` into ``Chunk`` messages, the reply comes back the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from dmoe.node.backend import ExpertBackend
+from dmoe.node.batching import BACKWARD, FORWARD, BatchScheduler
+from dmoe.node.metrics import NodeMetrics
+from dmoe.node.validation import RpcFailure, batch_signature, check_request, invalid
+from google.protobuf.message import DecodeError
+
+from dmoe.errors import WireFormatError
+from dmoe.proto import expert_pb2 as pb
+from dmoe.proto import expert_pb2_grpc as pb_grpc
+from dmoe.wire import check_compression, deserialize_tensor, iter_chunks, payload_bytes
+
+log = logging.getLogger(__name__)
+
+
+class RateLimitedLog:
+    """At most one log line per reason every ``interval`` seconds; counts what it suppressed."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, reason: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(reason, -self.interval) < self.interval:
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return
+        skipped = self._suppressed.pop(reason, 0)
+        self._last[reason] = now
+        extra = f" (+{skipped} similar in the last {self.interval:.0f}s)" if skipped else ""
+        self.logger.warning("%s%s", message, extra)
+
+
+class ExpertServicer(pb_grpc.ExpertServiceServicer):
+    def __init__(
+        self,
+        backends: dict[str, ExpertBackend],
+        scheduler: BatchScheduler,
+        *,
+        metrics: NodeMetrics,
+        node_id: Callable[[], str],
+        max_request_bytes: int,
+    ) -> None:
+        self.backends = backends
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.node_id = node_id
+        self.max_request_bytes = max_request_bytes
+        self.rejections = RateLimitedLog(log)
+        # a decoded tensor can never have more elements than this many bytes allow
+        self.max_elements = max_request_bytes
+
+    # ---- core ----
+
+    async def _handle(self, kind: str, request: pb.ExpertRequest, timeout: float | None) -> pb.ExpertReply:
+        size = payload_bytes(request.tensors)
+        if size > self.max_request_bytes:
+            raise RpcFailure(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request payload {size / 2**20:.2f} MB exceeds --max-request-mb "
+                f"{self.max_request_bytes / 2**20:g}",
+                reason="too_large",
+            )
+        backend = self.backends.get(request.uid)
+        if backend is None:
+            listed = ", ".join(list(self.backends)[:8]) + (", ..." if len(self.backends) > 8 else "")
+            raise RpcFailure(
+                grpc.StatusCode.NOT_FOUND,
+                f"expert {request.uid!r} is not served by this node (serves {len(self.backends)}: {listed})",
+                reason="unknown_uid",
+            )
+        try:
+            compression = check_compression(request.compression)
+        except WireFormatError as e:
+            raise invalid(str(e), "compression") from None
+        n_expected = len(backend.schema.inputs) + (len(backend.schema.outputs) if kind == BACKWARD else 0)
+        if len(request.tensors) != n_expected:
+            check_request(backend.schema, [None] * len(request.tensors), backward=kind == BACKWARD)  # raises
+        tensors = []
+        for i, msg in enumerate(request.tensors):
+            try:
+                tensors.append(deserialize_tensor(msg, max_elements=self.max_elements))
+            except WireFormatError as e:
+                raise invalid(f"tensor {i}: {e}", "malformed") from None
+        rows = check_request(backend.schema, tensors, backward=kind == BACKWARD)
+        self.metrics.bytes_in.labels(kind).inc(size)
+        reply_tensors = await self.scheduler.submit(
+            request.uid, kind, tensors, rows=rows, signature=batch_signature(tensors),
+            compression=compression, timeout=timeout,
+        )
+        self.metrics.bytes_out.labels(kind).inc(payload_bytes(reply_tensors))
+        return pb.ExpertReply(tensors=reply_tensors)
+
+    def _reject(self, method: str, uid: str, failure: RpcFailure, peer: str) -> None:
+        self.metrics.rejections.labels(failure.reason).inc()
+        level_reason = failure.reason
+        self.rejections.warning(level_reason, f"rejected {method} {uid!r} from {peer}: {failure.code.name}: "
+                                              f"{failure.details}")
+
+    async def _unary(self, method: str, kind: str, request: pb.ExpertRequest,
+                     context: grpc.aio.ServicerContext) -> pb.ExpertReply:
+        start = time.perf_counter()
+        status = "OK"
+        try:
+            return await self._handle(kind, request, context.time_remaining())
+        except RpcFailure as failure:
+            status = failure.code.name
+            self._reject(method, request.uid, failure, context.peer())
+            await context.abort(failure.code, failure.details)
+            raise  # unreachable: abort raises
+        finally:
+            self.metrics.requests.labels(method, status).inc()
+            self.metrics.latency.labels(method).observe(time.perf_counter() - start)
+
+    async def _stream(self, method: str, kind: str, chunks: AsyncIterator[pb.Chunk],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Chunk]:
+        start = time.perf_counter()
+        status = "OK"
+        uid = ""
+        try:
+            # the serialized request may exceed the tensor payload by headers; allow a little slack
+            limit = self.max_request_bytes + 64 * 1024
+            buffer = bytearray()
+            async for chunk in chunks:
+                buffer += chunk.payload
+                if len(buffer) > limit:
+                    raise RpcFailure(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"streamed request exceeds --max-request-mb {self.max_request_bytes / 2**20:g}",
+                        reason="too_large",
+                    )
+            request = pb.ExpertRequest()
+            try:
+                request.ParseFromString(bytes(buffer))
+            except DecodeError as e:
+                raise invalid(f"malformed streamed ExpertRequest: {e}", "malformed") from None
+            uid = request.uid
+            reply = await self._handle(kind, request, context.time_remaining())
+            for chunk in iter_chunks(reply.SerializeToString()):
+                yield chunk
+        except RpcFailure as failure:
+            status = failure.code.name
+            self._reject(method, uid, failure, context.peer())
+            await context.abort(failure.code, failure.details)
+        finally:
+            self.metrics.requests.labels(method, status).inc()
+            self.metrics.latency.labels(method).observe(time.perf_counter() - start)
+
+    # ---- RPCs ----
+
+    async def Forward(self, request: pb.ExpertRequest, context: grpc.aio.ServicerContext) -> pb.ExpertReply:  # noqa: N802
+        return await self._unary("Forward", FORWARD, request, context)
+
+    async def Backward(self, request: pb.ExpertRequest, context: grpc.aio.ServicerContext) -> pb.ExpertReply:  # noqa: N802
+        return await self._unary("Backward", BACKWARD, request, context)
+
+    def ForwardStream(self, request_iterator: AsyncIterator[pb.Chunk],  # noqa: N802
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Chunk]:
+        return self._stream("ForwardStream", FORWARD, request_iterator, context)
+
+    def BackwardStream(self, request_iterator: AsyncIterator[pb.Chunk],  # noqa: N802
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Chunk]:
+        return self._stream("BackwardStream", BACKWARD, request_iterator, context)
+
+    def expert_info(self, backend: ExpertBackend, *, with_schema: bool = True) -> pb.ExpertInfo:
+        info = pb.ExpertInfo(
+            uid=backend.uid, expert_cls=backend.expert_cls, hidden_dim=backend.hidden_dim,
+            num_parameters=backend.num_parameters, updates=backend.updates,
+        )
+        if with_schema:
+            info.inputs.extend(pb.TensorSpec(dtype=s.dtype, shape=list(s.shape)) for s in backend.schema.inputs)
+            info.outputs.extend(pb.TensorSpec(dtype=s.dtype, shape=list(s.shape)) for s in backend.schema.outputs)
+        return info
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoReply:  # noqa: N802
+        status = "OK"
+        try:
+            if not request.uid:
+                experts = [self.expert_info(b, with_schema=False) for b in self.backends.values()]
+                return pb.InfoReply(experts=experts, node_id=self.node_id())
+            backend = self.backends.get(request.uid)
+            if backend is None:
+                status = "NOT_FOUND"
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"expert {request.uid!r} is not served by this node")
+            return pb.InfoReply(experts=[self.expert_info(backend)], node_id=self.node_id())
+        finally:
+            self.metrics.requests.labels("Info", status).inc()
+
+    async def Ping(self, request: pb.PingRequest, context: grpc.aio.ServicerContext) -> pb.PingReply:  # noqa: N802
+        self.metrics.requests.labels("Ping", "OK").inc()
+        return pb.PingReply(
+            node_id=self.node_id(), time=time.time(), load=self.scheduler.load, num_experts=len(self.backends)
+        )
