@@ -1,0 +1,67 @@
+"""dmoe: decentralized Mixture-of-Experts training on volunteer computers.
+
+Public client API::
+
+    from dmoe import Swarm, RemoteExpert, RemoteMixtureOfExperts, NotEnoughExperts
+
+    swarm = Swarm(initial_peers=["/ip4/.../p2p/..."])  # or Swarm.from_dht(hivemind_dht)
+    moe = RemoteMixtureOfExperts(in_features=256, grid_size=(4, 4), uid_prefix="layer0.ffn", swarm=swarm, k_best=4)
+    y = moe(x)  # x: (batch, 256) or (batch, seq, 256)
+
+Imports are lazy so ``import dmoe`` (and ``dmoe node``) does not pull torch/grpc until needed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from dmoe.errors import (
+    BadAnswer,
+    ConfigError,
+    DeadlineExceeded,
+    DmoeError,
+    ExpertCallError,
+    NodeUnreachable,
+    NotEnoughExperts,
+    RequestRejected,
+    WireFormatError,
+)
+
+if TYPE_CHECKING:
+    from dmoe.gating import LocalMixtureOfExperts
+    from dmoe.moe import RemoteMixtureOfExperts
+    from dmoe.remote_expert import RemoteExpert
+    from dmoe.swarm import Swarm
+
+_LAZY = {
+    "Swarm": "dmoe.swarm",
+    "RemoteExpert": "dmoe.remote_expert",
+    "RemoteMixtureOfExperts": "dmoe.moe",
+    "LocalMixtureOfExperts": "dmoe.gating",
+}
+
+__all__ = [
+    "BadAnswer",
+    "ConfigError",
+    "DeadlineExceeded",
+    "DmoeError",
+    "ExpertCallError",
+    "LocalMixtureOfExperts",
+    "NodeUnreachable",
+    "NotEnoughExperts",
+    "RemoteExpert",
+    "RemoteMixtureOfExperts",
+    "RequestRejected",
+    "Swarm",
+    "WireFormatError",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dmoe' has no attribute {name!r}")

@@ -1,0 +1,356 @@
+"""Batch-wide search for each sample's best alive experts on a grid, over DHT prefix records.
+
+Where experts are
+-----------------
+Experts of one layer live at uids ``{prefix}.{i}.{j}...`` on a grid of ``grid_size``. The
+``ExpertRegistry`` keeps one dictionary record per grid level (see ``dmoe.registry``): ``get`` of
+``ffn.`` returns the alive first coordinates, ``ffn.3.`` the alive second coordinates under 3, and
+at the last level each coordinate comes with every endpoint serving that expert (replicas).
+``ExpertRegistry.get_prefixes`` fetches any set of such keys in one batched DHT call.
+
+What is searched
+----------------
+The gate gives every sample one score vector per grid dimension; an expert's score is the sum of
+its coordinates' scores. For every sample we want the ``k`` highest-scoring experts that are
+alive (announced, unexpired, at least one endpoint not banned) -- exactly the top-k an exhaustive
+scan over all alive experts would return, while fetching only the prefixes on the way.
+
+How
+---
+A best-first search with an admissible bound: a prefix ``(c0, .., cl)`` can hold no expert scoring
+more than ``s0[c0] + .. + sl[cl] + sum_{j>l} max(sj)``. Each sample keeps a heap of prefixes and
+experts ordered by that bound (an expert's bound is its exact score). Popping the heap:
+
+* an expert popped before any unresolved prefix is final (nothing left can beat it);
+* a prefix whose record is known is expanded in place (children pushed with their bounds);
+* a prefix whose record is unknown is set aside as *pending*; the sample then keeps popping (to
+  collect up to ``beam_size`` pending prefixes worth fetching now) but accepts nothing further.
+
+Every round, the pending prefixes of *all* samples are merged (one lookup per distinct prefix,
+however many samples need it) and fetched with one ``get_prefixes``; then the samples resume.
+On a dense grid this takes ``1 + dims`` rounds of at most ``beam_size`` distinct prefixes per
+sample per level -- traffic grows with beam x dims and never with the number of experts -- and the
+result is exact (the test suite compares it with an exhaustive scan).
+
+Caching and time
+----------------
+``PrefixTable`` caches records for ``cache_ttl`` seconds (keep it below the nodes' announce TTL),
+empty prefixes for ``negative_ttl``, drops endpoints whose record expired, shares in-flight
+lookups, and caps every DHT call at ``lookup_timeout``. A search has a time budget (it counts
+against the layer's ``forward_timeout``): when it runs out, unanswered prefixes are served from
+stale cache entries if any (their records are still unexpired) or treated as empty, lookups keep
+running in the background to warm the cache for the next step, and the search finishes with what
+it knows. Experts whose endpoints are all banned are skipped, unless a sample finds fewer than
+``k_min`` others: then they are tried anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from hivemind.utils import get_dht_time
+
+from dmoe import client_metrics as metrics
+from dmoe.registry import ExpertEndpoint, ExpertRegistry
+from dmoe.uids import UID_DELIMITER, make_uid
+
+if TYPE_CHECKING:
+    from dmoe.swarm import Swarm
+
+logger = logging.getLogger(__name__)
+
+Children = dict[int, list[ExpertEndpoint]]  # coordinate -> endpoints (one prefix record)
+
+
+@dataclass(frozen=True)
+class LookupOptions:
+    cache_ttl: float = 5.0  # seconds a fetched prefix record is reused (keep below the announce TTL)
+    negative_ttl: float = 2.0  # seconds an empty prefix is remembered as empty
+    lookup_timeout: float = 10.0  # hard cap of one DHT lookup, seconds (finishes in the background)
+
+
+@dataclass
+class _CacheEntry:
+    fetched: float  # time.monotonic()
+    children: Children
+
+
+class PrefixTable:
+    """Cached, deduplicated DHT prefix lookups. Lives in (and is only touched from) the swarm's loop."""
+
+    def __init__(self, registry: ExpertRegistry, options: LookupOptions, stats: Any) -> None:
+        self.registry = registry
+        self.options = options
+        self.stats = stats
+        self._cache: dict[str, _CacheEntry] = {}
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+
+    def _fresh(self, prefix: str, now: float) -> Children | None:
+        entry = self._cache.get(prefix)
+        if entry is None:
+            return None
+        ttl = self.options.cache_ttl if entry.children else self.options.negative_ttl
+        return _unexpired(entry.children) if now - entry.fetched < ttl else None
+
+    async def fetch(self, prefixes: Sequence[str], timeout: float) -> dict[str, Children | None]:
+        """Children of each prefix; ``None`` when a lookup did not finish in ``timeout`` and nothing is cached."""
+        now = time.monotonic()
+        result: dict[str, Children | None] = {}
+        missing: list[str] = []
+        for prefix in dict.fromkeys(prefixes):
+            fresh = self._fresh(prefix, now)
+            if fresh is not None:
+                result[prefix] = fresh
+                self.stats.cache_hits += 1
+            else:
+                missing.append(prefix)
+        if not missing:
+            return result
+        new = [p for p in missing if p not in self._inflight]
+        if new:
+            task = asyncio.get_running_loop().create_task(self._lookup(new))
+            for p in new:
+                self._inflight[p] = task
+        tasks = {self._inflight[p] for p in missing if p in self._inflight}
+        if tasks and timeout > 0:
+            await asyncio.wait(tasks, timeout=timeout)  # never cancels them: they warm the cache
+        for prefix in missing:
+            entry = self._cache.get(prefix)
+            # fresh if the lookup finished; else a stale entry whose records have not expired yet
+            result[prefix] = _unexpired(entry.children) if entry is not None else None
+        return result
+
+    async def _lookup(self, prefixes: list[str]) -> None:
+        started = time.monotonic()
+        try:
+            found = await asyncio.wait_for(self.registry.get_prefixes(prefixes), self.options.lookup_timeout)
+        except Exception as e:  # DHT trouble must not break a forward: stale cache / empty is the fallback
+            self.stats.lookup_failures += 1
+            metrics.LOOKUP_FAILURES.inc()
+            logger.info("DHT lookup of %d prefixes failed: %r", len(prefixes), e)
+            found = None
+        finally:
+            for p in prefixes:
+                self._inflight.pop(p, None)
+        elapsed = time.monotonic() - started
+        self.stats.lookups += len(prefixes)
+        self.stats.lookup_batches += 1
+        self.stats.lookup_seconds += elapsed
+        metrics.LOOKUPS.inc(len(prefixes))
+        metrics.LOOKUP_SECONDS.observe(elapsed)
+        if found is not None:
+            done = time.monotonic()
+            for p in prefixes:
+                self._cache[p] = _CacheEntry(done, found.get(p, {}))
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+def _unexpired(children: Children) -> Children:
+    now = get_dht_time()
+    out: Children = {}
+    for coord, endpoints in children.items():
+        alive = [e for e in endpoints if e.expiration > now]
+        if alive:
+            out[coord] = alive
+    return out
+
+
+@dataclass(frozen=True)
+class FoundExpert:
+    uid: str
+    coords: tuple[int, ...]
+    score: float
+    endpoints: tuple[str, ...]  # every alive replica, unordered (the caller orders them by health)
+    banned: bool = False  # every endpoint banned: chosen only because too few others were found
+
+
+@dataclass
+class SearchResult:
+    experts: list[list[FoundExpert]]  # per sample, best first
+    rounds: int
+    prefixes_fetched: int  # distinct prefixes requested from the table (cached or not)
+    elapsed: float
+    budget_exhausted: bool
+
+
+@dataclass(order=True)
+class _Item:
+    neg_bound: float
+    coords: tuple[int, ...]
+    partial: float = field(compare=False, default=0.0)  # summed scores of coords (exact, no bound)
+    endpoints: tuple[str, ...] = field(compare=False, default=())
+
+
+@dataclass
+class _SampleSearch:
+    scores: list[list[float]]  # per dimension
+    rest_max: list[float]  # rest_max[l] = sum_{j >= l} max(scores[j])
+    heap: list[_Item]
+    accepted: list[FoundExpert] = field(default_factory=list)
+    banned: list[FoundExpert] = field(default_factory=list)
+    done: bool = False
+
+
+class BeamSearch:
+    """Finds each sample's top-k alive experts under ``uid_prefix`` on ``grid_size`` (see module docstring)."""
+
+    def __init__(
+        self, swarm: Swarm, uid_prefix: str, grid_size: Sequence[int], *, beam_size: int | None = None
+    ) -> None:
+        if swarm.prefixes is None:
+            raise ValueError("beam search needs a Swarm with a DHT (use_dht=True)")
+        if not grid_size or any(int(g) <= 0 for g in grid_size):
+            raise ValueError(f"grid_size must be positive integers, got {tuple(grid_size)}")
+        self.swarm = swarm
+        self.uid_prefix = uid_prefix.rstrip(UID_DELIMITER)
+        self.grid_size = tuple(int(g) for g in grid_size)
+        self.beam_size = beam_size
+
+    def prefix_key(self, coords: tuple[int, ...]) -> str:
+        return (make_uid(self.uid_prefix, coords) if coords else self.uid_prefix) + UID_DELIMITER
+
+    def find_best_experts(
+        self, grid_scores: Sequence[np.ndarray], k: int, *, budget: float, k_min: int = 1
+    ) -> SearchResult:
+        """``grid_scores[j]``: [batch, grid_size[j]] scores. Blocks the caller at most ~``budget`` seconds."""
+        started = time.monotonic()
+        deadline = started + max(budget, 0.0)
+        dims = len(self.grid_size)
+        if len(grid_scores) != dims:
+            raise ValueError(f"expected {dims} score arrays, got {len(grid_scores)}")
+        batch = grid_scores[0].shape[0]
+        for j, s in enumerate(grid_scores):
+            if s.shape != (batch, self.grid_size[j]):
+                raise ValueError(f"scores of dimension {j} have shape {s.shape}, expected {(batch, self.grid_size[j])}")
+        if not all(np.isfinite(s).all() for s in grid_scores):
+            raise ValueError("gate scores contain NaN or Inf")
+        beam = max(1, self.beam_size or k)
+        per_dim = [s.astype(np.float64).tolist() for s in grid_scores]
+        maxes = np.stack([s.max(axis=1) for s in grid_scores], axis=1).astype(np.float64)  # [batch, dims]
+        states = []
+        for b in range(batch):
+            rest = [0.0] * (dims + 1)
+            for j in range(dims - 1, -1, -1):
+                rest[j] = rest[j + 1] + float(maxes[b, j])
+            states.append(_SampleSearch([per_dim[j][b] for j in range(dims)], rest, [_Item(-rest[0], ())]))
+
+        known: dict[str, Children] = {}
+        is_banned = self.swarm.health.is_banned
+        rounds = 0
+        requested: set[str] = set()
+        exhausted = False
+        while True:
+            pending: dict[str, None] = {}
+            for state in states:
+                if not state.done:
+                    wanted = self._advance(state, known, k, beam, is_banned)
+                    if wanted:
+                        pending.update(dict.fromkeys(wanted))
+                    else:
+                        state.done = True
+            if not pending:
+                break
+            rounds += 1
+            requested.update(pending)
+            remaining = deadline - time.monotonic()
+            exhausted = exhausted or remaining <= 0
+            assert self.swarm.prefixes is not None
+            fetched = self.swarm.run(
+                self.swarm.prefixes.fetch(list(pending), timeout=max(remaining, 0.0)),
+                timeout=max(remaining, 0.0) + 5.0,  # the fetch itself returns by `remaining`
+            )
+            for prefix in pending:
+                children = fetched.get(prefix)
+                if children is None:
+                    exhausted = True
+                known[prefix] = children or {}
+        self.swarm.stats_counters.searches += 1
+        results = [self._finish(state, k, k_min, is_banned) for state in states]
+        elapsed = time.monotonic() - started
+        metrics.SEARCH_SECONDS.observe(elapsed)
+        return SearchResult(results, rounds, len(requested), elapsed, exhausted)
+
+    def _advance(
+        self, state: _SampleSearch, known: dict[str, Children], k: int, beam: int, is_banned: Callable[[str], bool]
+    ) -> list[str]:
+        """Pop the sample's heap until it has k experts or needs unknown prefixes; returns those prefixes."""
+        dims = len(self.grid_size)
+        pending: list[_Item] = []
+        held: list[_Item] = []
+        heap = state.heap
+        while heap and len(state.accepted) < k:
+            item = heapq.heappop(heap)
+            level = len(item.coords)
+            if level == dims:  # an expert: its bound is its exact score
+                if pending:
+                    held.append(item)
+                    if len(held) >= k - len(state.accepted):
+                        break
+                    continue
+                found = FoundExpert(make_uid(self.uid_prefix, item.coords), item.coords, item.partial, item.endpoints)
+                if all(is_banned(e) for e in item.endpoints):
+                    state.banned.append(FoundExpert(found.uid, found.coords, found.score, found.endpoints, banned=True))
+                else:
+                    state.accepted.append(found)
+                continue
+            key = self.prefix_key(item.coords)
+            children = known.get(key)
+            if children is None:
+                pending.append(item)
+                if len(pending) >= beam:
+                    break
+                continue
+            scores = state.scores[level]
+            last = level + 1 == dims
+            for coord, endpoints in children.items():
+                if not 0 <= coord < self.grid_size[level]:
+                    continue  # announced outside this layer's grid
+                partial = item.partial + scores[coord]
+                eps = tuple(e.endpoint for e in endpoints) if last else ()
+                heapq.heappush(heap, _Item(-(partial + state.rest_max[level + 1]), (*item.coords, coord), partial, eps))
+        for item in pending + held:
+            heapq.heappush(heap, item)
+        return [self.prefix_key(item.coords) for item in pending]
+
+    def _finish(self, state: _SampleSearch, k: int, k_min: int, is_banned: Callable[[str], bool]) -> list[FoundExpert]:
+        chosen = list(state.accepted)
+        if len(chosen) < k:  # budget ran out: take the best unbanned experts already seen
+            seen = sorted(i for i in state.heap if len(i.coords) == len(self.grid_size))
+            for item in seen:
+                if len(chosen) >= k:
+                    break
+                found = FoundExpert(make_uid(self.uid_prefix, item.coords), item.coords, item.partial, item.endpoints)
+                if all(is_banned(e) for e in item.endpoints):
+                    state.banned.append(FoundExpert(found.uid, found.coords, found.score, found.endpoints, banned=True))
+                else:
+                    chosen.append(found)
+        if len(chosen) < k_min and state.banned:  # every candidate banned: try them anyway
+            chosen += sorted(state.banned, key=lambda e: (-e.score, e.coords))[: k - len(chosen)]
+        return sorted(chosen, key=lambda e: (-e.score, e.coords))[:k]
+
+
+def exhaustive_top_k(
+    grid_scores: Sequence[np.ndarray], alive: Sequence[tuple[int, ...]], k: int
+) -> list[list[tuple[int, ...]]]:
+    """Reference: each sample's top-k of ``alive`` coordinates by summed score (ties by coordinates)."""
+    batch = grid_scores[0].shape[0]
+    per_dim = [s.astype(np.float64).tolist() for s in grid_scores]
+    out = []
+    for b in range(batch):
+        scored = []
+        for coords in alive:
+            total = 0.0
+            for j, c in enumerate(coords):
+                total += per_dim[j][b][c]
+            scored.append((-total, tuple(coords)))
+        out.append([c for _, c in sorted(scored)[:k]])
+    return out
