@@ -108,7 +108,8 @@ class BatchScheduler:
         loop = self._loop = asyncio.get_running_loop()
         if not self.accepting:
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "node is shutting down", reason="shutting_down")
-        if self.queued_rows + rows > self.options.max_queued_rows:
+        # a lone request larger than the limit is still served (--max-request-mb bounds it)
+        if self.queued_rows and self.queued_rows + rows > self.options.max_queued_rows:
             raise RpcFailure(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"queue full: {self.queued_rows} rows queued, +{rows} would exceed --max-queued-rows "
@@ -141,9 +142,11 @@ class BatchScheduler:
         """Drop cancelled requests and requests past their deadline from the head of a queue."""
         while queue:
             task = queue[0]
-            if task.future.done():  # the client went away (handler cancelled)
+            if task.future.done():  # the client went away (cancelled, usually by its deadline)
                 queue.popleft()
                 self._count(-1, -task.rows)
+                if task.deadline is not None and now >= task.deadline:
+                    self.metrics.rejections.labels("deadline").inc()
             elif task.deadline is not None and now >= task.deadline:
                 queue.popleft()
                 self._count(-1, -task.rows)

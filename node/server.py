@@ -182,13 +182,17 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
     async def Backward(self, request: pb.ExpertRequest, context: grpc.aio.ServicerContext) -> pb.ExpertReply:  # noqa: N802
         return await self._unary("Backward", BACKWARD, request, context)
 
-    def ForwardStream(self, request_iterator: AsyncIterator[pb.Chunk],  # noqa: N802
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Chunk]:
-        return self._stream("ForwardStream", FORWARD, request_iterator, context)
+    async def ForwardStream(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.Chunk], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Chunk]:
+        async for chunk in self._stream("ForwardStream", FORWARD, request_iterator, context):
+            yield chunk
 
-    def BackwardStream(self, request_iterator: AsyncIterator[pb.Chunk],  # noqa: N802
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Chunk]:
-        return self._stream("BackwardStream", BACKWARD, request_iterator, context)
+    async def BackwardStream(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.Chunk], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Chunk]:
+        async for chunk in self._stream("BackwardStream", BACKWARD, request_iterator, context):
+            yield chunk
 
     def expert_info(self, backend: ExpertBackend, *, with_schema: bool = True) -> pb.ExpertInfo:
         info = pb.ExpertInfo(

@@ -1,0 +1,273 @@
+"""A real ``dmoe node`` process over real gRPC on loopback: results, training, statuses, limits.
+
+Two nodes start once for the whole module (a correct ffn node and a slow one for queue tests);
+each test talks to them with plain gRPC stubs, as any client would.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from dmoe.coordinator.launcher import DmoeProcess
+from node_rpc import call, call_request, close_channels, status_of, stub, updates
+
+from dmoe.experts import create_expert
+from dmoe.proto import expert_pb2 as pb
+from dmoe.wire import serialize_tensor, serialize_tensors
+
+TESTS_DIR = Path(__file__).resolve().parent
+H = 32
+SEED = 7
+LR = 1e-2
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory):
+    """Start both nodes in parallel; stop them (SIGTERM) after the module."""
+    tmp = tmp_path_factory.mktemp("rpc")
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])),
+           "DMOE_SLOW_EXPERT_S": "2.0"}
+    common = ["--host", "127.0.0.1", "--hidden-dim", str(H), "--seed", str(SEED), "--metrics-port", "0"]
+    ffn = DmoeProcess("node", ["--experts", "ffn.[0:3]", "--lr", str(LR), "--max-request-mb", "4", *common],
+                      name="ffn", log_path=tmp / "ffn.log", env=env).start()
+    slow = DmoeProcess("node", ["--experts", "slow.[0:2]", "--expert-cls", "bad_experts:SlowExpert",
+                                "--max-queued-rows", "12", *common],
+                       name="slow", log_path=tmp / "slow.log", env=env).start()
+    try:
+        yield {"ffn": ffn.wait_ready(90), "slow": slow.wait_ready(90), "ffn_proc": ffn}
+    finally:
+        close_channels()
+        for proc in (ffn, slow):
+            proc.stop(timeout=15)
+
+
+def local(uid: str) -> torch.nn.Module:
+    return create_expert("ffn", hidden_dim=H, seed=SEED, uid=uid)
+
+
+def metric(ready: dict, name: str, labels: str = "") -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{ready['metrics_port']}/metrics", timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and labels in line and not line.startswith("#"):
+            head = line.split(" ")[0]
+            if head == name or head.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_ready_line(nodes):
+    ready = nodes["ffn"]
+    assert ready["role"] == "node"
+    assert ready["experts"] == ["ffn.0", "ffn.1", "ffn.2"]
+    assert ready["grpc"].startswith("127.0.0.1:") and ready["announced"] == ready["grpc"]
+    assert ready["dht"] and all("/p2p/" in m for m in ready["dht"])
+    assert ready["node_id"] and isinstance(ready["metrics_port"], int)
+
+
+def test_forward_equals_local_module(nodes):
+    ep = nodes["ffn"]["grpc"]
+    x = torch.randn(10, H)
+    (y,) = call(ep, "Forward", "ffn.2", [x])
+    assert y.dtype == torch.float32 and y.shape == (10, H)
+    with torch.no_grad():
+        assert torch.allclose(y, local("ffn.2")(x), atol=1e-5)
+
+
+def test_backward_gradients_and_update_equal_local_training(nodes):
+    ep = nodes["ffn"]["grpc"]
+    uid = "ffn.1"
+    model = local(uid)
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    before = updates(ep, uid)
+    assert before == 0
+    for step in range(3):
+        x, g = torch.randn(6, H), torch.randn(6, H)
+        (grad,) = call(ep, "Backward", uid, [x, g])
+        xl = x.clone().requires_grad_()
+        model(xl).backward(g)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        assert torch.allclose(grad, xl.grad, atol=1e-5), f"input gradient differs at step {step}"
+    assert updates(ep, uid) == 3
+    x = torch.randn(4, H)
+    (y,) = call(ep, "Forward", uid, [x])
+    with torch.no_grad():
+        assert torch.allclose(y, model(x), atol=1e-4), "weights after 3 remote steps equal 3 local steps"
+        assert not torch.allclose(y, local(uid)(x), atol=1e-4), "backward changed the weights"
+
+
+def test_info_and_ping(nodes):
+    ready = nodes["ffn"]
+    s = stub(ready["grpc"])
+    info = s.Info(pb.InfoRequest(uid="ffn.0"), timeout=10)
+    (e,) = info.experts
+    assert info.node_id == ready["node_id"]
+    assert (e.uid, e.expert_cls, e.hidden_dim) == ("ffn.0", "ffn", H)
+    assert e.num_parameters == sum(p.numel() for p in local("ffn.0").parameters())
+    assert [(t.dtype, list(t.shape)) for t in e.inputs] == [("float32", [-1, H])]
+    assert [(t.dtype, list(t.shape)) for t in e.outputs] == [("float32", [-1, H])]
+    listing = s.Info(pb.InfoRequest(uid=""), timeout=10)
+    assert [x.uid for x in listing.experts] == ready["experts"]
+    ping = s.Ping(pb.PingRequest(), timeout=10)
+    assert ping.node_id == ready["node_id"] and ping.num_experts == 3 and ping.load >= 0 and ping.time > 0
+    assert status_of(s.Info, pb.InfoRequest(uid="ffn.9"), timeout=10)[0] == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("compression,atol", [("float16", 2e-2), ("bfloat16", 1e-1)])
+def test_reply_compression(nodes, compression, atol):
+    ep = nodes["ffn"]["grpc"]
+    x = torch.randn(8, H)
+    request = pb.ExpertRequest(uid="ffn.2", tensors=serialize_tensors([x]), compression=compression)
+    raw = stub(ep).Forward(request, timeout=10)
+    assert raw.tensors[0].wire_dtype == compression and raw.tensors[0].dtype == "float32"
+    assert len(raw.tensors[0].data) == x.numel() * 2
+    (y,) = call(ep, "Forward", "ffn.2", [x], compression=compression)
+    with torch.no_grad():
+        assert y.dtype == torch.float32 and torch.allclose(y, local("ffn.2")(x), atol=atol)
+    # compressed inputs are decoded back to float32 by the node
+    request = pb.ExpertRequest(uid="ffn.2", tensors=[serialize_tensor(x, compression)])
+    (y16,) = call_request(ep, "Forward", request)
+    with torch.no_grad():
+        assert torch.allclose(y16, local("ffn.2")(x.to(getattr(torch, compression)).float()), atol=1e-5)
+
+
+def test_big_payload_streams_in_chunks(nodes):
+    ep = nodes["ffn"]["grpc"]
+    x = torch.randn(24_000, H)  # ~3 MB: above the unary limit, below --max-request-mb 4
+    (y,) = call(ep, "Forward", "ffn.0", [x])
+    with torch.no_grad():
+        assert torch.allclose(y, local("ffn.0")(x), atol=1e-5)
+    assert metric(nodes["ffn"], "dmoe_node_requests_total", 'method="ForwardStream",status="OK"') >= 1
+
+
+def _bad_requests() -> dict[str, tuple[str, pb.ExpertRequest, grpc.StatusCode, str]]:
+    x = torch.randn(4, H)
+    good = serialize_tensor(x)
+    truncated = pb.Tensor(dtype="float32", shape=[4, H], data=good.data[:-3])
+    unknown_dtype = pb.Tensor(dtype="complex64", shape=[4, H], data=good.data)
+    bad_wire = pb.Tensor(dtype="int64", shape=[4, H // 2], data=good.data, wire_dtype="float16")
+    inv = grpc.StatusCode.INVALID_ARGUMENT
+    return {
+        "unknown uid": ("Forward", pb.ExpertRequest(uid="ffn.77", tensors=[good]), grpc.StatusCode.NOT_FOUND, "ffn.77"),
+        "not a uid": ("Forward", pb.ExpertRequest(uid="", tensors=[good]), grpc.StatusCode.NOT_FOUND, "not served"),
+        "wrong shape": ("Forward", pb.ExpertRequest(uid="ffn.0", tensors=serialize_tensors([torch.randn(4, H + 1)])),
+                        inv, "shape"),
+        "wrong rank": ("Forward", pb.ExpertRequest(uid="ffn.0", tensors=serialize_tensors([torch.randn(2, 2, H)])),
+                       inv, "rank"),
+        "wrong dtype": ("Forward", pb.ExpertRequest(uid="ffn.0", tensors=serialize_tensors([x.double()])),
+                        inv, "dtype"),
+        "int dtype": ("Forward", pb.ExpertRequest(uid="ffn.0", tensors=serialize_tensors([torch.ones(4, H).long()])),
+                      inv, "dtype"),
+        "nan": ("Forward", pb.ExpertRequest(uid="ffn.0", tensors=serialize_tensors([x * float("nan")])), inv, "NaN"),
+        "inf": ("Forward", pb.ExpertRequest(uid="ffn.0", tensors=serialize_tensors([x / 0])), inv, "Inf"),
+        "truncated bytes": ("Forward", pb.ExpertRequest(uid="ffn.0", tensors=[truncated]), inv, "bytes"),
+        "unknown dtype": ("Forward", pb.ExpertRequest(uid="ffn.0", tensors=[unknown_dtype]), inv, "dtype"),
+        "bad wire dtype": ("Forward", pb.ExpertRequest(uid="ffn.0", tensors=[bad_wire]), inv, "wire dtype"),
+        "no tensors": ("Forward", pb.ExpertRequest(uid="ffn.0"), inv, "expected 1 inputs"),
+        "bad compression": ("Forward", pb.ExpertRequest(uid="ffn.0", tensors=[good], compression="zip"),
+                            inv, "compression"),
+        "backward without grads": ("Backward", pb.ExpertRequest(uid="ffn.0", tensors=[good]), inv, "grad_outputs"),
+        "grad of wrong shape": ("Backward",
+                                pb.ExpertRequest(uid="ffn.0", tensors=serialize_tensors([x, torch.randn(3, H)])),
+                                inv, "grad_output 0"),
+        "nan grad": ("Backward",
+                     pb.ExpertRequest(uid="ffn.0", tensors=serialize_tensors([x, x * float("nan")])), inv, "NaN"),
+        "too large": ("Forward", pb.ExpertRequest(uid="ffn.0", tensors=serialize_tensors([torch.randn(40_000, H)])),
+                      grpc.StatusCode.RESOURCE_EXHAUSTED, "--max-request-mb"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_requests()))
+def test_bad_request_gets_its_status_and_node_keeps_serving(nodes, case):
+    ep = nodes["ffn"]["grpc"]
+    method, request, code, needle = _bad_requests()[case]
+    before = updates(ep, "ffn.0")
+    got, details = status_of(call_request, ep, method, request, timeout=20)
+    assert got == code, (got, details)
+    assert needle in details, details
+    assert updates(ep, "ffn.0") == before, "a rejected request must not train the expert"
+    x = torch.randn(3, H)
+    (y,) = call(ep, "Forward", "ffn.2", [x])
+    with torch.no_grad():
+        assert torch.allclose(y, local("ffn.2")(x), atol=1e-5)
+
+
+def test_malformed_stream_and_oversized_stream(nodes):
+    ep = nodes["ffn"]["grpc"]
+    s = stub(ep)
+    code, details = status_of(lambda: list(s.ForwardStream(iter([pb.Chunk(payload=b"\xff\xfe garbage")]), timeout=10)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in details
+    big = [pb.Chunk(payload=b"\0" * 1_000_000) for _ in range(6)]  # 6 MB > --max-request-mb 4
+    code, details = status_of(lambda: list(s.ForwardStream(iter(big), timeout=10)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    (y,) = call(ep, "Forward", "ffn.2", [torch.zeros(1, H)])
+    assert y.shape == (1, H)
+
+
+def test_concurrent_clients_each_get_their_own_rows(nodes):
+    ep = nodes["ffn"]["grpc"]
+    model = local("ffn.2")
+    errors: list[str] = []
+
+    def client(i: int) -> None:
+        for _ in range(5):
+            x = torch.randn(1 + i, H)
+            (y,) = call(ep, "Forward", "ffn.2", [x])
+            with torch.no_grad():
+                if not torch.allclose(y, model(x), atol=1e-5):
+                    errors.append(f"client {i} got someone else's rows")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+
+
+def test_full_queue_is_refused_at_once_and_expired_requests_are_dropped(nodes):
+    ready = nodes["slow"]
+    ep = ready["grpc"]
+    x = torch.randn(4, H)
+    results: dict[str, object] = {}
+
+    def run(name: str, uid: str, timeout: float) -> None:
+        try:
+            results[name] = call(ep, "Forward", uid, [x], timeout=timeout)
+        except grpc.RpcError as e:
+            results[name] = e.code()
+
+    busy = threading.Thread(target=run, args=("busy", "slow.0", 30))
+    busy.start()
+    for _ in range(500):  # the busy request is in
+        if stub(ep).Ping(pb.PingRequest(), timeout=5).load >= 4 / 1024:
+            break
+    deadline_drops = metric(ready, "dmoe_node_rejections_total", 'reason="deadline"')
+    # slow.0 stays busy for 2 s: these queue behind it (slow.1 waits for the only worker)
+    expiring = threading.Thread(target=run, args=("expiring", "slow.0", 0.5))
+    waiting = [threading.Thread(target=run, args=(f"q{i}", "slow.1", 30)) for i in range(2)]
+    expiring.start()
+    for t in waiting:
+        t.start()
+    for _ in range(500):  # 4 (busy, in flight) + 4 + 4 + 4 queued rows
+        if stub(ep).Ping(pb.PingRequest(), timeout=5).load >= 16 / 1024:
+            break
+    code, details = status_of(call, ep, "Forward", "slow.0", [torch.randn(1, H)], timeout=5)  # 12 + 1 > 12
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue full" in details
+    for t in [busy, expiring, *waiting]:
+        t.join(60)
+    assert results["expiring"] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert all(isinstance(results[k], list) for k in ("busy", "q0", "q1")), results
+    assert metric(ready, "dmoe_node_rejections_total", 'reason="deadline"') == deadline_drops + 1
+    # computed batches: busy, then slow.1's merged batch; the expired request was never computed
+    assert metric(ready, "dmoe_node_batch_rows_sum") == 4 + 8
+    (y,) = call(ep, "Forward", "slow.1", [x], timeout=30)
+    assert y.shape == (4, H)
