@@ -114,7 +114,8 @@ def test_check_request_names_each_problem():
     with pytest.raises(RpcFailure, match="inf|Inf"):
         check_request(schema, [torch.full((3, H), float("inf"))], backward=False)
     # transformer: free seq dim of the output follows the input's
-    tschema = ExpertSchema(inputs=(TensorSchema("float32", (-1, -1, H)),), outputs=(TensorSchema("float32", (-1, -1, H)),))
+    seq = TensorSchema("float32", (-1, -1, H))
+    tschema = ExpertSchema(inputs=(seq,), outputs=(seq,))
     assert check_request(tschema, [torch.randn(2, 5, H), torch.randn(2, 5, H)], backward=True) == 2
     with pytest.raises(RpcFailure, match="grad_output 0"):
         check_request(tschema, [torch.randn(2, 5, H), torch.randn(2, 4, H)], backward=True)
@@ -221,7 +222,8 @@ def test_experts_are_served_oldest_first():
         tasks = []
         for uid in order:
             tasks.append(asyncio.create_task(_submit(sched, uid, 1)))
-            await _until(lambda n=len(tasks): sched.queued_requests == n)
+            n = len(tasks)
+            await _until(lambda n=n: sched.queued_requests == n)
         gate.set()
         await asyncio.gather(first, *tasks)
         assert [name for name, _ in log[1:]] == order

@@ -1,0 +1,88 @@
+"""Wire format: exact round trips, lossy compression, and errors that name the problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dmoe.errors import WireFormatError
+from dmoe.proto import expert_pb2 as pb
+from dmoe.wire import (
+    CHUNK_BYTES,
+    check_compression,
+    deserialize_tensor,
+    has_non_finite,
+    iter_chunks,
+    payload_bytes,
+    serialize_tensor,
+    serialize_tensors,
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.float64,
+                                   torch.int32, torch.int8, torch.uint8, torch.bool])
+def test_round_trip_is_exact(dtype):
+    if dtype.is_floating_point:
+        t = torch.randn(3, 5, 7).to(dtype)
+        t[0, 0, 0] = float("inf")
+    elif dtype == torch.bool:
+        t = torch.rand(3, 5, 7) > 0.5
+    else:
+        t = torch.randint(-100 if dtype.is_signed else 0, 100, (3, 5, 7), dtype=dtype)
+    if dtype == torch.int64:
+        t[0, 0, 0] = 2**62 + 1  # not representable in float64: must survive as raw bytes
+    msg = serialize_tensor(t)
+    assert len(msg.data) == t.numel() * t.element_size()
+    back = deserialize_tensor(pb.Tensor.FromString(msg.SerializeToString()))
+    assert back.dtype == dtype and back.shape == t.shape and torch.equal(back, t)
+
+
+def test_round_trip_of_views_scalars_and_empty_tensors():
+    base = torch.randn(6, 8)
+    for t in (base.t(), base[:, ::2], torch.tensor(3.5), torch.empty(0, 4)):
+        back = deserialize_tensor(serialize_tensor(t))
+        assert back.shape == t.shape and torch.equal(back, t.contiguous())
+
+
+@pytest.mark.parametrize("compression", ["float16", "bfloat16"])
+def test_compression_halves_bytes_and_restores_dtype(compression):
+    t = torch.randn(64, 32)
+    msg = serialize_tensor(t, compression)
+    assert msg.wire_dtype == compression and len(msg.data) == t.numel() * 2
+    back = deserialize_tensor(msg)
+    assert back.dtype == torch.float32
+    assert torch.equal(back, t.to(getattr(torch, compression)).float())
+    ints = torch.arange(10)
+    assert serialize_tensor(ints, compression).wire_dtype == "", "integer tensors are never compressed"
+    half = t.half()
+    assert serialize_tensor(half, "float16").wire_dtype == "", "already in the wire dtype"
+
+
+def test_malformed_tensors_raise_wire_errors_naming_the_problem():
+    good = serialize_tensor(torch.randn(4, 4))
+    cases = {
+        "unknown dtype": pb.Tensor(dtype="complex64", shape=[4, 4], data=good.data),
+        "needs 64 bytes, got 61": pb.Tensor(dtype="float32", shape=[4, 4], data=good.data[:-3]),
+        "negative dimension": pb.Tensor(dtype="float32", shape=[-4, -4], data=good.data),
+        "only allowed for float": pb.Tensor(dtype="int64", shape=[4, 2], data=good.data, wire_dtype="float16"),
+        "unknown wire dtype": pb.Tensor(dtype="float32", shape=[4, 4], data=good.data, wire_dtype="float8"),
+    }
+    for needle, msg in cases.items():
+        with pytest.raises(WireFormatError, match=needle):
+            deserialize_tensor(msg)
+    with pytest.raises(WireFormatError, match="more than 10"):
+        deserialize_tensor(good, max_elements=10)
+    with pytest.raises(WireFormatError, match="compression"):
+        check_compression("gzip")
+    assert check_compression("none") == ""
+
+
+def test_chunks_reassemble_and_helpers():
+    payload = bytes(range(256)) * (3 * CHUNK_BYTES // 256 + 7)
+    chunks = list(iter_chunks(payload))
+    assert len(chunks) == 4 and all(len(c.payload) <= CHUNK_BYTES for c in chunks)
+    assert b"".join(c.payload for c in chunks) == payload
+    assert [c.payload for c in iter_chunks(b"")] == [b""]
+    msgs = serialize_tensors([torch.zeros(2, 3), torch.zeros(5, dtype=torch.int64)])
+    assert payload_bytes(msgs) == 2 * 3 * 4 + 5 * 8
+    assert has_non_finite(torch.tensor([1.0, float("nan")])) and not has_non_finite(torch.tensor([1, 2]))
