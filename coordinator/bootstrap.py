@@ -12,6 +12,9 @@ Three details make a restart seamless rather than merely "same address":
 * **Stable DHT node id.** hivemind draws a random Kademlia id per start; we derive it from the peer
   id instead, so peers that still hold the old (node id, peer id) pair in their routing tables are
   not confused by a new id behind the same peer.
+* **Own session for p2pd.** hivemind's p2pd daemon would share our process group, so a SIGTERM
+  sent to the group (how launchers stop us) would kill it under our feet and leave the graceful
+  shutdown with a dead daemon. It is spawned in its own session and dies with us (PDEATHSIG).
 * **Known-peers file.** A peer that failed to reach us while we were down drops us from its routing
   table, and a fresh coordinator knows nobody, so neither side would ever call the other again.
   We therefore remember the multiaddrs of peers we were connected to (saved periodically and on
@@ -23,13 +26,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
+import signal
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hivemind.dht.routing import DHTID
 from hivemind.p2p import P2P, PeerID
@@ -141,16 +147,17 @@ class BootstrapPeer:
         _check_maddrs(options.announce_maddrs, "--announce-maddrs")
         _check_maddrs(options.initial_peers, "--initial-peers", need_peer_id=True)
         try:
-            dht = await InLoopDHT.create(
-                initial_peers=initial_peers,
-                host_maddrs=options.host_maddrs,
-                announce_maddrs=options.announce_maddrs or None,
-                identity_path=str(options.identity_path),
-                node_id=DHTID.generate(source=peer_id.to_bytes()),
-                # a bootstrap peer must come up even when every other peer is down (it is what they
-                # will reconnect to); unreachable initial peers are logged, not fatal
-                ensure_bootstrap_success=False,
-            )
+            with _daemons_in_own_session():
+                dht = await InLoopDHT.create(
+                    initial_peers=initial_peers,
+                    host_maddrs=options.host_maddrs,
+                    announce_maddrs=options.announce_maddrs or None,
+                    identity_path=str(options.identity_path),
+                    node_id=DHTID.generate(source=peer_id.to_bytes()),
+                    # a bootstrap peer must come up even when every other peer is down (it is what
+                    # they will reconnect to); unreachable initial peers are logged, not fatal
+                    ensure_bootstrap_success=False,
+                )
         except Exception as e:
             raise CoordinatorStartError(f"cannot start the DHT peer on {' '.join(options.host_maddrs)}: "
                                         f"{_one_line(e)}") from None
@@ -174,7 +181,7 @@ class BootstrapPeer:
             return
         current: dict[str, str] = {}
         try:
-            for info in await self.dht.node.p2p.list_peers():
+            for info in await asyncio.wait_for(self.dht.node.p2p.list_peers(), 5.0):
                 for addr in info.addrs:
                     if "tcp" in addr or "udp" in addr:
                         current[str(info.peer_id)] = f"{addr}/p2p/{info.peer_id}"
@@ -193,8 +200,33 @@ class BootstrapPeer:
         except OSError as e:
             logger.warning("cannot save known peers to %s: %s", path, e)
 
-    async def shutdown(self) -> None:
-        await self.dht.shutdown()
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        try:
+            await asyncio.wait_for(self.dht.shutdown(), timeout)
+        except Exception as e:  # already half-dead (p2pd killed): nothing left to close cleanly
+            logger.warning("DHT shutdown incomplete: %s", _one_line(e))
+
+
+def _p2pd_preexec() -> None:
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+@contextlib.contextmanager
+def _daemons_in_own_session() -> Iterator[None]:
+    """While the DHT starts, spawn its subprocesses (p2pd) in their own session, dying with us."""
+    original = asyncio.subprocess.create_subprocess_exec
+
+    async def spawn(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        kwargs.setdefault("preexec_fn", _p2pd_preexec)
+        return await original(*args, **kwargs)
+
+    asyncio.subprocess.create_subprocess_exec = spawn  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        asyncio.subprocess.create_subprocess_exec = original  # type: ignore[assignment]
 
 
 def _check_maddrs(maddrs: Sequence[str], flag: str, *, need_peer_id: bool = False) -> None:

@@ -1,8 +1,8 @@
 """``dmoe coordinator``: a stable bootstrap peer for a swarm and a live view of what it holds.
 
 Start-up order is chosen so that every failure an operator can cause is reported in one line
-before anything slow happens: flags are parsed, the identity file is read (or created), the HTTP
-port is bound, and only then is the DHT peer started (which spawns hivemind's p2pd). Once the view
+before anything slow happens: flags are parsed, the HTTP port is bound, the identity file is read
+(or created), and only then is the DHT peer started (which spawns hivemind's p2pd). Once the view
 has done its first refresh, the ``dmoe-ready`` line is printed. SIGTERM/SIGINT stop the refresh
 loop, save the known peers, close HTTP and shut the DHT peer down.
 """
@@ -110,14 +110,13 @@ async def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    identity = Path(args.identity).expanduser()
-    load_or_create_identity(identity)  # fail on a bad identity file before binding anything
-    peers_file = None if args.peers_file.lower() == "none" else Path(
-        args.peers_file or f"{identity}.peers.json").expanduser()
-
     http = HttpServer({})
     http_host, http_port = http.bind(args.http_host, args.http_port)
+    identity = Path(args.identity).expanduser()
+    peers_file = None if args.peers_file.lower() == "none" else Path(
+        args.peers_file or f"{identity}.peers.json").expanduser()
     try:
+        load_or_create_identity(identity)  # a bad identity file fails here, before the DHT starts
         peer = await BootstrapPeer.start(BootstrapOptions(
             identity_path=identity, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs,
             initial_peers=args.initial_peers, known_peers_path=peers_file,
@@ -159,12 +158,23 @@ async def _run(args: argparse.Namespace, stop: asyncio.Event, peer: BootstrapPee
 
 
 async def _save_peers_periodically(peer: BootstrapPeer, view: SwarmView, stop: asyncio.Event) -> None:
+    """Save known peers every PEERS_SAVE_PERIOD seconds, and soon after the set of nodes changes.
+
+    A coordinator that crashes (no graceful save) then still finds the nodes it last saw.
+    """
+    saved_nodes: frozenset[str] = frozenset()
+    loop_time = asyncio.get_running_loop().time
+    last = loop_time()
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), PEERS_SAVE_PERIOD)
+            await asyncio.wait_for(stop.wait(), min(view.period, PEERS_SAVE_PERIOD))
+        nodes = frozenset(view.snapshot.nodes)
+        if nodes == saved_nodes and loop_time() - last < PEERS_SAVE_PERIOD:
+            continue
         # nodes may publish their DHT multiaddrs in their record ("dht"); remember those too
         announced = [m for node in view.snapshot.nodes.values() for m in _as_list(node.info.get("dht"))]
         await peer.remember_peers(announced)
+        saved_nodes, last = nodes, loop_time()
 
 
 def _as_list(value: object) -> list[str]:
