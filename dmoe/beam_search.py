@@ -50,7 +50,7 @@ import asyncio
 import heapq
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -195,6 +195,8 @@ class _SampleSearch:
     scores: list[list[float]]  # per dimension
     rest_max: list[float]  # rest_max[l] = sum_{j >= l} max(scores[j])
     heap: list[_Item]
+    k: int
+    exclude: set[tuple[int, ...]] = field(default_factory=set)
     accepted: list[FoundExpert] = field(default_factory=list)
     banned: list[FoundExpert] = field(default_factory=list)
     done: bool = False
@@ -221,9 +223,66 @@ class BeamSearch:
     def find_best_experts(
         self, grid_scores: Sequence[np.ndarray], k: int, *, budget: float, k_min: int = 1
     ) -> SearchResult:
-        """``grid_scores[j]``: [batch, grid_size[j]] scores. Blocks the caller at most ~``budget`` seconds."""
+        """``grid_scores[j]``: (batch, grid_size[j]) scores. Blocks the caller at most ~``budget`` seconds.
+
+        Runs in the caller's thread; each round's lookups are handed to the swarm's loop.
+        """
         started = time.monotonic()
         deadline = started + max(budget, 0.0)
+        search = self._search(grid_scores, [k] * grid_scores[0].shape[0], k_min=k_min)
+        assert self.swarm.prefixes is not None
+        try:
+            prefixes = next(search)
+            while True:
+                remaining = max(deadline - time.monotonic(), 0.0)
+                fetched = self.swarm.run(
+                    self.swarm.prefixes.fetch(prefixes, timeout=remaining),
+                    timeout=remaining + 5.0,  # the fetch itself returns by `remaining`
+                )
+                prefixes = search.send(fetched)
+        except StopIteration as stop:
+            result: SearchResult = stop.value
+        result.elapsed = time.monotonic() - started
+        metrics.SEARCH_SECONDS.observe(result.elapsed)
+        return result
+
+    async def find_best_experts_async(
+        self,
+        grid_scores: Sequence[np.ndarray],
+        k: Sequence[int],
+        *,
+        deadline: float,
+        exclude: Sequence[set[tuple[int, ...]]] | None = None,
+        is_banned: Callable[[str], bool] | None = None,
+    ) -> SearchResult:
+        """Same search from inside the swarm's loop (used to reroute a few tokens mid-call).
+
+        ``k[b]`` experts for sample b, none of ``exclude[b]`` (coordinates); ``deadline`` is a
+        ``time.monotonic()`` instant; ``is_banned`` overrides the swarm's ban list.
+        """
+        started = time.monotonic()
+        search = self._search(grid_scores, k, k_min=1, exclude=exclude, is_banned=is_banned)
+        assert self.swarm.prefixes is not None
+        try:
+            prefixes = next(search)
+            while True:
+                fetched = await self.swarm.prefixes.fetch(prefixes, timeout=max(deadline - time.monotonic(), 0.0))
+                prefixes = search.send(fetched)
+        except StopIteration as stop:
+            result: SearchResult = stop.value
+        result.elapsed = time.monotonic() - started
+        return result
+
+    def _search(
+        self,
+        grid_scores: Sequence[np.ndarray],
+        k: Sequence[int],
+        *,
+        k_min: int,
+        exclude: Sequence[set[tuple[int, ...]]] | None = None,
+        is_banned: Callable[[str], bool] | None = None,
+    ) -> Generator[list[str], dict[str, Children | None], SearchResult]:
+        """The search as a generator: yields prefixes to fetch, receives their children, returns the result."""
         dims = len(self.grid_size)
         if len(grid_scores) != dims:
             raise ValueError(f"expected {dims} score arrays, got {len(grid_scores)}")
@@ -233,18 +292,19 @@ class BeamSearch:
                 raise ValueError(f"scores of dimension {j} have shape {s.shape}, expected {(batch, self.grid_size[j])}")
         if not all(np.isfinite(s).all() for s in grid_scores):
             raise ValueError("gate scores contain NaN or Inf")
-        beam = max(1, self.beam_size or k)
         per_dim = [s.astype(np.float64).tolist() for s in grid_scores]
-        maxes = np.stack([s.max(axis=1) for s in grid_scores], axis=1).astype(np.float64)  # [batch, dims]
+        maxes = np.stack([s.max(axis=1) for s in grid_scores], axis=1).astype(np.float64)  # (batch, dims)
         states = []
         for b in range(batch):
             rest = [0.0] * (dims + 1)
             for j in range(dims - 1, -1, -1):
                 rest[j] = rest[j + 1] + float(maxes[b, j])
-            states.append(_SampleSearch([per_dim[j][b] for j in range(dims)], rest, [_Item(-rest[0], ())]))
+            state = _SampleSearch([per_dim[j][b] for j in range(dims)], rest, [_Item(-rest[0], ())], k=int(k[b]))
+            state.exclude = exclude[b] if exclude is not None else set()
+            states.append(state)
 
         known: dict[str, Children] = {}
-        is_banned = self.swarm.health.is_banned
+        banned = is_banned or self.swarm.health.is_banned
         rounds = 0
         requested: set[str] = set()
         exhausted = False
@@ -252,7 +312,7 @@ class BeamSearch:
             pending: dict[str, None] = {}
             for state in states:
                 if not state.done:
-                    wanted = self._advance(state, known, k, beam, is_banned)
+                    wanted = self._advance(state, known, self._beam(state.k), banned)
                     if wanted:
                         pending.update(dict.fromkeys(wanted))
                     else:
@@ -261,29 +321,25 @@ class BeamSearch:
                 break
             rounds += 1
             requested.update(pending)
-            remaining = deadline - time.monotonic()
-            exhausted = exhausted or remaining <= 0
-            assert self.swarm.prefixes is not None
-            fetched = self.swarm.run(
-                self.swarm.prefixes.fetch(list(pending), timeout=max(remaining, 0.0)),
-                timeout=max(remaining, 0.0) + 5.0,  # the fetch itself returns by `remaining`
-            )
+            fetched = yield list(pending)
             for prefix in pending:
                 children = fetched.get(prefix)
                 if children is None:
-                    exhausted = True
+                    exhausted = True  # lookup unfinished and nothing cached: empty for this search
                 known[prefix] = children or {}
         self.swarm.stats_counters.searches += 1
-        results = [self._finish(state, k, k_min, is_banned) for state in states]
-        elapsed = time.monotonic() - started
-        metrics.SEARCH_SECONDS.observe(elapsed)
-        return SearchResult(results, rounds, len(requested), elapsed, exhausted)
+        results = [self._finish(state, k_min, banned) for state in states]
+        return SearchResult(results, rounds, len(requested), 0.0, exhausted)
+
+    def _beam(self, k: int) -> int:
+        return max(1, self.beam_size or k)
 
     def _advance(
-        self, state: _SampleSearch, known: dict[str, Children], k: int, beam: int, is_banned: Callable[[str], bool]
+        self, state: _SampleSearch, known: dict[str, Children], beam: int, is_banned: Callable[[str], bool]
     ) -> list[str]:
         """Pop the sample's heap until it has k experts or needs unknown prefixes; returns those prefixes."""
         dims = len(self.grid_size)
+        k = state.k
         pending: list[_Item] = []
         held: list[_Item] = []
         heap = state.heap
@@ -291,6 +347,8 @@ class BeamSearch:
             item = heapq.heappop(heap)
             level = len(item.coords)
             if level == dims:  # an expert: its bound is its exact score
+                if item.coords in state.exclude:
+                    continue
                 if pending:
                     held.append(item)
                     if len(held) >= k - len(state.accepted):
@@ -321,13 +379,16 @@ class BeamSearch:
             heapq.heappush(heap, item)
         return [self.prefix_key(item.coords) for item in pending]
 
-    def _finish(self, state: _SampleSearch, k: int, k_min: int, is_banned: Callable[[str], bool]) -> list[FoundExpert]:
+    def _finish(self, state: _SampleSearch, k_min: int, is_banned: Callable[[str], bool]) -> list[FoundExpert]:
+        k = state.k
         chosen = list(state.accepted)
         if len(chosen) < k:  # budget ran out: take the best unbanned experts already seen
             seen = sorted(i for i in state.heap if len(i.coords) == len(self.grid_size))
             for item in seen:
                 if len(chosen) >= k:
                     break
+                if item.coords in state.exclude:
+                    continue
                 found = FoundExpert(make_uid(self.uid_prefix, item.coords), item.coords, item.partial, item.endpoints)
                 if all(is_banned(e) for e in item.endpoints):
                     state.banned.append(FoundExpert(found.uid, found.coords, found.score, found.endpoints, banned=True))

@@ -6,10 +6,12 @@ One forward, for ``N`` tokens (``(B, T, D)`` inputs are ``B*T`` tokens routed in
    alive experts with batched DHT lookups (within ``search_timeout``, counted against
    ``forward_timeout``).
 2. Tokens are grouped per expert: one request per expert carrying all its rows; all experts are
-   called concurrently (``_fan_out``), each retried on its other replicas within the deadline.
-3. As soon as every token has ``k_min`` answers (or can get no more), the layer waits at most
-   ``timeout_after_k_min`` for the rest, never past ``forward_timeout``; late calls are
-   cancelled and their endpoints banned. A failed or garbage answer is simply no answer.
+   called concurrently (``dmoe.dispatch``), each retried on its other replicas (lowest RTT
+   first) within the deadline. A failed, garbage or stuck call is no answer for its rows; a
+   token left short is rerouted to its next-best alive experts while time remains.
+3. Once every token has ``k_min`` answers (or can get no more), the layer waits at most
+   ``timeout_after_k_min`` for the rest, never past ``forward_timeout``; calls still running
+   are cancelled and their endpoints banned (the ban doubles on repeated failures).
 4. ``combine_outputs``: softmax over the answered experts' logits, renormalized over them.
    A token with fewer than ``k_min`` answers raises ``NotEnoughExperts`` (naming the missing
    experts and the deadline), or becomes an exact zero row with ``allow_zero_outputs=True``.
@@ -26,11 +28,10 @@ Timeouts are all finite (defaults suit home links); ``None`` is refused, never "
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,8 @@ from torch.autograd.function import once_differentiable
 
 from dmoe import client_metrics as metrics
 from dmoe.beam_search import BeamSearch, FoundExpert, SearchResult
-from dmoe.errors import DeadlineExceeded, ExpertCallError, NotEnoughExperts
+from dmoe.dispatch import CallSummary, Dispatch
+from dmoe.errors import NotEnoughExperts
 from dmoe.gating import ExpertChoiceCounter, GridGate, combine_outputs, expert_logits, load_balancing_loss
 from dmoe.proto import expert_pb2 as pb
 from dmoe.remote_call import BACKWARD, FORWARD, TensorSpec, build_request
@@ -55,212 +57,157 @@ _BRIDGE_GRACE = 2.0  # seconds the caller thread waits beyond a deadline the loo
 _DUMMY = torch.empty(0, requires_grad=True)
 
 
-# ---------------------------------------------------------------- concurrent calls with k_min rule
-
-
-@dataclass
-class _Job:
-    """One request to one expert: the rows (tokens) routed to it and where they sit in (N, k)."""
-
-    uid: str
-    endpoints: tuple[str, ...]
-    rows: torch.Tensor  # (r,) long, token indices
-    slots: torch.Tensor  # (r,) long, slot of this expert in each token's top-k
-    request: pb.ExpertRequest
-    expected: tuple[TensorSpec, ...]
-
-
-@dataclass
-class _Outcome:
-    endpoint: str | None = None
-    tensors: list[torch.Tensor] | None = None
-    error: ExpertCallError | None = None
-
-
-async def _fan_out(
-    swarm: Swarm,
-    jobs: Sequence[_Job],
-    *,
-    num_tokens: int,
-    method: str,
-    k_min: int,
-    deadline: float,
-    timeout_after_k_min: float,
-    retry: bool,
-) -> list[_Outcome]:
-    """Call every job concurrently; stop ``timeout_after_k_min`` after each token has k_min answers."""
-    outcomes = [_Outcome() for _ in jobs]
-    answers = np.zeros(num_tokens, dtype=np.int64)
-    open_calls = np.zeros(num_tokens, dtype=np.int64)
-    rows = [job.rows.numpy() for job in jobs]
-    loop = asyncio.get_running_loop()
-    tasks: dict[asyncio.Task[Any], int] = {}
-    for i, job in enumerate(jobs):
-        open_calls[rows[i]] += 1
-        coro = swarm.call(job.endpoints, job.request, method=method, deadline=deadline, expected=job.expected,
-                          retry=retry)
-        tasks[loop.create_task(coro)] = i
-    pending = set(tasks)
-    cutoff = deadline
-
-    def settled() -> bool:
-        return bool(np.all((answers >= k_min) | (open_calls == 0)))
-
-    if settled():
-        cutoff = min(deadline, time.monotonic() + timeout_after_k_min)
-    while pending:
-        left = cutoff - time.monotonic()
-        if left <= 0:
-            break
-        done, pending = await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            i = tasks[task]
-            open_calls[rows[i]] -= 1
-            try:
-                outcomes[i].endpoint, outcomes[i].tensors = task.result()
-                answers[rows[i]] += 1
-            except ExpertCallError as e:
-                outcomes[i].error = e
-        if cutoff == deadline and settled():
-            cutoff = min(deadline, time.monotonic() + timeout_after_k_min)
-    for task in pending:
-        task.cancel()
-    if pending:
-        await asyncio.gather(*pending, return_exceptions=True)  # they record themselves as abandoned
-        for task in pending:
-            job = jobs[tasks[task]]
-            why = "deadline" if cutoff >= deadline else f"timeout_after_k_min={timeout_after_k_min}s"
-            outcomes[tasks[task]].error = DeadlineExceeded(
-                f"{method} of {job.uid} abandoned after {why}", uid=job.uid
-            )
-    return outcomes
-
-
-def _describe_missing(outcomes: Sequence[_Outcome], jobs: Sequence[_Job], bad_rows: torch.Tensor) -> list[str]:
-    bad = set(bad_rows.tolist())
-    missing = []
-    for job, outcome in zip(jobs, outcomes, strict=True):
-        if outcome.tensors is None and bad.intersection(job.rows.tolist()):
-            kind = outcome.error.kind if outcome.error is not None else "no answer"
-            missing.append(f"{job.uid} ({kind})")
-    return missing
-
-
 # ---------------------------------------------------------------- autograd function
 
 
+class _LayerRouter:
+    """Builds requests for one forward and finds replacement experts for rerouted tokens (see dispatch)."""
+
+    def __init__(self, layer: RemoteMixtureOfExperts, scores: list[np.ndarray], x_wire: torch.Tensor) -> None:
+        self.layer = layer
+        self.scores = scores  # [(N, g_j)] float64
+        self.x_wire = x_wire  # (N, D) float32 on cpu
+
+    def build(self, uid: str, rows: np.ndarray) -> tuple[pb.ExpertRequest, tuple[TensorSpec, ...]]:
+        tensor = serialize_tensor(self.x_wire[torch.from_numpy(rows)], self.layer.compression)  # (r, D)
+        return (
+            build_request(uid, [tensor], self.layer.compression),
+            (TensorSpec((len(rows), self.x_wire.shape[1]), "float32"),),
+        )
+
+    async def alternatives(
+        self,
+        tokens: np.ndarray,
+        need: Sequence[int],
+        exclude: Sequence[set[tuple[int, ...]]],
+        is_banned: Callable[[str], bool],
+        deadline: float,
+    ) -> list[list[FoundExpert]]:
+        search_deadline = min(deadline, time.monotonic() + self.layer.search_timeout)
+        result = await self.layer.beam_search.find_best_experts_async(
+            [s[tokens] for s in self.scores], need, deadline=search_deadline, exclude=exclude, is_banned=is_banned
+        )
+        return result.experts
+
+
 @dataclass
-class _ForwardPlan:
+class _Plan:
+    """Shared between the layer's forward, the autograd function and its backward."""
+
     layer: RemoteMixtureOfExperts
-    experts: list[list[FoundExpert]]  # per token, best first
-    k: int
+    experts: list[list[FoundExpert]]  # per token, best first (from the search)
+    scores: list[np.ndarray]
     deadline: float  # time.monotonic() instant
-    started: float
-    answered_jobs: list[_Job] = field(default_factory=list)
-    token_answers: torch.Tensor | None = None  # (N,) answers per token in forward
+    coords: torch.Tensor | None = None  # (N, k, d) final slot assignment
+    valid: torch.Tensor | None = None  # (N, k) slot holds an expert
+    answered: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray, pb.ExpertRequest]] = field(
+        default_factory=list
+    )  # (uid, endpoint, rows, slots, used, request) of forward jobs that answered
+    token_answers: np.ndarray | None = None  # (N,) answers per token in forward (0 for zeroed tokens)
 
 
 class _RemoteExpertCalls(torch.autograd.Function):
     """(dummy, x (N, D), plan) -> mask (N, k) bool, outputs (N, k, D). Backward calls the experts' Backward."""
 
     @staticmethod
-    def forward(ctx: Any, dummy: torch.Tensor, x: torch.Tensor, plan: _ForwardPlan) -> tuple[torch.Tensor, ...]:
+    def forward(ctx: Any, dummy: torch.Tensor, x: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, ...]:
         layer = plan.layer
         n, d = x.shape
+        k = layer.k_best
         x_wire = x.detach().to("cpu", torch.float32)  # experts take float32 rows
+        router = _LayerRouter(layer, plan.scores, x_wire)
+        dispatch = Dispatch(
+            layer.swarm, method=FORWARD, num_tokens=n, num_slots=k, need=np.full(n, layer.k_min),
+            deadline=plan.deadline, timeout_after_k_min=layer.timeout_after_k_min, retry=True, router=router,
+        )
         groups: dict[str, tuple[FoundExpert, list[int], list[int]]] = {}
         for row, chosen in enumerate(plan.experts):
             for slot, expert in enumerate(chosen):
-                groups.setdefault(expert.uid, (expert, [], []))
-                groups[expert.uid][1].append(row)
-                groups[expert.uid][2].append(slot)
-        jobs = []
+                dispatch.assign_expert(row, slot, expert)
+                entry = groups.setdefault(expert.uid, (expert, [], []))
+                entry[1].append(row)
+                entry[2].append(slot)
         for uid, (expert, rows, slots) in groups.items():
-            rows_t = torch.tensor(rows, dtype=torch.long)
-            tensor = serialize_tensor(x_wire[rows_t], layer.compression)  # (r, D)
-            jobs.append(
-                _Job(uid, expert.endpoints, rows_t, torch.tensor(slots, dtype=torch.long),
-                     build_request(uid, [tensor], layer.compression), (TensorSpec((len(rows), d), "float32"),))
-            )
-        outcomes = layer.swarm.run(
-            _fan_out(layer.swarm, jobs, num_tokens=n, method=FORWARD, k_min=layer.k_min, deadline=plan.deadline,
-                     timeout_after_k_min=layer.timeout_after_k_min, retry=True),
-            timeout=plan.deadline - time.monotonic() + _BRIDGE_GRACE,
-        )
-        outputs = torch.zeros(n, plan.k, d, dtype=torch.float32)  # (N, k, D)
-        mask = torch.zeros(n, plan.k, dtype=torch.bool)  # (N, k)
-        answered: list[_Job] = []
-        for job, outcome in zip(jobs, outcomes, strict=True):
-            layer._count_outcome(outcome)
-            if outcome.tensors is not None and outcome.endpoint is not None:
-                outputs[job.rows, job.slots] = outcome.tensors[0]
-                mask[job.rows, job.slots] = True
-                answered.append(
-                    _Job(job.uid, (outcome.endpoint,), job.rows, job.slots, job.request, job.expected)
-                )
-        counts = mask.sum(dim=1)  # (N,)
-        short = (counts < layer.k_min).nonzero(as_tuple=True)[0]
+            rows_np = np.asarray(rows, dtype=np.int64)
+            request, expected = router.build(uid, rows_np)
+            dispatch.add_job(uid, expert.endpoints, rows_np, np.asarray(slots, dtype=np.int64), request, expected)
+        layer.swarm.run(dispatch.run(), timeout=plan.deadline - time.monotonic() + _BRIDGE_GRACE)
+
+        outputs = torch.zeros(n, k, d, dtype=torch.float32)  # (N, k, D)
+        for job in dispatch.jobs:
+            if job.tensors is not None and job.endpoint is not None:
+                used = dispatch.used(job.index)  # rows whose slot still points at this job
+                if used.any():
+                    outputs[job.rows[used], job.slots[used]] = job.tensors[0][torch.from_numpy(used)]
+                    plan.answered.append((job.uid, job.endpoint, job.rows, job.slots, used, job.request))
+        mask_np = dispatch.slot_ok.copy()  # (N, k)
+        counts = mask_np.sum(axis=1)
+        short = np.nonzero(counts < layer.k_min)[0]
+        layer._record_dispatch(FORWARD, dispatch)
         if len(short):
             metrics.NOT_ENOUGH.labels(FORWARD).inc(len(short))
             layer._stats.not_enough += len(short)
             if not layer.allow_zero_outputs:
-                raise layer._not_enough(FORWARD, short, n, _describe_missing(outcomes, jobs, short), plan)
+                raise layer._not_enough(FORWARD, short, n, dispatch)
             outputs[short] = 0.0
-            mask[short] = False
+            mask_np[short] = False
             counts[short] = 0
             layer._stats.zero_tokens += len(short)
-        layer._record_forward(groups, answered, plan)
-        plan.answered_jobs = answered
+        coords = np.zeros((n, k, len(layer.grid_size)), dtype=np.int64)
+        valid = np.zeros((n, k), dtype=bool)
+        for row, slots in enumerate(dispatch.slot_expert):
+            for slot, expert in enumerate(slots):
+                if expert is not None:
+                    coords[row, slot] = expert.coords
+                    valid[row, slot] = True
+        plan.coords, plan.valid = torch.from_numpy(coords), torch.from_numpy(valid)
         plan.token_answers = counts
+        layer._record_forward(dispatch, mask_np, n)
         ctx.plan = plan
         ctx.x_meta = (x.dtype, x.device, n, d)
+        mask = torch.from_numpy(mask_np).to(x.device)
         ctx.mark_non_differentiable(mask)
-        device = x.device
-        return mask.to(device), outputs.to(device=device, dtype=x.dtype)
+        return mask, outputs.to(device=x.device, dtype=x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, _grad_mask: torch.Tensor, grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        plan: _ForwardPlan = ctx.plan
+        plan: _Plan = ctx.plan
         layer = plan.layer
         dtype, device, n, d = ctx.x_meta
         started = time.monotonic()
-        grad = grad_outputs.detach().to("cpu", torch.float32)  # (N, k, D)
-        jobs, skipped = [], []
-        for job in plan.answered_jobs:
-            g = grad[job.rows, job.slots]  # (r, D)
-            if not torch.any(g):
-                skipped.append(job)  # nothing flows back through this expert: no call needed
-                continue
-            request = pb.ExpertRequest(uid=job.uid, compression=layer.compression)
-            request.tensors.extend(job.request.tensors)  # the very same input bytes as in forward
-            request.tensors.append(serialize_tensor(g, layer.compression))
-            jobs.append(_Job(job.uid, job.endpoints, job.rows, job.slots, request, job.expected))
-        deadline = started + layer.backward_timeout
-        outcomes = []
-        if jobs:
-            outcomes = layer.swarm.run(
-                _fan_out(layer.swarm, jobs, num_tokens=n, method=BACKWARD, k_min=layer.backward_k_min,
-                         deadline=deadline, timeout_after_k_min=layer.timeout_after_k_min, retry=False),
-                timeout=layer.backward_timeout + _BRIDGE_GRACE,
-            )
-        grad_x = torch.zeros(n, d, dtype=torch.float32)  # (N, D)
-        counts = torch.zeros(n, dtype=torch.long)
-        for job in skipped:
-            counts[job.rows] += 1
-        for job, outcome in zip(jobs, outcomes, strict=True):
-            layer._count_outcome(outcome)
-            if outcome.tensors is not None:
-                grad_x.index_add_(0, job.rows, outcome.tensors[0])
-                counts[job.rows] += 1
         assert plan.token_answers is not None
-        need = plan.token_answers.clamp(max=layer.backward_k_min)  # tokens zeroed in forward need nothing
-        short = (counts < need).nonzero(as_tuple=True)[0]
+        need = np.minimum(plan.token_answers, layer.backward_k_min)  # tokens zeroed in forward need nothing
+        dispatch = Dispatch(
+            layer.swarm, method=BACKWARD, num_tokens=n, num_slots=layer.k_best, need=need,
+            deadline=started + layer.backward_timeout, timeout_after_k_min=layer.timeout_after_k_min,
+            retry=False, router=None, detect_stuck=False,
+        )
+        grad = grad_outputs.detach().to("cpu", torch.float32)  # (N, k, D)
+        for uid, endpoint, rows, slots, used, forward_request in plan.answered:
+            g = grad[torch.from_numpy(rows), torch.from_numpy(slots)]  # (r, D)
+            g[torch.from_numpy(~used)] = 0.0  # rows rerouted elsewhere contribute nothing here
+            if not torch.any(g):  # nothing flows back through this expert: count it, skip the call
+                dispatch.slot_ok[rows[used], slots[used]] = True
+                continue
+            request = pb.ExpertRequest(uid=uid, compression=layer.compression)
+            request.tensors.extend(forward_request.tensors)  # the very same input bytes as in forward
+            request.tensors.append(serialize_tensor(g, layer.compression))
+            dispatch.add_job(uid, (endpoint,), rows, slots, request, (TensorSpec((len(rows), d), "float32"),),
+                             assign=used)
+        if dispatch.jobs:
+            layer.swarm.run(dispatch.run(), timeout=layer.backward_timeout + _BRIDGE_GRACE)
+        grad_x = torch.zeros(n, d, dtype=torch.float32)  # (N, D)
+        for job in dispatch.jobs:
+            if job.tensors is not None:
+                grad_x.index_add_(0, torch.from_numpy(job.rows), job.tensors[0])
+        short = np.nonzero(dispatch.slot_ok.sum(axis=1) < need)[0]
+        layer._record_dispatch(BACKWARD, dispatch)
         if len(short):
             metrics.NOT_ENOUGH.labels(BACKWARD).inc(len(short))
             layer._stats.not_enough_backward += len(short)
             if not layer.allow_zero_outputs:
-                raise layer._not_enough(BACKWARD, short, n, _describe_missing(outcomes, jobs, short), plan)
+                raise layer._not_enough(BACKWARD, short, n, dispatch)
         layer._stats.backward_steps += 1
         layer._stats.last_backward_seconds = time.monotonic() - started
         grad_input = grad_x.to(device=device, dtype=dtype) if ctx.needs_input_grad[1] else None
@@ -281,6 +228,8 @@ class MoEStats:
     not_enough_backward: int = 0
     zero_tokens: int = 0  # tokens given zeros (allow_zero_outputs)
     banned_tried: int = 0  # banned experts tried anyway (too few unbanned ones)
+    reroutes: int = 0  # tokens sent to their next-best experts after failures
+    stuck: int = 0  # calls presumed stuck (frozen / partitioned node)
     experts_reached: int = 0  # distinct experts that answered in the last forward
     experts_chosen: int = 0  # distinct experts chosen in the last forward
     search_rounds: int = 0  # in the last forward
@@ -355,27 +304,17 @@ class RemoteMixtureOfExperts(nn.Module):
         if not torch.isfinite(x2).all():
             raise ValueError("RemoteMixtureOfExperts input contains NaN or Inf")
         grid_scores = self.gate(x2)  # [(N, g_j)]
+        scores = [s.detach().to("cpu", torch.float64).numpy() for s in grid_scores]
         search = self.beam_search.find_best_experts(
-            [s.detach().to("cpu", torch.float64).numpy() for s in grid_scores],
-            self.k_best,
-            budget=min(self.search_timeout, 0.5 * self.forward_timeout),
-            k_min=self.k_min,
+            scores, self.k_best, budget=min(self.search_timeout, 0.5 * self.forward_timeout), k_min=self.k_min
         )
         self._record_search(search)
-        k = max(1, max((len(e) for e in search.experts), default=0))
-        coords_np = np.zeros((x2.shape[0], k, len(self.grid_size)), dtype=np.int64)
-        valid_np = np.zeros((x2.shape[0], k), dtype=bool)
-        for row, chosen in enumerate(search.experts):
-            for slot, expert in enumerate(chosen):
-                coords_np[row, slot] = expert.coords
-                valid_np[row, slot] = True
-        coords = torch.from_numpy(coords_np)  # (N, k, d); unused slots point at 0 and are masked
-        valid = torch.from_numpy(valid_np)  # (N, k)
-        plan = _ForwardPlan(self, search.experts, k, deadline, started)
+        plan = _Plan(self, search.experts, scores, deadline)
         mask, outputs = _RemoteExpertCalls.apply(_DUMMY, x2, plan)  # (N, k), (N, k, D)
-        coords = coords.to(x2.device)
+        assert plan.coords is not None and plan.valid is not None
+        coords, valid = plan.coords.to(x2.device), plan.valid.to(x2.device)  # (N, k, d), (N, k)
         y = combine_outputs(expert_logits(grid_scores, coords), mask, outputs)  # (N, D)
-        self.aux_loss = load_balancing_loss(grid_scores, coords, valid.to(x2.device))
+        self.aux_loss = load_balancing_loss(grid_scores, coords, valid)
         self._stats.last_forward_seconds = time.monotonic() - started
         return y.reshape(*lead, self.in_features)
 
@@ -387,38 +326,43 @@ class RemoteMixtureOfExperts(nn.Module):
         self._stats.last_search_seconds = search.elapsed
         self._stats.banned_tried += sum(1 for chosen in search.experts for e in chosen if e.banned)
 
-    def _count_outcome(self, outcome: _Outcome) -> None:
-        if outcome.tensors is not None:
-            self._stats.calls["answered"] += 1
-        else:
-            self._stats.calls["failed"] += 1
-            self._stats.failures[outcome.error.kind if outcome.error is not None else "unknown"] += 1
+    def _record_dispatch(self, method: str, dispatch: Dispatch) -> None:
+        summary = CallSummary.of(dispatch)
+        self._stats.calls[f"{method}_answered"] += summary.answered
+        for kind, count in summary.failures.items():
+            self._stats.calls[f"{method}_failed"] += count
+            self._stats.failures[kind] += count
+        self._stats.reroutes += dispatch.stats.reroutes
+        self._stats.stuck += dispatch.stats.stuck
 
-    def _record_forward(self, groups: dict[str, Any], answered: list[_Job], plan: _ForwardPlan) -> None:
+    def _record_forward(self, dispatch: Dispatch, mask: np.ndarray, n: int) -> None:
         self._stats.forward_steps += 1
-        self._stats.tokens += len(plan.experts)
-        self._stats.experts_chosen = len(groups)
-        self._stats.experts_reached = len(answered)
-        self.choices.update(
-            (uid for uid, (_, rows, _) in groups.items() for _ in rows),
-            (job.uid for job in answered for _ in range(len(job.rows))),
-        )
+        self._stats.tokens += n
+        chosen = [e.uid for slots in dispatch.slot_expert for e in slots if e is not None]
+        answered = [e.uid for slots, ok in zip(dispatch.slot_expert, mask, strict=True)
+                    for e, hit in zip(slots, ok, strict=True) if e is not None and hit]
+        self._stats.experts_chosen = len(set(chosen))
+        self._stats.experts_reached = len(set(answered))
+        self.choices.update(chosen, answered)
 
-    def _not_enough(
-        self, method: str, short: torch.Tensor, n: int, missing: list[str], plan: _ForwardPlan
-    ) -> NotEnoughExperts:
+    def _not_enough(self, method: str, short: np.ndarray, n: int, dispatch: Dispatch) -> NotEnoughExperts:
         need = self.k_min if method == FORWARD else self.backward_k_min
         timeout = self.forward_timeout if method == FORWARD else self.backward_timeout
-        found = min((len(plan.experts[i]) for i in short.tolist()), default=0)
+        bad = set(short.tolist())
+        missing: dict[str, str] = {}
+        for job in dispatch.jobs:
+            if job.tensors is None and bad.intersection(job.rows.tolist()):
+                missing[job.uid] = job.error.kind if job.error is not None else "no answer"
         parts = [
             f"{method}: {len(short)} of {n} tokens got fewer than {need} expert answers within "
             f"{method}_timeout={timeout:g}s"
         ]
         if missing:
-            parts.append(f"missing: {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}")
-        if found < need:
-            parts.append(f"only {found} alive unbanned expert(s) found under '{self.uid_prefix}.' for some tokens")
-        return NotEnoughExperts("; ".join(parts), missing=[m.split(" ")[0] for m in missing], deadline=timeout)
+            listed = ", ".join(f"{uid} ({kind})" for uid, kind in list(missing.items())[:12])
+            parts.append(f"missing: {listed}{' ...' if len(missing) > 12 else ''}")
+        if method == FORWARD and any(dispatch.exhausted[t] or not dispatch.tried[t] for t in bad):
+            parts.append(f"no other alive, unbanned expert was found under '{self.uid_prefix}.' for some tokens")
+        return NotEnoughExperts("; ".join(parts), missing=list(missing), deadline=timeout)
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -433,6 +377,8 @@ class RemoteMixtureOfExperts(nn.Module):
             "not_enough_backward": s.not_enough_backward,
             "zero_tokens": s.zero_tokens,
             "banned_tried": s.banned_tried,
+            "reroutes": s.reroutes,
+            "stuck": s.stuck,
             "experts_chosen": s.experts_chosen,
             "experts_reached": s.experts_reached,
             "search_rounds": s.search_rounds,

@@ -277,6 +277,12 @@ class Swarm:
         await asyncio.gather(*(c.close(grace=None) for c in channels), return_exceptions=True)
         if self.dht is not None:
             await self.dht.shutdown()
+        # whatever is left (background lookups, library housekeeping) ends with the loop
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        if others:
+            await asyncio.wait(others, timeout=2.0)
 
     def shutdown(self, timeout: float = 15.0) -> None:
         """Close channels and the DHT node (a wrapped hivemind.DHT stays up) and stop the loop thread."""

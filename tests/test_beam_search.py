@@ -1,0 +1,273 @@
+"""Beam search over real DHT records: exact top-k, batched lookups, caches, bans, time budget.
+
+Two announcer peers (real hivemind DHT nodes with their own p2p daemons, each signing its own
+records) publish a sparse random grid through ``ExpertRegistry``, some experts on both (replicas);
+a client ``Swarm`` joins through them and searches. The endpoints are never called here.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from dmoe.beam_search import BeamSearch, LookupOptions, exhaustive_top_k
+from dmoe.dht_access import InLoopDHT
+from dmoe.registry import ExpertRegistry
+from dmoe.swarm import Swarm
+from dmoe.uids import make_uid
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.node import DHTNode
+from hivemind.utils.crypto import RSAPrivateKey
+
+ENDPOINT_A = "127.0.0.1:1"  # never called: beam search only reads DHT records
+ENDPOINT_B = "127.0.0.1:2"
+
+
+@dataclass
+class Announcer:
+    """A DHT peer with its own signing key (like a node process) announcing through ExpertRegistry."""
+
+    host: Swarm  # only lends its event loop
+    dht: InLoopDHT
+    registry: ExpertRegistry
+
+    @classmethod
+    def start(cls, host: Swarm, initial_peers: list[str]) -> Announcer:
+        async def create() -> InLoopDHT:
+            # one key per peer: hivemind's default key is per process, and these peers share one
+            validator = RSASignatureValidator(RSAPrivateKey())
+            node = await DHTNode.create(initial_peers=initial_peers or None, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                                        record_validator=validator)
+            return InLoopDHT(node, validator)
+
+        dht = host.run(create(), timeout=60)
+        return cls(host, dht, ExpertRegistry(dht))
+
+    def maddrs(self) -> list[str]:
+        return self.host.run(self.dht.visible_maddrs(), timeout=10)
+
+    def shutdown(self) -> None:
+        self.host.run(self.dht.shutdown(), timeout=30)
+
+
+def announce(peer: Announcer, uids: list[str], endpoint: str, ttl: float = 60.0) -> None:
+    coro = peer.registry.announce(uids, endpoint=endpoint, node_id=endpoint, load=0.0, ttl=ttl)
+    assert peer.host.run(coro, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def peers():
+    host = Swarm(use_dht=False)
+    a = Announcer.start(host, [])
+    b = Announcer.start(host, a.maddrs())
+    yield a, b
+    b.shutdown()
+    a.shutdown()
+    host.shutdown()
+
+
+def make_client(peers, **lookup) -> Swarm:
+    a, _ = peers
+    return Swarm(initial_peers=a.maddrs(), lookup=LookupOptions(**lookup) if lookup else None)
+
+
+def random_grid(rng: random.Random, prefix: str, grid: tuple[int, ...], density: float) -> list[tuple[int, ...]]:
+    cells = [tuple(c) for c in np.ndindex(*grid)]
+    return sorted(rng.sample(cells, max(1, int(density * len(cells)))))
+
+
+@pytest.mark.parametrize(
+    ("prefix", "grid", "density", "k"),
+    [("bs2d", (8, 8), 0.3, 4), ("bs3d", (4, 3, 5), 0.25, 3), ("bs1d", (16,), 0.5, 2), ("bsk1", (6, 6), 0.5, 1)],
+)
+def test_top_k_equals_exhaustive_search(peers, prefix, grid, density, k):
+    a, b = peers
+    rng = random.Random(hash(prefix) % 1000)
+    alive = random_grid(rng, prefix, grid, density)
+    on_a = [c for c in alive if rng.random() < 0.7]
+    on_b = [c for c in alive if c not in on_a or rng.random() < 0.3]  # every expert somewhere, some on both
+    announce(a, [make_uid(prefix, c) for c in on_a], ENDPOINT_A)
+    announce(b, [make_uid(prefix, c) for c in on_b], ENDPOINT_B)
+    client = make_client(peers)
+    try:
+        search = BeamSearch(client, prefix, grid)
+        gen = np.random.default_rng(0)
+        scores = [gen.normal(size=(64, g)) for g in grid]
+        result = search.find_best_experts(scores, k, budget=30.0)
+        assert not result.budget_exhausted
+        expected = exhaustive_top_k(scores, alive, k)
+        got = [[e.coords for e in chosen] for chosen in result.experts]
+        assert got == expected
+        for b, chosen in enumerate(result.experts):
+            for e in chosen:
+                want = {ENDPOINT_A} if e.coords in on_a else set()
+                want |= {ENDPOINT_B} if e.coords in on_b else set()
+                assert set(e.endpoints) == want, e  # every replica is reported
+                assert e.uid == make_uid(prefix, e.coords)
+                assert e.score == pytest.approx(sum(float(scores[j][b, c]) for j, c in enumerate(e.coords)))
+    finally:
+        client.shutdown()
+
+
+def test_lookups_grow_with_beam_and_dims_not_experts(peers):
+    a, _ = peers
+    grid = (16, 16)  # 256 experts, all alive
+    announce(a, [make_uid("dense", c) for c in np.ndindex(*grid)], ENDPOINT_A)
+    client = make_client(peers)
+    try:
+        search = BeamSearch(client, "dense", grid)
+        gen = np.random.default_rng(1)
+        one = [gen.normal(size=(1, g)) for g in grid]
+        before = client.stats["lookups"]
+        result = search.find_best_experts(one, 4, budget=30.0)
+        fetched = client.stats["lookups"] - before
+        # root + at most beam (=k) prefixes of the second level, far below the 16 + 1 of a full scan
+        assert fetched == result.prefixes_fetched <= 1 + 4
+        assert result.rounds == 2
+        assert [e.coords for e in result.experts[0]] == exhaustive_top_k(one, list(np.ndindex(*grid)), 4)[0]
+
+        # a whole batch: one lookup per distinct prefix, however many samples need it
+        client.run(_clear(client), timeout=5)
+        batch = [gen.normal(size=(128, g)) for g in grid]
+        before = client.stats["lookups"]
+        result = search.find_best_experts(batch, 4, budget=30.0)
+        fetched = client.stats["lookups"] - before
+        assert fetched == result.prefixes_fetched <= 1 + 16
+        assert client.stats["lookup_batches"] <= result.rounds + 2
+        assert [[e.coords for e in c] for c in result.experts] == exhaustive_top_k(batch, list(np.ndindex(*grid)), 4)
+    finally:
+        client.shutdown()
+
+
+async def _clear(swarm: Swarm) -> None:
+    assert swarm.prefixes is not None
+    swarm.prefixes.clear()
+
+
+def test_cache_negative_cache_and_expiry(peers):
+    a, _ = peers
+    grid = (4, 4)
+    announce(a, [make_uid("cache", c) for c in [(0, 0), (0, 1), (2, 3)]], ENDPOINT_A)
+    client = make_client(peers, cache_ttl=1.0, negative_ttl=1.0)
+    try:
+        search = BeamSearch(client, "cache", grid)
+        scores = [np.array([[5.0, 0, 1, 2]]), np.array([[0.0, 3, 0, 5.0]])]  # 0.1: 8, (3.3: 7), 2.3: 6, 0.0: 5
+        first = search.find_best_experts(scores, 3, budget=30.0)
+        assert [e.coords for e in first.experts[0]] == [(0, 1), (2, 3), (0, 0)]
+        lookups = client.stats["lookups"]
+        again = search.find_best_experts(scores, 3, budget=30.0)
+        assert again.experts == first.experts
+        assert client.stats["lookups"] == lookups  # all from cache, no DHT traffic
+        # an empty prefix is remembered as empty too
+        empty = BeamSearch(client, "nothing_here", grid)
+        assert empty.find_best_experts(scores, 2, budget=30.0).experts == [[]]
+        lookups = client.stats["lookups"]
+        assert empty.find_best_experts(scores, 2, budget=30.0).experts == [[]]
+        assert client.stats["lookups"] == lookups
+        # a new expert is seen once the cached records are older than cache_ttl, not before
+        announce(a, ["cache.3.3"], ENDPOINT_A)
+        assert search.find_best_experts(scores, 3, budget=30.0).experts == first.experts
+        time.sleep(1.2)
+        later = search.find_best_experts(scores, 3, budget=30.0)
+        assert [e.coords for e in later.experts[0]] == [(0, 1), (3, 3), (2, 3)]
+        assert client.stats["lookups"] > lookups
+    finally:
+        client.shutdown()
+
+
+def test_expired_records_are_not_returned(peers):
+    a, _ = peers
+    announce(a, ["short.0.0"], "127.0.0.1:3", ttl=1.5)  # its own node record: a shorter ttl cannot overwrite
+    announce(a, ["short.1.1"], ENDPOINT_A, ttl=60.0)
+    client = make_client(peers)
+    try:
+        search = BeamSearch(client, "short", (2, 2))
+        scores = [np.array([[1.0, 0.0]]), np.array([[1.0, 0.0]])]
+        assert {e.coords for e in search.find_best_experts(scores, 2, budget=30.0).experts[0]} == {(0, 0), (1, 1)}
+        time.sleep(2.0)  # past the record's expiration; the client's cache must not resurrect it
+        assert [e.coords for e in search.find_best_experts(scores, 2, budget=30.0).experts[0]] == [(1, 1)]
+    finally:
+        client.shutdown()
+
+
+def test_banned_endpoints_are_skipped_unless_nothing_else(peers):
+    a, b = peers
+    announce(a, ["ban.0.0", "ban.0.1", "ban.1.0"], ENDPOINT_A)
+    announce(b, ["ban.1.1", "ban.1.0"], ENDPOINT_B)  # ban.1.0 is replicated on both
+    client = make_client(peers)
+    try:
+        search = BeamSearch(client, "ban", (2, 2))
+        scores = [np.array([[3.0, 0.0]]), np.array([[2.0, 0.0]])]  # order: 0.0, 0.1, 1.0, 1.1
+        assert [e.uid for e in search.find_best_experts(scores, 2, budget=30.0).experts[0]] == ["ban.0.0", "ban.0.1"]
+        client.health.record_failure(ENDPOINT_A, "unreachable")
+        chosen = search.find_best_experts(scores, 2, budget=30.0).experts[0]
+        assert [e.uid for e in chosen] == ["ban.1.0", "ban.1.1"]  # A's experts skipped, the replica stays
+        client.health.record_failure(ENDPOINT_B, "unreachable")
+        chosen = search.find_best_experts(scores, 2, budget=30.0, k_min=1).experts[0]
+        assert [e.uid for e in chosen] == ["ban.0.0", "ban.0.1"]  # everyone banned: try them anyway
+        assert all(e.banned for e in chosen)
+        client.health.record_success(ENDPOINT_A, 0.01)
+        assert [e.uid for e in search.find_best_experts(scores, 2, budget=30.0).experts[0]] == ["ban.0.0", "ban.0.1"]
+    finally:
+        client.shutdown()
+
+
+def test_exclusions_give_next_best(peers):
+    a, _ = peers
+    grid = (3, 3)
+    cells = list(np.ndindex(*grid))
+    announce(a, [make_uid("excl", c) for c in cells], ENDPOINT_A)
+    client = make_client(peers)
+    try:
+        search = BeamSearch(client, "excl", grid)
+        gen = np.random.default_rng(3)
+        scores = [gen.normal(size=(5, g)) for g in grid]
+        full = exhaustive_top_k(scores, cells, 6)
+        exclude = [set(full[b][:2]) for b in range(5)]
+        result = client.run(
+            search.find_best_experts_async(scores, [3] * 5, deadline=time.monotonic() + 30, exclude=exclude),
+            timeout=35,
+        )
+        assert [[e.coords for e in c] for c in result.experts] == [full[b][2:5] for b in range(5)]
+    finally:
+        client.shutdown()
+
+
+def test_time_budget_bounds_the_search(peers):
+    a, _ = peers
+    announce(a, [make_uid("budget", c) for c in np.ndindex(4, 4)], ENDPOINT_A)
+    client = make_client(peers)
+    try:
+        search = BeamSearch(client, "budget", (4, 4))
+        scores = [np.zeros((2, 4)), np.zeros((2, 4))]
+        started = time.monotonic()
+        cold = search.find_best_experts(scores, 4, budget=0.0)
+        assert time.monotonic() - started < 0.5
+        assert cold.budget_exhausted and cold.experts == [[], []]
+        # the lookups went on in the background and warmed the cache
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            warm = search.find_best_experts(scores, 4, budget=0.0)
+            if all(len(c) == 4 for c in warm.experts):
+                break
+            time.sleep(0.1)
+        assert all(len(c) == 4 for c in warm.experts)
+    finally:
+        client.shutdown()
+
+
+def test_bad_arguments(peers):
+    client = make_client(peers)
+    try:
+        search = BeamSearch(client, "bad", (2, 3))
+        with pytest.raises(ValueError, match="shape"):
+            search.find_best_experts([np.zeros((1, 2)), np.zeros((1, 2))], 1, budget=1.0)
+        with pytest.raises(ValueError, match="NaN"):
+            search.find_best_experts([np.zeros((1, 2)), np.full((1, 3), np.nan)], 1, budget=1.0)
+        with pytest.raises(ValueError, match="grid_size"):
+            BeamSearch(client, "bad", (2, 0))
+    finally:
+        client.shutdown()
