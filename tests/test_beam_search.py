@@ -13,14 +13,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.node import DHTNode
+from hivemind.utils.crypto import RSAPrivateKey
+
 from dmoe.beam_search import BeamSearch, LookupOptions, exhaustive_top_k
 from dmoe.dht_access import InLoopDHT
 from dmoe.registry import ExpertRegistry
 from dmoe.swarm import Swarm
 from dmoe.uids import make_uid
-from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.node import DHTNode
-from hivemind.utils.crypto import RSAPrivateKey
 
 ENDPOINT_A = "127.0.0.1:1"  # never called: beam search only reads DHT records
 ENDPOINT_B = "127.0.0.1:2"
