@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0,
                    help="seed of local weights and data order; the printed node command uses it for experts")
     g.add_argument("--device", default=None, help="torch device; default: cuda when available, else cpu")
+    g.add_argument("--torch-threads", type=int, default=0,
+                   help="CPU threads for torch ops; 0 keeps torch's default (1 is faster for small models on "
+                        "a machine shared with nodes)")
 
     g = p.add_argument_group("data and evaluation")
     g.add_argument("--data", default=None,
@@ -364,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("pass --initial-peers (the `dht` multiaddr a node prints) or --local-experts; "
                           "`dmoe train --print-node-command` prints a node command for this model")
     device = _device(args.device)
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
     corpus = ByteCorpus.load(
         args.data, val_percent=args.val_percent,
         max_bytes=int(args.max_data_mb * 2**20) if args.max_data_mb else None,
