@@ -8,6 +8,7 @@ built from the same ``--seed`` (``dmoe.experts.create_expert`` derives them from
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,8 +43,7 @@ def start_all(procs: Sequence[DmoeProcess], timeout: float = 120.0) -> list[Dmoe
         for proc in procs:
             proc.wait_ready(timeout)
     except BaseException:
-        for proc in procs:
-            proc.stop(timeout=10)
+        stop_all(procs, timeout=10)
         raise
     return list(procs)
 
@@ -53,3 +53,12 @@ def local_experts(
 ) -> dict[str, nn.Module]:
     uids = parse_expert_pattern(pattern)
     return {uid: create_expert(expert_cls, hidden_dim=hidden, seed=seed, uid=uid) for uid in uids}
+
+
+def stop_all(procs: Sequence[DmoeProcess], timeout: float = 15.0) -> None:
+    """Stop processes in parallel (each graceful leave takes a moment)."""
+    threads = [threading.Thread(target=p.stop, kwargs={"timeout": timeout}) for p in procs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from moe_swarm import HIDDEN, local_experts, node_process, start_all
+from moe_swarm import HIDDEN, local_experts, node_process, start_all, stop_all
 
 from dmoe import BadAnswer, DeadlineExceeded, NodeUnreachable, RemoteExpert, RequestRejected, Swarm
 from dmoe.proto import expert_pb2 as pb
@@ -24,8 +24,7 @@ def nodes(tmp_path_factory):
         node_process("two.[0:1]", name="two", log_dir=logs, expert_cls="bad_experts:TwoInputExpert"),
     ])
     yield {p.name: p for p in procs}
-    for proc in procs:
-        proc.stop(timeout=15)
+    stop_all(procs)
 
 
 @pytest.fixture(scope="module")
