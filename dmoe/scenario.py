@@ -19,7 +19,9 @@ Layout (all sections optional except where noted; see ``scenarios/*.toml`` for d
 
     [swarm]     nodes, trainers, layers, grid, replicas, hidden_dim, expert_cls, bootstrap
     [node]      announce_ttl_s, checkpoint_interval_s, extra_args
-    [trainer]   batch_size, seq_len, k_best, k_min, eval_every, steps, extra_args
+    [trainer]   batch_size, block_size, n_head, k_best, k_min, lr, eval_every, eval_batches, steps,
+                forward_timeout_s, backward_timeout_s, timeout_after_k_min_s, compression, max_data_mb,
+                extra_args
     [links]     up_mbit, down_mbit, latency_ms, jitter_ms, drop_prob  (number or distribution)
     [churn]     enabled, start_after_s, online, offline, freeze, departure, keep_checkpoint, exempt_nodes
     [[events]]  at_s, action, nodes | fraction | count, duration_s, keep_checkpoint, mode, link values
@@ -46,6 +48,7 @@ from dmoe.links import PARTITION_MODES
 DEPARTURE_KINDS = ("crash", "leave", "freeze")
 EVENT_ACTIONS = ("crash", "leave", "freeze", "partition", "link")
 BOOTSTRAP_KINDS = ("auto", "coordinator", "node")
+COMPRESSIONS = ("none", "float16", "bfloat16")
 LINK_KEYS = ("up_mbit", "down_mbit", "latency_ms", "jitter_ms", "drop_prob")
 
 # distribution kind -> its parameters, each with (check, expectation text)
@@ -121,12 +124,22 @@ class NodeSpec:
 
 @dataclass(frozen=True)
 class TrainerSpec:
+    """What each trainer trains (its model's layers/grid/hidden size come from ``[swarm]``)."""
+
     batch_size: int = 8
-    seq_len: int = 64
+    block_size: int = 64  # context length, bytes
+    n_head: int = 4
     k_best: int = 2
     k_min: int = 1
-    eval_every: int = 20
-    steps: int | None = None  # None: train until the scenario ends
+    lr: float = 1e-3
+    eval_every: int = 20  # steps; 0 disables
+    eval_batches: int = 4
+    steps: int | None = None  # None: train until the scenario ends; else the run ends when all trainers reach it
+    forward_timeout_s: float = 5.0
+    backward_timeout_s: float = 10.0
+    timeout_after_k_min_s: float = 0.5
+    compression: str = "none"
+    max_data_mb: float | None = 4.0  # read at most this much of the corpus (start-up time on small machines)
     extra_args: tuple[str, ...] = ()
 
 
@@ -412,19 +425,32 @@ def _parse_node(t: _Table) -> NodeSpec:
     return spec
 
 
-def _parse_trainer(t: _Table) -> TrainerSpec:
+def _parse_trainer(t: _Table, swarm: SwarmSpec) -> TrainerSpec:
     d = TrainerSpec()
     spec = TrainerSpec(
         batch_size=t.integer("batch_size", d.batch_size, lo=1),
-        seq_len=t.integer("seq_len", d.seq_len, lo=2),
+        block_size=t.integer("block_size", d.block_size, lo=2),
+        n_head=t.integer("n_head", d.n_head, lo=1),
         k_best=t.integer("k_best", d.k_best, lo=1),
-        k_min=t.integer("k_min", d.k_min, lo=0),
-        eval_every=t.integer("eval_every", d.eval_every, lo=1),
+        k_min=t.integer("k_min", d.k_min, lo=1),
+        lr=t.number("lr", d.lr, lo=0, lo_open=True),
+        eval_every=t.integer("eval_every", d.eval_every, lo=0),
+        eval_batches=t.integer("eval_batches", d.eval_batches, lo=1),
         steps=t.integer("steps", None, lo=1),
+        forward_timeout_s=t.number("forward_timeout_s", d.forward_timeout_s, lo=0, lo_open=True),
+        backward_timeout_s=t.number("backward_timeout_s", d.backward_timeout_s, lo=0, lo_open=True),
+        timeout_after_k_min_s=t.number("timeout_after_k_min_s", d.timeout_after_k_min_s, lo=0, lo_open=True),
+        compression=t.string("compression", d.compression, choices=COMPRESSIONS),
+        max_data_mb=t.number("max_data_mb", d.max_data_mb, lo=0, lo_open=True),
         extra_args=t.strings("extra_args"),
     )
     if spec.k_min > spec.k_best:
-        raise t.error(t.key("k_min"), f"an integer in [0, trainer.k_best = {spec.k_best}]", spec.k_min)
+        raise t.error(t.key("k_min"), f"an integer in [1, trainer.k_best = {spec.k_best}]", spec.k_min)
+    if swarm.hidden_dim % spec.n_head:
+        raise t.error(t.key("n_head"), f"a divisor of swarm.hidden_dim = {swarm.hidden_dim}", spec.n_head)
+    if spec.k_best > swarm.experts_per_layer:
+        raise t.error(t.key("k_best"), f"an integer in [1, experts per layer = {swarm.experts_per_layer}]",
+                      spec.k_best)
     t.done()
     return spec
 
@@ -525,7 +551,7 @@ def scenario_from_dict(data: Mapping[str, Any], *, source: str = "<dict>") -> Sc
     seed = top.integer("seed", 0, lo=0)
     swarm = _parse_swarm(top.sub("swarm"))
     node = _parse_node(top.sub("node"))
-    trainer = _parse_trainer(top.sub("trainer"))
+    trainer = _parse_trainer(top.sub("trainer"), swarm)
     links = _parse_links(top.sub("links"))
     churn = _parse_churn(top.sub("churn"), swarm.nodes)
     raw_events = top.raw("events", [])
