@@ -36,6 +36,7 @@ logger = logging.getLogger("dmoe.coordinator")
 DEFAULT_DHT_PORT = 31337
 DEFAULT_HTTP_PORT = 8470
 PEERS_SAVE_PERIOD = 10.0  # seconds between saves of the known-peers file
+_PEERS_NEXT_TO_IDENTITY = "IDENTITY.peers.json"
 
 
 def default_identity_path() -> str:
@@ -88,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds between reads of the swarm from the DHT")
     parser.add_argument("--forget-after", type=positive_float, default=300.0,
                         help="seconds a vanished node or expert stays listed as recently gone")
-    parser.add_argument("--peers-file", default="",
-                        help="where to remember peers across restarts (default: IDENTITY.peers.json; 'none' to "
-                             "disable)")
+    parser.add_argument("--peers-file", default=_PEERS_NEXT_TO_IDENTITY,
+                        help="where to remember peers across restarts, so nodes that knew this coordinator find it "
+                             "again; 'none' disables")
     return parser
 
 
@@ -114,7 +115,7 @@ async def _serve(args: argparse.Namespace) -> int:
     http_host, http_port = http.bind(args.http_host, args.http_port)
     identity = Path(args.identity).expanduser()
     peers_file = None if args.peers_file.lower() == "none" else Path(
-        args.peers_file or f"{identity}.peers.json").expanduser()
+        f"{identity}.peers.json" if args.peers_file == _PEERS_NEXT_TO_IDENTITY else args.peers_file).expanduser()
     try:
         load_or_create_identity(identity)  # a bad identity file fails here, before the DHT starts
         peer = await BootstrapPeer.start(BootstrapOptions(

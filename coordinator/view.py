@@ -25,6 +25,7 @@ the grid people are using".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import re
@@ -192,7 +193,13 @@ class SwarmView:
         self._seen_max: dict[str, list[int]] = {}  # prefix -> max coordinate seen per dimension
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Refresh until ``stop`` is set; a failed refresh is logged and counted, never fatal."""
+        """Refresh until ``stop`` is set; a failed refresh is logged and counted, never fatal.
+
+        If a refresh already happened (the CLI does one before announcing readiness), wait a period first.
+        """
+        if self.counters.refreshes:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.period)
         while not stop.is_set():
             try:
                 await asyncio.wait_for(self.refresh(), self.lookup_timeout)
@@ -202,10 +209,8 @@ class SwarmView:
                 self.counters.refresh_errors += 1
                 self.counters.last_error = f"{type(e).__name__}: {e}"[:300]
                 logger.warning("swarm refresh failed (keeping the previous view): %s", self.counters.last_error)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.period)
-            except TimeoutError:
-                pass
 
     async def refresh(self) -> SwarmSnapshot:
         started = time.perf_counter()

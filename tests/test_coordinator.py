@@ -254,7 +254,10 @@ def test_restart_keeps_identity_and_nodes_reconnect(launch, tmp_path):
     wait_for(lambda: node.ready["node_id"] in node_ids(coord), 30, "the node in the coordinator's view")
 
     # crash: the identity and the peers saved while running are all the new process has
-    wait_for(lambda: Path(f"{identity}.peers.json").exists(), 15, "the known-peers file")
+    peers_file = Path(f"{identity}.peers.json")
+    node_peer_id = node.ready["dht"][0].rsplit("/p2p/", 1)[1]
+    wait_for(lambda: peers_file.exists() and node_peer_id in peers_file.read_text(), 15,
+             "the node's address in the known-peers file")
     coord.kill()
     coord = launch("coordinator", args, name="coord_after_crash")
     assert coord.ready["dht"] == maddrs and coord.ready["peer_id"] == peer_id
