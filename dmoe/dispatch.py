@@ -9,12 +9,14 @@ When to stop waiting
 * A token is *settled* when it has ``need`` answers, or when nothing it still waits for can
   arrive. Once every token is settled the dispatch waits at most ``timeout_after_k_min`` more
   for the remaining jobs, and never past ``deadline``.
-* A job is *stuck* when it has run longer than ``timeout_after_k_min`` (or twice the fastest
-  answer of this dispatch, if that is longer) while some other job already answered: the other
-  experts are alive and quick, so this one is frozen, partitioned or overloaded. A stuck job no
-  longer holds anybody back; it keeps running in case it answers, and is cancelled (and its
-  endpoint banned) when the dispatch ends. This is what keeps a SIGSTOPped node from stalling a
-  step until the deadline.
+* A job is *stuck* when it has run longer than ``timeout_after_k_min``, and longer than twice
+  the latency it could be expected to have: the fastest answer of this dispatch, or else the
+  recent RTT of its endpoints (EWMA). Other experts, or this very node a moment ago, answer much
+  faster, so it is frozen, partitioned or overloaded. A stuck job no longer holds anybody back;
+  it keeps running in case it answers, and is cancelled (and its endpoint banned) when the
+  dispatch ends. This is what keeps a SIGSTOPped node from stalling a step until the deadline.
+  A job with no reference at all (nothing answered yet, endpoint never measured) is never
+  presumed stuck: it gets the whole deadline.
 
 Rerouting (forward only)
 ------------------------
@@ -211,11 +213,10 @@ class Dispatch:
             else:
                 settle_at = None  # a reroute re-opened some tokens
             wake = end_at
-            threshold = self._stuck_after()
-            if threshold is not None:
-                for job in open_jobs:
-                    if not job.stuck:
-                        wake = min(wake, job.started + threshold)
+            for job in open_jobs:
+                threshold = self._stuck_after(job)
+                if threshold is not None and not job.stuck:
+                    wake = min(wake, job.started + threshold)
             if wake <= now:
                 if end_at <= now:
                     break
@@ -228,18 +229,24 @@ class Dispatch:
             self._mark_stuck()
         await self._cancel_open()
 
-    def _stuck_after(self) -> float | None:
-        if not self.detect_stuck or self._fastest is None:
+    def _stuck_after(self, job: Job) -> float | None:
+        """Seconds after which ``job`` is presumed stuck; None: no reference, wait for the deadline."""
+        if not self.detect_stuck:
             return None
-        return max(self.timeout_after_k_min, 2.0 * self._fastest)
+        references = [rtt for rtt in map(self.swarm.health.rtt, job.endpoints) if rtt is not None]
+        if self._fastest is not None:
+            references.append(self._fastest)
+        if not references:
+            return None
+        return max(self.timeout_after_k_min, 2.0 * min(references))
 
     def _mark_stuck(self) -> None:
-        threshold = self._stuck_after()
-        if threshold is None:
-            return
         now = time.monotonic()
         for job in self.jobs:
-            if job.open and not job.stuck and now - job.started >= threshold:
+            if not job.open or job.stuck:
+                continue
+            threshold = self._stuck_after(job)
+            if threshold is not None and now - job.started >= threshold:
                 job.stuck = True
                 self.suspects.update(job.endpoints)
                 self.stats.stuck += 1

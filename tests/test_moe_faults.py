@@ -1,0 +1,217 @@
+"""RemoteMixtureOfExperts keeps training through crashed, frozen, garbage-answering and vanished nodes.
+
+A bootstrap node ``A`` (module-wide) serves the healthy half of every test grid; each test starts
+its own victim node(s) for the other half and hurts them with real signals. The gate is biased so
+that *every* token's best experts live on the victim: a step can only complete by falling back to
+A's experts. Once the victim is out, the layer must compute exactly what an in-process MoE over
+A's experts computes (same gate, same expert weights).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from moe_swarm import HIDDEN, local_experts, node_process, start_all, stop_all
+
+from dmoe import LocalMixtureOfExperts, NotEnoughExperts, RemoteMixtureOfExperts, Swarm
+
+PREFIXES = ("kb", "km", "fz", "gb")  # kill between steps, kill mid-forward, freeze, garbage
+BATCH = 32
+
+
+@pytest.fixture(scope="module")
+def bootstrap(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("moe_faults")
+    procs = start_all([node_process(",".join(f"{p}.[0:2].[0:4]" for p in PREFIXES), name="a", log_dir=logs)])
+    yield procs[0], logs
+    stop_all(procs)
+
+
+@pytest.fixture
+def victims(bootstrap):
+    started = []
+
+    def _start(*specs: tuple[str, str, dict]) -> list:
+        a, logs = bootstrap
+        procs = [node_process(experts, name=f"victim{len(started) + i}", log_dir=logs, expert_cls=cls,
+                              initial_peers=a.ready["dht"], env=env) for i, (experts, cls, env) in enumerate(specs)]
+        started.extend(start_all(procs))
+        return procs
+
+    yield _start
+    stop_all(started)
+
+
+@pytest.fixture
+def swarm(bootstrap):
+    a, _ = bootstrap
+    with Swarm(initial_peers=a.ready["dht"]) as s:
+        yield s
+
+
+def biased_layer(swarm: Swarm, prefix: str, **options) -> RemoteMixtureOfExperts:
+    """A 4x4 layer whose gate sends every token to rows 2-3 of the grid (the victim's experts)."""
+    layer = RemoteMixtureOfExperts(in_features=HIDDEN, grid_size=(4, 4), uid_prefix=prefix, swarm=swarm, k_best=4,
+                                   **options)
+    with torch.no_grad():
+        layer.gate.proj.weight.mul_(0.05)
+        layer.gate.proj.bias.copy_(torch.tensor([0.0, 0.0, 4.0, 4.0, 0.3, 0.1, -0.1, -0.3]))
+    return layer
+
+
+def local_twin(layer: RemoteMixtureOfExperts, prefix: str) -> LocalMixtureOfExperts:
+    """The same MoE computed in-process over the healthy node's experts only."""
+    local = LocalMixtureOfExperts(in_features=HIDDEN, grid_size=(4, 4), uid_prefix=prefix,
+                                  experts=local_experts(f"{prefix}.[0:2].[0:4]"), k_best=4)
+    local.gate.load_state_dict(layer.gate.state_dict())
+    return local
+
+
+def step(layer: RemoteMixtureOfExperts, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    started = time.monotonic()
+    y = layer(x)
+    (y.pow(2).mean() + 0.01 * layer.aux_loss).backward()
+    return y, time.monotonic() - started
+
+
+def answered_uids(layer: RemoteMixtureOfExperts, before: dict[str, int] | None = None) -> set[str]:
+    """Experts that answered since the ``before`` snapshot of ``layer.choices.answered``."""
+    before = before or {}
+    return {uid for uid, n in layer.choices.answered.items() if n > before.get(uid, 0)}
+
+
+def assert_matches_healthy_half(layer: RemoteMixtureOfExperts, prefix: str, x: torch.Tensor) -> None:
+    local = local_twin(layer, prefix)
+    x_remote = x.clone().requires_grad_(True)
+    x_local = x.clone().requires_grad_(True)
+    y_remote, y_local = layer(x_remote), local(x_local)
+    torch.testing.assert_close(y_remote, y_local, rtol=1e-4, atol=1e-4)
+    y_remote.sum().backward()
+    y_local.sum().backward()
+    torch.testing.assert_close(x_remote.grad, x_local.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_node_killed_between_steps(swarm, victims):
+    (victim,) = victims(("kb.[2:4].[0:4]", "ffn", {}))
+    endpoint = victim.ready["grpc"]
+    layer = biased_layer(swarm, "kb", forward_timeout=10.0, timeout_after_k_min=1.0)
+    x = torch.randn(BATCH, HIDDEN)
+    step(layer, x)
+    assert answered_uids(layer) <= {f"kb.{i}.{j}" for i in (2, 3) for j in range(4)}  # all on the victim
+
+    victim.kill()
+    y, elapsed = step(layer, x)
+    assert torch.isfinite(y).all()
+    assert layer.stats["not_enough"] == 0
+    assert layer.stats["reroutes"] >= BATCH  # every token fell back to the healthy node
+    assert swarm.stats["failures"].get("unreachable", 0) >= 1
+    assert elapsed < 5.0  # refused connections fail fast: no deadline waited out
+    assert swarm.health.is_banned(endpoint)
+
+    failures = dict(swarm.stats["failures"])
+    assert_matches_healthy_half(layer, "kb", torch.randn(BATCH, HIDDEN))
+    assert dict(swarm.stats["failures"]) == failures  # banned: the dead node is not even tried
+
+
+def test_node_killed_in_the_middle_of_a_forward(swarm, victims):
+    (victim,) = victims(("km.[2:4].[0:4]", "bad_experts:SlowExpert", {"DMOE_SLOW_EXPERT_S": "3"}))
+    layer = biased_layer(swarm, "km", forward_timeout=15.0, timeout_after_k_min=1.0)
+    x = torch.randn(BATCH, HIDDEN)
+    killer = threading.Timer(1.0, victim.kill)  # the slow expert holds every call for 3 s
+    killer.start()
+    try:
+        started = time.monotonic()
+        y = layer(x)
+        elapsed = time.monotonic() - started
+    finally:
+        killer.join()
+    assert 1.0 <= elapsed < 3.0  # finished after the kill, without waiting for the slow expert
+    assert torch.isfinite(y).all() and layer.stats["not_enough"] == 0
+    assert layer.stats["reroutes"] >= BATCH
+    assert answered_uids(layer) <= {f"km.{i}.{j}" for i in (0, 1) for j in range(4)}
+    torch.testing.assert_close(y, local_twin(layer, "km")(x), rtol=1e-4, atol=1e-4)
+    y.sum().backward()  # backward goes to the experts that answered: all alive
+
+
+def test_frozen_node_is_bounded_by_the_deadline_and_banned(swarm, victims):
+    (victim,) = victims(("fz.[2:4].[0:4]", "ffn", {}))
+    endpoint = victim.ready["grpc"]
+    forward_timeout = 6.0
+    layer = biased_layer(swarm, "fz", forward_timeout=forward_timeout, timeout_after_k_min=0.5, backward_timeout=6.0)
+    x = torch.randn(BATCH, HIDDEN)
+    step(layer, x)
+    assert swarm.health.rtt(endpoint) is not None
+
+    victim.freeze()
+    answered = dict(layer.choices.answered)
+    started = time.monotonic()
+    y = layer(x)
+    forward_elapsed = time.monotonic() - started
+    y.sum().backward()
+    assert forward_elapsed < forward_timeout + 1.0
+    assert torch.isfinite(y).all() and layer.stats["not_enough"] == 0
+    assert layer.stats["stuck"] >= 1
+    assert answered_uids(layer, answered) <= {f"fz.{i}.{j}" for i in (0, 1) for j in range(4)}
+    assert swarm.health.is_banned(endpoint)  # the next step will not wait for it again
+
+    stuck, failures = layer.stats["stuck"], dict(swarm.stats["failures"])
+    _, elapsed = step(layer, x)
+    assert elapsed < forward_timeout
+    assert layer.stats["stuck"] == stuck and dict(swarm.stats["failures"]) == failures  # frozen node skipped
+    assert_matches_healthy_half(layer, "fz", torch.randn(8, HIDDEN))
+
+
+def test_garbage_answers_are_excluded(swarm, victims):
+    (victim,) = victims(("gb.[2:4].[0:4]", "bad_experts:NaNExpert", {}))
+    layer = biased_layer(swarm, "gb", forward_timeout=10.0, timeout_after_k_min=1.0)
+    x = torch.randn(BATCH, HIDDEN)
+    y, _ = step(layer, x)
+    assert torch.isfinite(y).all()
+    assert swarm.stats["failures"].get("bad_answer", 0) >= 1
+    assert answered_uids(layer) <= {f"gb.{i}.{j}" for i in (0, 1) for j in range(4)}
+    assert swarm.health.is_banned(victim.ready["grpc"])
+    assert_matches_healthy_half(layer, "gb", x)
+
+
+def test_replica_pair_loses_nothing_then_all_gone(swarm, victims):
+    pair = victims(("rp.[0:2].[0:2]", "ffn", {}), ("rp.[0:2].[0:2]", "ffn", {}))
+    endpoints = [p.ready["grpc"] for p in pair]
+    layer = RemoteMixtureOfExperts(in_features=HIDDEN, grid_size=(2, 2), uid_prefix="rp", swarm=swarm, k_best=4,
+                                   k_min=4, forward_timeout=10.0, timeout_after_k_min=1.0)
+    local = LocalMixtureOfExperts(in_features=HIDDEN, grid_size=(2, 2), uid_prefix="rp",
+                                  experts=local_experts("rp.[0:2].[0:2]"), k_best=4)
+    local.gate.load_state_dict(layer.gate.state_dict())
+    x = torch.randn(BATCH, HIDDEN)
+    step(layer, x)
+    step(layer, x)  # both replicas measured
+
+    preferred = swarm.health.order(endpoints)[0]  # the replica the next calls try first
+    pair[endpoints.index(preferred)].kill()
+    retries = swarm.stats["retries"]
+    y, elapsed = step(layer, x)
+    assert swarm.stats["retries"] - retries >= 4  # every expert retried on its other replica
+    assert layer.stats["not_enough"] == 0  # k_min=4: no token lost any of its 4 experts
+    assert elapsed < 5.0
+    torch.testing.assert_close(y, local(x), rtol=1e-4, atol=1e-4)  # replicas share the seed
+
+    pair[1 - endpoints.index(preferred)].kill()
+    started = time.monotonic()
+    with pytest.raises(NotEnoughExperts) as info:
+        layer(x)
+    assert time.monotonic() - started < 5.0
+    message = str(info.value)
+    assert "forward_timeout=10s" in message and "rp.0.0" in message
+    assert info.value.deadline == 10.0 and set(info.value.missing) <= {"rp.0.0", "rp.0.1", "rp.1.0", "rp.1.1"}
+
+    zeros = RemoteMixtureOfExperts(in_features=HIDDEN, grid_size=(2, 2), uid_prefix="rp", swarm=swarm, k_best=4,
+                                   forward_timeout=10.0, allow_zero_outputs=True)
+    x = torch.randn(BATCH, HIDDEN, requires_grad=True)
+    y, _ = step(zeros, x)
+    assert torch.equal(y, torch.zeros_like(y))  # zeros, never NaN
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert zeros.stats["zero_tokens"] == BATCH
+    assert np.isfinite(zeros.aux_loss.item())
