@@ -74,6 +74,8 @@ class CollaborativeUpdater:
             load_state_timeout=options.load_state_timeout,
             average_state_every=options.average_state_every,
             verbose=False,
+            # hivemind warns (deadlock risk) unless its request timeout is below the matchmaking time
+            averager_opts={"request_timeout": min(3.0, options.matchmaking_time / 2)},
         )
         self.loaded_from_peers = 0
 

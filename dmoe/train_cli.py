@@ -444,8 +444,9 @@ def main(argv: list[str] | None = None) -> int:
         ready: dict[str, Any] = {"step": trainer.step, "steps": args.steps, "experts": "local" if args.local_experts
                                  else "remote", "log_file": args.log_file}
         if isinstance(updater, CollaborativeUpdater):
+            before = _fingerprint(model)
             joined = updater.join()
-            trainer.log.write({"type": "join", "time": time.time(), **joined,
+            trainer.log.write({"type": "join", "time": time.time(), **joined, "params_before": before,
                                "params": _fingerprint(model)})
             ready.update(run_id=args.run_id, joined=joined)
         if dht is not None:
