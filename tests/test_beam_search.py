@@ -11,6 +11,7 @@ import random
 import time
 from dataclasses import dataclass
 
+import hivemind
 import numpy as np
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
@@ -272,3 +273,17 @@ def test_bad_arguments(peers):
             BeamSearch(client, "bad", (2, 0))
     finally:
         client.shutdown()
+
+
+def test_swarm_from_an_existing_hivemind_dht(peers):
+    a, _ = peers
+    announce(a, ["hd.0.0", "hd.1.1"], ENDPOINT_A)
+    dht = hivemind.DHT(initial_peers=a.maddrs(), client_mode=True, start=True)
+    try:
+        with Swarm.from_dht(dht) as client:
+            search = BeamSearch(client, "hd", (2, 2))
+            scores = [np.array([[1.0, 0.5]]), np.array([[0.0, 1.0]])]  # 1.1: 1.5, 0.0: 1.0
+            assert [e.uid for e in search.find_best_experts(scores, 2, budget=30.0).experts[0]] == ["hd.1.1", "hd.0.0"]
+        assert dht.is_alive()  # the caller's DHT outlives the Swarm
+    finally:
+        dht.shutdown()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from moe_swarm import HIDDEN, local_experts, node_process, start_all, stop_all
+from prometheus_client import REGISTRY
 
 from dmoe import LocalMixtureOfExperts, NotEnoughExperts, RemoteMixtureOfExperts, Swarm
 
@@ -80,6 +81,10 @@ def test_one_request_per_expert_and_counters(swarm):
     backward_calls = swarm.stats["calls"]["backward"] - calls.get("backward", 0)
     assert backward_calls == forward_calls
     assert 0 < remote.stats["last_search_seconds"] < remote.stats["last_forward_seconds"]
+    # the same numbers reach Prometheus (process-wide default registry)
+    assert REGISTRY.get_sample_value("dmoe_client_calls_total", {"method": "forward"}) >= forward_calls
+    assert REGISTRY.get_sample_value("dmoe_client_call_seconds_count", {"method": "backward"}) >= backward_calls
+    assert REGISTRY.get_sample_value("dmoe_client_beam_search_seconds_count") >= 1
 
 
 def test_aux_loss_is_uniform_one_and_differentiable(swarm):
