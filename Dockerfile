@@ -43,6 +43,7 @@ COPY coordinator /src/coordinator
 RUN pip install -q --no-index --no-deps --no-build-isolation /src && rm -rf /src/build /src/*.egg-info
 
 COPY scenarios /opt/dmoe-scenarios
+COPY docker/scenarios /opt/dmoe-scenarios/docker
 COPY docker/entrypoint.py docker/home_link.py /usr/local/lib/dmoe-docker/
 WORKDIR /data
 ENTRYPOINT ["python3", "/usr/local/lib/dmoe-docker/entrypoint.py"]

@@ -68,6 +68,17 @@ class ContainerInfo:
         return self.id[:12]
 
 
+def demultiplex(raw: bytes) -> str:
+    """Log bytes of a non-TTY container: frames of an 8-byte header (stream, 0, 0, 0, size) + payload."""
+    out, pos = [], 0
+    while pos + 8 <= len(raw) and raw[pos] in (0, 1, 2) and raw[pos + 1:pos + 4] == b"\0\0\0":
+        size = int.from_bytes(raw[pos + 4:pos + 8], "big")
+        out.append(raw[pos + 8:pos + 8 + size])
+        pos += 8 + size
+    out.append(raw[pos:])  # a TTY container's logs have no frames at all
+    return b"".join(out).decode(errors="replace")
+
+
 class DockerAPI:
     """Blocking Docker Engine API calls; each opens and closes its own connection."""
 
@@ -76,9 +87,10 @@ class DockerAPI:
         self.timeout = timeout
 
     def request(
-        self, method: str, path: str, *, query: dict[str, Any] | None = None, timeout: float | None = None
+        self, method: str, path: str, *, query: dict[str, Any] | None = None, timeout: float | None = None,
+        raw: bool = False,
     ) -> Any:
-        """One API call; returns the decoded JSON body (or None for empty answers)."""
+        """One API call; returns the decoded JSON body (None for empty answers; the bytes with ``raw``)."""
         url = path + ("?" + urllib.parse.urlencode(query) if query else "")
         conn = _UnixConnection(self.socket_path, timeout or self.timeout)
         try:
@@ -95,6 +107,8 @@ class DockerAPI:
             except (ValueError, AttributeError):
                 message = body.decode(errors="replace")
             raise DockerAPIError(f"{method} {path}: HTTP {resp.status}: {message.strip()}", status=resp.status)
+        if raw:
+            return body
         if not body.strip():
             return None
         try:
@@ -125,6 +139,13 @@ class DockerAPI:
             for row in rows
         ]
         return sorted(found, key=lambda c: c.name)
+
+    def logs(self, container: str, *, since: float = 0, tail: int | None = None) -> str:
+        """stdout+stderr of a container (since unix time ``since``), demultiplexed into plain text."""
+        query: dict[str, Any] = {"stdout": 1, "stderr": 1, "since": int(since)}
+        if tail is not None:
+            query["tail"] = tail
+        return demultiplex(self.request("GET", f"/containers/{container}/logs", query=query, raw=True))
 
     def inspect(self, container: str) -> dict[str, Any]:
         return self.request("GET", f"/containers/{container}/json")

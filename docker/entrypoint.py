@@ -22,8 +22,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -31,7 +33,12 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dmoe.coordinator.swarm_layout import node_args, node_link, trainer_args  # noqa: E402
 from home_link import apply_home_link  # noqa: E402
+
+from dmoe.scenario import Scenario, load_scenario  # noqa: E402
+
+SCENARIO_DIRS = ("/opt/dmoe-scenarios/docker", "/opt/dmoe-scenarios")
 
 NODE_GRPC_PORT = 7000  # announced (the link emulator's port)
 NODE_INNER_PORT = 7001  # the node's own gRPC server, behind the emulator
@@ -61,12 +68,47 @@ def own_ip() -> str:
     return socket.gethostbyname(socket.gethostname())
 
 
+def _nameserver() -> str:
+    try:
+        for line in Path("/etc/resolv.conf").read_text().splitlines():
+            if line.startswith("nameserver"):
+                return line.split()[1]
+    except (OSError, IndexError):
+        pass
+    return "127.0.0.11"  # Docker's embedded DNS on user-defined networks
+
+
+def reverse_dns(ip: str, timeout: float = 2.0) -> str | None:
+    """PTR lookup straight at the DNS server: /etc/hosts maps our IP to the container id, not its name."""
+    qname = b"".join(bytes([len(p)]) + p.encode() for p in [*reversed(ip.split(".")), "in-addr", "arpa"]) + b"\0"
+    query_id = os.getpid() & 0xFFFF
+    packet = struct.pack(">HHHHHH", query_id, 0x0100, 1, 0, 0, 0) + qname + struct.pack(">HH", 12, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.sendto(packet, (_nameserver(), 53))
+            reply = sock.recv(2048)
+        except OSError:
+            return None
+    rid, flags, _qd, answers = struct.unpack(">HHHH", reply[:8])
+    if rid != query_id or flags & 0x000F or answers == 0:
+        return None
+    pos = 12 + len(qname) + 4  # skip the echoed question
+    pos += 2 if reply[pos] & 0xC0 == 0xC0 else len(qname)  # answer name (usually a pointer)
+    rtype, _cls, _ttl, rdlength = struct.unpack(">HHIH", reply[pos:pos + 10])
+    if rtype != 12:
+        return None
+    labels, p = [], pos + 10
+    while p < len(reply) and reply[p] and reply[p] & 0xC0 != 0xC0:
+        labels.append(reply[p + 1:p + 1 + reply[p]].decode(errors="replace"))
+        p += 1 + reply[p]
+    return ".".join(labels) or None
+
+
 def own_name() -> str:
     """Compose container name (``proj-node-3`` or ``proj_node_3``) via Docker's DNS, else the hostname."""
-    try:
-        return socket.gethostbyaddr(own_ip())[0].split(".")[0]
-    except OSError:
-        return socket.gethostname()
+    name = reverse_dns(own_ip())
+    return name.split(".")[0] if name else socket.gethostname()
 
 
 def replica_index(name: str) -> int:
@@ -101,11 +143,18 @@ def coordinator_peers(timeout: float) -> list[str]:
     sys.exit(f"entrypoint: coordinator at {where} did not answer /status within {timeout:.0f}s ({last})")
 
 
-def expert_pattern(index: int) -> str:
-    """This node's ``--experts``: SWARM_NODE_EXPERTS with {index}, {start}, {stop} filled in."""
-    per_node = int(env("SWARM_EXPERTS_PER_NODE", "4"))
-    template = env("SWARM_NODE_EXPERTS", "ffn.{index}.[0:4]")
-    return template.format(index=index, start=index * per_node, stop=(index + 1) * per_node)
+def load_swarm_scenario() -> tuple[str, Scenario]:
+    """SWARM_SCENARIO: a path, or a name in the image's scenario folders (default: ``compose``)."""
+    name = env("SWARM_SCENARIO", "compose")
+    candidates = [Path(name)] + [Path(d) / f"{name}.toml" for d in SCENARIO_DIRS]
+    for path in candidates:
+        if path.is_file():
+            return str(path), load_scenario(path)
+    sys.exit(f"entrypoint: scenario {name!r} not found (looked in {', '.join(SCENARIO_DIRS)})")
+
+
+def placement_slots(scenario: Scenario) -> int:
+    return int(env("SWARM_NODES", str(scenario.swarm.nodes)))
 
 
 def exec_dmoe(role: str, args: list[str]) -> None:
@@ -126,35 +175,42 @@ def run_coordinator(extra: list[str]) -> None:
 
 
 def run_trainer(extra: list[str]) -> None:
+    _, scenario = load_swarm_scenario()
     peers = coordinator_peers(env_float("SWARM_WAIT_S", 180))
-    log_dir = Path(env("SWARM_LOG_DIR", "/runs"))
+    log_dir = Path(env("SWARM_LOG_DIR", "/runs")) / "trainers"
     log_dir.mkdir(parents=True, exist_ok=True)
-    name = own_name()
-    exec_dmoe("train", ["--initial-peers", *peers, "--log-file", str(log_dir / f"{name}.jsonl"), *extra])
+    exec_dmoe("train", ["--initial-peers", *peers, "--log-file", str(log_dir / f"{own_name()}.jsonl"),
+                        "--no-progress", "--metrics-port", str(METRICS_PORT), *trainer_args(scenario), *extra])
 
 
 def run_node(extra: list[str]) -> int:
+    _, scenario = load_swarm_scenario()
     ip, name = own_ip(), own_name()
     index = replica_index(name)
-    up, down = env_float("SWARM_LINK_UP_MBIT", 20.0), env_float("SWARM_LINK_DOWN_MBIT", 100.0)
-    latency, jitter = env_float("SWARM_LINK_LATENCY_MS", 20.0), env_float("SWARM_LINK_JITTER_MS", 0.0)
-    link = apply_home_link(dev=env("SWARM_LINK_DEV", "eth0"), up_mbit=up, down_mbit=down)
-    say(f"{name} (replica {index}) at {ip}: tc link {json.dumps(link.__dict__)}")
+    link = node_link(scenario, index)
+    shaped = apply_home_link(dev=env("SWARM_LINK_DEV", "eth0"), up_mbit=link.up_mbit, down_mbit=link.down_mbit)
+    say(f"{name} (node {index}) at {ip}: link {json.dumps(link.to_dict())}; tc {json.dumps(shaped.__dict__)}")
+    checkpoints = Path(env("SWARM_CHECKPOINT_DIR", "/data/checkpoints"))
+    wipe = Path(env("SWARM_LOG_DIR", "/runs")) / ".chaos" / f"{name}.wipe-checkpoint"
+    if wipe.exists():  # the chaos service decided this node comes back without its checkpoint
+        say(f"starting without checkpoint (removing {checkpoints})")
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        wipe.unlink(missing_ok=True)
     peers = coordinator_peers(env_float("SWARM_WAIT_S", 180))
-    # the emulator adds latency, and shapes what tc could not (inf = leave it to tc)
-    emu_up = "inf" if link.up_mbit else str(up)
-    emu_down = "inf" if link.down_mbit else str(down)
+    # The emulator adds latency, jitter and drops, and shapes the rates tc could not (inf = tc does it).
     emulator = [sys.executable, "-m", "dmoe.links", "--listen", str(NODE_GRPC_PORT),
-                "--target", f"127.0.0.1:{NODE_INNER_PORT}", "--up-mbit", emu_up, "--down-mbit", emu_down,
-                "--latency-ms", str(latency), "--jitter-ms", str(jitter)]
-    node = ["dmoe", "node", "--experts", expert_pattern(index),
+                "--target", f"127.0.0.1:{NODE_INNER_PORT}",
+                "--up-mbit", "inf" if shaped.up_mbit else str(link.up_mbit),
+                "--down-mbit", "inf" if shaped.down_mbit else str(link.down_mbit),
+                "--latency-ms", str(link.latency_ms), "--jitter-ms", str(link.jitter_ms),
+                "--drop-prob", str(link.drop_prob), "--seed", str(scenario.seed * 1000 + index)]
+    node = ["dmoe", "node", *node_args(scenario, index, placement_slots(scenario)),
             "--host", "0.0.0.0", "--port", str(NODE_INNER_PORT),
             "--announce-host", ip, "--announce-port", str(NODE_GRPC_PORT),
             "--initial-peers", *peers,
             "--dht-host-maddrs", f"/ip4/0.0.0.0/tcp/{NODE_DHT_PORT}",
             "--dht-announce-maddrs", f"/ip4/{ip}/tcp/{NODE_DHT_PORT}",
-            "--checkpoint-dir", env("SWARM_CHECKPOINT_DIR", "/data/checkpoints"),
-            "--metrics-port", str(METRICS_PORT), *extra]
+            "--checkpoint-dir", str(checkpoints), "--metrics-port", str(METRICS_PORT), *extra]
     say("start " + " ".join(emulator))
     children = [subprocess.Popen(emulator)]
     say("start " + " ".join(node))
@@ -165,8 +221,14 @@ def run_node(extra: list[str]) -> int:
             if child.poll() is None:
                 child.send_signal(sig)
 
+    def to_link(sig: int, _frame: object) -> None:  # chaos partitions: USR1 cuts the link, USR2 heals it
+        if children[0].poll() is None:
+            children[0].send_signal(sig)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGUSR1, to_link)
+    signal.signal(signal.SIGUSR2, to_link)
     # Whichever child ends first ends the container: a node without its link (or a link without
     # its node) is not a working home node, and the chaos service restarts the whole container.
     while all(child.poll() is None for child in children):
@@ -193,7 +255,8 @@ def main(argv: list[str]) -> int:
     elif role == "node":
         return run_node(extra)
     elif role == "chaos":
-        exec_dmoe("chaos", extra)
+        path, _ = load_swarm_scenario()
+        exec_dmoe("chaos", [path, "--out", env("SWARM_LOG_DIR", "/runs"), *extra])
     else:
         os.execvp(role, argv)
     return 0

@@ -26,7 +26,9 @@ Steps, each skipped when its result is already there:
 
 Environment: ``DMOE_DOCKER_CACHE`` (cache folder, default ``~/.cache/dmoe-docker``),
 ``DMOE_DOCKER_SUITE`` (override the Debian suite), ``DMOE_DOCKER=system`` (use the already
-running engine named by ``DOCKER_HOST`` or the default socket instead of a private one).
+running engine named by ``DOCKER_HOST`` or the default socket instead of a private one),
+``DMOE_BASE_IMAGE`` (build on this image instead of the debootstrap one, e.g. ``python:3.11-slim``
+on a machine that can pull it; the wheelhouse still makes the build itself offline).
 """
 
 from __future__ import annotations
@@ -490,7 +492,7 @@ class DockerEnv:
 
     def __enter__(self) -> DockerEnv:
         t0 = time.monotonic()
-        ensure_packages(need_debootstrap=not self.system)
+        ensure_packages(need_debootstrap=self.build and not os.environ.get("DMOE_BASE_IMAGE"))
         self._timed("packages_s", t0)
         try:
             t0 = time.monotonic()
@@ -498,10 +500,10 @@ class DockerEnv:
                 api = DockerAPI()
                 if not api.ping():
                     raise DockerEnvError(f"DMOE_DOCKER=system but no engine answers at {api.socket_path}")
-                self.env = {"DOCKER_HOST": f"unix://{api.socket_path}"}
+                self.env = {"DOCKER_HOST": f"unix://{api.socket_path}", "DOCKER_SOCKET": api.socket_path}
             else:
                 self.daemon = PrivateDockerd().start()
-                self.env = dict(self.daemon.env)
+                self.env = {**self.daemon.env, "DOCKER_SOCKET": str(self.daemon.socket)}
                 api = DockerAPI(str(self.daemon.socket))
             self._timed("daemon_s", t0)
             self.env["DMOE_IMAGE"] = self.image
@@ -511,20 +513,27 @@ class DockerEnv:
             self.compose = compose
             if self.build:
                 t0 = time.monotonic()
-                base = None if self.system else ensure_base_image(api, self.env)
+                base = self._base_image(api)
                 self._timed("base_image_s", t0)
                 t0 = time.monotonic()
-                py = base.python if base else f"{sys.version_info[0]}.{sys.version_info[1]}"
-                wheelhouse = ensure_wheelhouse(py)
+                wheelhouse = ensure_wheelhouse(base.python)
                 self._timed("wheelhouse_s", t0)
                 t0 = time.monotonic()
-                build_image(docker_env=self.env, base_tag=base.tag if base else None, wheelhouse=wheelhouse,
-                            tag=self.image)
+                build_image(docker_env=self.env, base_tag=base.tag, wheelhouse=wheelhouse, tag=self.image)
                 self._timed("image_s", t0)
         except BaseException:
             self.close()
             raise
         return self
+
+    def _base_image(self, api: DockerAPI) -> BaseImage:
+        """DMOE_BASE_IMAGE if given (any image with python3 + venv), else our debootstrap image."""
+        tag = os.environ.get("DMOE_BASE_IMAGE")
+        if not tag:
+            return ensure_base_image(api, self.env)
+        probe = run(["docker", "run", "--rm", "--network", "none", "--entrypoint", "python3", tag, "-c",
+                     "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"], env=self.env, quiet=True)
+        return BaseImage(tag=tag, python=probe.stdout.strip().splitlines()[-1], suite="")
 
     def close(self) -> None:
         if self.daemon is not None:
