@@ -19,7 +19,8 @@ Outputs: ``summary.json``, ``report.png`` and a printed table. Definitions used 
   experts*;
 * **recovery time** of a disruptive event (crash, leave, freeze, partition, link change): seconds
   from the event to the first step, completed after it, that is *normal*: not skipped, no failed
-  expert call, and a step time within 1.5x the median of the run's clean steps. An event training
+  expert call (calls merely *abandoned* because enough other experts had answered do not count),
+  and a step time within 1.5x the median of the run's clean steps. An event training
   did not notice therefore recovers in about one step time. The failed calls and skipped steps in
   between are reported as the event's impact. With several trainers the slowest one counts.
 """
@@ -40,6 +41,7 @@ from dmoe.uids import split_uid
 
 DISRUPTIVE = ("crash", "leave", "freeze", "partition", "link")
 RETURNS = ("rejoin", "resume", "heal")
+SOFT_FAILURES = ("abandoned",)  # the layer stopped waiting for a slow expert: not a fault of that node
 _EVENT_STYLE = {  # colour, line style of an event marker
     "crash": ("tab:red", "-"), "leave": ("tab:orange", "-"), "freeze": ("tab:blue", "-"),
     "partition": ("tab:purple", "-"), "link": ("tab:gray", "--"),
@@ -188,11 +190,16 @@ def trainer_summary(run: RunData, name: str) -> dict[str, Any]:
     }
 
 
+def _hard_failures(step: dict[str, Any]) -> int:
+    """Failed calls of a step, leaving out slow calls abandoned once enough experts had answered."""
+    return sum(int(n) for kind, n in (step.get("failures") or {}).items() if kind not in SOFT_FAILURES)
+
+
 def recovery_times(run: RunData) -> list[dict[str, Any]]:
     per_trainer = []
     for name in run.trainers:
         steps = [s for s in run.steps(name) if "time" in s]
-        clean_times = [s["step_time"] for s in steps if not s.get("skipped") and not s.get("failures")
+        clean_times = [s["step_time"] for s in steps if not s.get("skipped") and not _hard_failures(s)
                        and s.get("step_time") is not None]
         per_trainer.append((steps, 1.5 * statistics.median(clean_times) if clean_times else math.inf))
     out = []
@@ -208,8 +215,8 @@ def recovery_times(run: RunData) -> list[dict[str, Any]]:
                 continue
             rec = math.inf
             for s in after:
-                if s.get("skipped") or s.get("failures") or (s.get("step_time") or 0) > normal:
-                    failed += sum((s.get("failures") or {}).values())
+                if s.get("skipped") or _hard_failures(s) or (s.get("step_time") or 0) > normal:
+                    failed += _hard_failures(s)
                     skipped += bool(s.get("skipped"))
                     continue
                 rec = s["time"] - wall

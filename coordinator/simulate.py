@@ -265,7 +265,13 @@ class Simulation:
         proc.start()
         if self.reaper is not None:
             self.reaper.watch(proc.pid)
+        self._note_process(proc.name, proc.pid)
         return proc
+
+    def _note_process(self, name: str, pid: int) -> None:
+        """processes.jsonl: every process this run started (each is its own process group)."""
+        with open(self.out / "processes.jsonl", "a") as f:
+            f.write(json.dumps({"name": name, "pid": pid, "t": round(self.now(), 3)}) + "\n")
 
     def _write_run(self, **extra: Any) -> None:
         sc = self.scenario
@@ -292,7 +298,7 @@ class Simulation:
         self.out.mkdir(parents=True, exist_ok=True)
         for sub in ("logs", "trainers", "checkpoints"):
             (self.out / sub).mkdir(exist_ok=True)
-        for name in ("events.jsonl", "swarm.jsonl"):
+        for name in ("events.jsonl", "swarm.jsonl", "processes.jsonl"):
             (self.out / name).unlink(missing_ok=True)
         for stale in (self.out / "trainers").glob("*.jsonl"):
             stale.unlink()
@@ -305,6 +311,7 @@ class Simulation:
         error: BaseException | None = None
         elapsed = 0.0
         self.reaper = Reaper()
+        self._note_process("reaper", self.reaper.proc.pid)
         try:
             await self._start_swarm()
             await self._play()
