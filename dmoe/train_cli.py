@@ -332,6 +332,17 @@ class SwarmWatcher:
         )
 
 
+    def close(self) -> None:
+        """Cancel a count still running in the swarm's loop (before the swarm shuts down)."""
+        if self._future is not None:
+            self._future.cancel()
+            try:
+                self._future.result(timeout=2.0)
+            except BaseException:  # cancelled, timed out or failed: nothing to keep
+                pass
+            self._future = None
+
+
 class LocalWatcher:
     """``SwarmProbe`` for in-process experts: every expert is alive; reached = distinct experts used."""
 
@@ -381,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     swarm = None
     updater: Updater | None = None
     trainer: Trainer | None = None
+    watcher: SwarmWatcher | None = None
     try:
         if not args.local_experts:
             from dmoe.moe import RemoteMixtureOfExperts
@@ -437,9 +449,10 @@ def main(argv: list[str] | None = None) -> int:
             metrics_port=args.metrics_port, progress=not args.no_progress,
             extra_log_fields={"run_id": args.run_id} if args.run_id else {},
         )
-        probe = SwarmWatcher(swarm, model) if swarm is not None else LocalWatcher(model)
+        watcher = SwarmWatcher(swarm, model) if swarm is not None else None
         trainer = Trainer(model=model, corpus=corpus, options=options, updater=updater,
-                          expert_optimizer=expert_optimizer, probe=probe, device=device, data_seed=data_seed)
+                          expert_optimizer=expert_optimizer, probe=watcher or LocalWatcher(model), device=device,
+                          data_seed=data_seed)
         trainer.resume()
         ready: dict[str, Any] = {"step": trainer.step, "steps": args.steps, "experts": "local" if args.local_experts
                                  else "remote", "log_file": args.log_file}
@@ -471,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
             trainer.close()
         if updater is not None:
             updater.shutdown()
+        if watcher is not None:
+            watcher.close()
         if swarm is not None:
             swarm.shutdown()
         if dht is not None:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 import torch
@@ -73,11 +74,14 @@ def test_sigint_stops_after_the_current_batch_and_saves(launch, tmp_path):
     log = tmp_path / "log.jsonl"
     trainer = launch("train", ["--local-experts", "--steps", "100000", "--eval-every", "0", "--log-file", str(log),
                                "--checkpoint-dir", str(tmp_path / "ckpt"), "--n-layer", "1", "--hidden-dim", "32",
-                               *SMALL], name="trainer", env={"OMP_NUM_THREADS": "1"})
+                               "--metrics-port", "0", *SMALL], name="trainer", env={"OMP_NUM_THREADS": "1"})
     assert trainer.ready["experts"] == "local"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and sum(1 for line in open(log) if '"type": "step"' in line) < 3:
         time.sleep(0.2)
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{trainer.ready['metrics_port']}/metrics", timeout=10).read()
+    steps_metric = next(line for line in metrics.decode().splitlines() if line.startswith("dmoe_trainer_steps_total"))
+    assert float(steps_metric.split()[-1]) >= 3
     os.kill(trainer.pid, signal.SIGINT)  # the trainer only, like Ctrl-C would reach it
     assert trainer.proc.wait(30) == 0
     records = [json.loads(line) for line in log.read_text().splitlines()]
