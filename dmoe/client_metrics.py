@@ -16,7 +16,7 @@ CALLS = Counter("dmoe_client_calls_total", "Expert calls attempted (one per endp
 FAILURES = Counter(
     "dmoe_client_call_failures_total",
     "Expert calls that gave no usable answer, by failure kind (deadline, unreachable, rejected, bad_answer, "
-    "abandoned)",
+    "stuck; late = cancelled once enough answers had arrived, not a failure of the node)",
     ["method", "kind"],
 )
 RETRIES = Counter("dmoe_client_retries_total", "Calls retried on another replica of the same expert", ["method"])

@@ -9,14 +9,18 @@ When to stop waiting
 * A token is *settled* when it has ``need`` answers, or when nothing it still waits for can
   arrive. Once every token is settled the dispatch waits at most ``timeout_after_k_min`` more
   for the remaining jobs, and never past ``deadline``.
-* A job is *stuck* when it has run longer than ``timeout_after_k_min``, and longer than twice
-  the latency it could be expected to have: the fastest answer of this dispatch, or else the
-  recent RTT of its endpoints (EWMA). Other experts, or this very node a moment ago, answer much
-  faster, so it is frozen, partitioned or overloaded. A stuck job no longer holds anybody back;
-  it keeps running in case it answers, and is cancelled (and its endpoint banned) when the
-  dispatch ends. This is what keeps a SIGSTOPped node from stalling a step until the deadline.
-  A job with no reference at all (nothing answered yet, endpoint never measured) is never
-  presumed stuck: it gets the whole deadline.
+* A job is *stuck* when its endpoint has made no progress -- no answer to any job of this
+  dispatch -- for longer than ``timeout_after_k_min`` and than twice the latency it could be
+  expected to have (the fastest answer of this dispatch, or the endpoint's recent RTT EWMA),
+  counted from when the attempt began; and in any case once half the time to the deadline has
+  passed without progress, so that a fallback still has the other half. A node that works
+  through a queue keeps answering and is not stuck; a frozen or partitioned one is. A stuck job
+  no longer holds anybody back; it keeps running in case it answers, and is cancelled when the
+  dispatch ends.
+* Cancelled at the end: a stuck job, or any job still running at the deadline, bans its
+  endpoint (``Swarm.penalize``); a job cancelled only because enough answers arrived is
+  counted as ``late`` and not banned. This is what keeps a SIGSTOPped node from stalling a step
+  until the deadline, and from being called again in the next step.
 
 Rerouting (forward only)
 ------------------------
@@ -43,7 +47,9 @@ from dmoe.beam_search import FoundExpert
 from dmoe.errors import DeadlineExceeded, ExpertCallError
 from dmoe.proto import expert_pb2 as pb
 from dmoe.remote_call import TensorSpec
-from dmoe.swarm import Swarm
+from dmoe.swarm import CallProgress, Swarm
+
+_MAX_NAP = 0.5  # seconds: re-evaluate at least this often (a replica retry changes the endpoint tried)
 
 
 @dataclass(eq=False)
@@ -59,6 +65,7 @@ class Job:
     expected: tuple[TensorSpec, ...]
     started: float = 0.0
     finished: float | None = None
+    progress: CallProgress = field(default_factory=CallProgress)  # endpoint being tried, since when
     task: asyncio.Task[Any] | None = None
     endpoint: str | None = None  # the endpoint that answered
     tensors: list[torch.Tensor] | None = None
@@ -124,6 +131,8 @@ class Dispatch:
         self.suspects: set[str] = set()  # endpoints of stuck jobs: avoided when rerouting
         self.stats = DispatchStats()
         self._fastest: float | None = None
+        self._last_answer: dict[str, float] = {}  # endpoint -> when it last answered in this dispatch
+        self._started = time.monotonic()
 
     # ---- jobs ----
 
@@ -153,7 +162,7 @@ class Dispatch:
         job.started = time.monotonic()
         job.task = asyncio.get_running_loop().create_task(
             self.swarm.call(job.endpoints, job.request, method=self.method, deadline=self.deadline,
-                            expected=job.expected, retry=self.retry)
+                            expected=job.expected, retry=self.retry, progress=job.progress)
         )
 
     def _finish(self, job: Job) -> None:
@@ -164,8 +173,9 @@ class Dispatch:
         except ExpertCallError as e:
             job.error = e
             return
-        latency = job.finished - job.started
+        latency = job.finished - job.progress.started
         self._fastest = latency if self._fastest is None else min(self._fastest, latency)
+        self._last_answer[job.endpoint] = job.finished
         mine = self.used(job.index)
         self.slot_ok[job.rows[mine], job.slots[mine]] = True
 
@@ -186,10 +196,12 @@ class Dispatch:
         return live
 
     async def run(self) -> None:
+        self._started = time.monotonic()
         for job in self.jobs:
             self._start(job)
         settle_at: float | None = None
         while True:
+            await asyncio.sleep(0)  # let new calls start, so each shows which endpoint it tries
             now = time.monotonic()
             if now >= self.deadline:
                 break
@@ -214,55 +226,69 @@ class Dispatch:
                 settle_at = None  # a reroute re-opened some tokens
             wake = end_at
             for job in open_jobs:
-                threshold = self._stuck_after(job)
-                if threshold is not None and not job.stuck:
-                    wake = min(wake, job.started + threshold)
+                stuck_at = self._stuck_at(job)
+                if stuck_at is not None and not job.stuck:
+                    wake = min(wake, stuck_at)
             if wake <= now:
                 if end_at <= now:
                     break
                 wake = now
             pending = {j.task for j in open_jobs if j.task is not None}
-            done, _ = await asyncio.wait(pending, timeout=max(wake - now, 0.0), return_when=asyncio.FIRST_COMPLETED)
+            timeout = min(max(wake - now, 0.0), _MAX_NAP)
+            done, _ = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             for job in open_jobs:
                 if job.task in done:
                     self._finish(job)
             self._mark_stuck()
         await self._cancel_open()
 
-    def _stuck_after(self, job: Job) -> float | None:
-        """Seconds after which ``job`` is presumed stuck; None: no reference, wait for the deadline."""
-        if not self.detect_stuck:
+    def _stuck_at(self, job: Job) -> float | None:
+        """When ``job`` will be presumed stuck (``time.monotonic()``); None: no reference, never.
+
+        Its endpoint must have made no progress (no answer in this dispatch) for longer than
+        ``timeout_after_k_min`` and than twice the expected latency, since the attempt began.
+        """
+        endpoint = job.progress.endpoint
+        if not self.detect_stuck or endpoint is None:
             return None
-        references = [rtt for rtt in map(self.swarm.health.rtt, job.endpoints) if rtt is not None]
-        if self._fastest is not None:
-            references.append(self._fastest)
+        since = max(job.progress.started, self._last_answer.get(endpoint, 0.0))
+        halfway = self._started + 0.5 * (self.deadline - self._started)  # leave a fallback the other half
+        references = [r for r in (self.swarm.health.rtt(endpoint), self._fastest) if r is not None]
         if not references:
-            return None
-        return max(self.timeout_after_k_min, 2.0 * min(references))
+            return max(since, halfway)
+        return max(since, min(halfway, since + max(self.timeout_after_k_min, 2.0 * min(references))))
 
     def _mark_stuck(self) -> None:
         now = time.monotonic()
         for job in self.jobs:
             if not job.open or job.stuck:
                 continue
-            threshold = self._stuck_after(job)
-            if threshold is not None and now - job.started >= threshold:
+            stuck_at = self._stuck_at(job)
+            if stuck_at is not None and now >= stuck_at:
                 job.stuck = True
-                self.suspects.update(job.endpoints)
+                assert job.progress.endpoint is not None
+                self.suspects.add(job.progress.endpoint)
                 self.stats.stuck += 1
 
     async def _cancel_open(self) -> None:
+        """Cancel what still runs: stuck calls and calls past the deadline ban their endpoint, late ones don't."""
         open_jobs = [j for j in self.jobs if j.open and j.task is not None]
         for job in open_jobs:
             assert job.task is not None
             job.task.cancel()
         if open_jobs:
             await asyncio.gather(*(j.task for j in open_jobs if j.task is not None), return_exceptions=True)
+        past_deadline = time.monotonic() >= self.deadline - 0.01
         for job in open_jobs:
             job.finished = time.monotonic()
-            job.error = DeadlineExceeded(
-                f"{self.method} of {job.uid} abandoned: no answer by the time the layer stopped waiting", uid=job.uid
-            )
+            endpoint = job.progress.endpoint
+            why = "stuck" if job.stuck else "deadline" if past_deadline else "late"
+            message = f"{self.method} of {job.uid} at {endpoint} abandoned ({why})"
+            if why == "late" or endpoint is None:
+                self.swarm.note_late(self.method)
+            else:
+                self.swarm.penalize(endpoint, self.method, why, message)
+            job.error = DeadlineExceeded(message, uid=job.uid, endpoint=endpoint or "")
             self.stats.abandoned += 1
 
     async def _reroute(self, tokens: np.ndarray) -> None:

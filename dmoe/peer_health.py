@@ -4,8 +4,8 @@
   to reply decoded, so it includes the node's queueing and compute: what a caller actually waits).
   Replicas of an expert are tried in order of lowest EWMA; an endpoint never measured sorts first,
   so a new replica gets explored once instead of starving behind a measured one.
-* **Bans.** A failed call (unreachable, deadline, rejected, garbage, or abandoned because it was
-  still running when the caller stopped waiting) bans the endpoint for ``ban_base`` seconds;
+* **Bans.** A failed call (unreachable, deadline, rejected, garbage, or given up on as stuck by
+  ``dmoe.dispatch``) bans the endpoint for ``ban_base`` seconds;
   every further consecutive failure doubles the ban (capped at ``ban_max``); one success clears
   the ban and resets the doubling. Callers skip banned endpoints when they have a choice and try
   them anyway when they do not (see ``order``).

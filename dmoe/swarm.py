@@ -55,6 +55,14 @@ _LIVE_SWARMS: weakref.WeakSet[Swarm] = weakref.WeakSet()
 
 
 @dataclass
+class CallProgress:
+    """Which endpoint a running ``Swarm.call`` is trying, since when (``time.monotonic()``)."""
+
+    endpoint: str | None = None
+    started: float = 0.0
+
+
+@dataclass
 class SwarmStats:
     """Counters of one Swarm (all layers using it); ``Swarm.stats`` returns a snapshot dict."""
 
@@ -181,12 +189,14 @@ class Swarm:
         deadline: float,
         expected: Sequence[TensorSpec] | None = None,
         retry: bool = True,
+        progress: CallProgress | None = None,
     ) -> tuple[str, list[torch.Tensor]]:
         """Call one expert; on failure retry its other replicas (lowest RTT first) until ``deadline``.
 
         ``deadline`` is a ``time.monotonic()`` instant. Returns (endpoint that answered, tensors);
         raises the last ``ExpertCallError`` if none answered. Each attempt gets an equal share of
-        the time left, so one frozen replica cannot eat the time of the others.
+        the time left, so one frozen replica cannot eat the time of the others. ``progress``
+        shows the caller which endpoint is being tried (to judge a call it cancels).
         """
         order = self.health.order(endpoints) if retry else list(endpoints[:1])
         last_error: ExpertCallError | None = None
@@ -194,6 +204,8 @@ class Swarm:
             remaining = deadline - time.monotonic()
             if remaining < _MIN_ATTEMPT:
                 break
+            if progress is not None:
+                progress.endpoint, progress.started = endpoint, time.monotonic()
             if i > 0:
                 self.stats_counters.retries += 1
                 metrics.RETRIES.labels(method).inc()
@@ -213,10 +225,8 @@ class Swarm:
                 self._failed(endpoint, method, e.kind, str(e), ban=getattr(e, "status", "") not in _NO_BAN_STATUSES)
                 last_error = e
                 continue
-            except asyncio.CancelledError:
-                # the caller stopped waiting (k_min reached + grace over, or deadline): a late node
-                self._failed(endpoint, method, "abandoned", f"{method} of {request.uid} at {endpoint} abandoned")
-                raise
+            # asyncio.CancelledError propagates untouched: the caller stopped waiting and judges
+            # whether this endpoint was stuck (penalize) or merely later than needed
             latency = time.monotonic() - started
             self.health.record_success(endpoint, latency)
             self.stats_counters.answers[method] += 1
@@ -227,6 +237,15 @@ class Swarm:
         raise DeadlineExceeded(
             f"no time left to call {request.uid} (endpoints: {', '.join(order) or 'none'})", uid=request.uid
         )
+
+    def penalize(self, endpoint: str, method: str, kind: str, message: str) -> None:
+        """A call the caller gave up on was stuck (no progress while others answered): count and ban."""
+        self._failed(endpoint, method, kind, message)
+
+    def note_late(self, method: str) -> None:
+        """A call was cancelled only because enough answers had arrived: counted, not banned."""
+        self.stats_counters.failures["late"] += 1
+        metrics.FAILURES.labels(method, "late").inc()
 
     def _failed(self, endpoint: str, method: str, kind: str, message: str, *, ban: bool = True) -> None:
         self.stats_counters.failures[kind] += 1
