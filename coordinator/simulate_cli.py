@@ -34,9 +34,19 @@ output (in --out): events.jsonl, trainers/*.jsonl, swarm.jsonl, run.json, summar
 """
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the examples' line breaks; shows defaults only where there is one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser("dmoe simulate", "Run a local swarm (bootstrap, nodes behind emulated home links, trainers) "
                     "under a churn scenario and report what training did.", EPILOG)
+    p.formatter_class = _HelpFormatter
     p.add_argument("scenario", nargs="?", default=None,
                    help="scenario TOML file (see scenarios/); default: the built-in demo scenario")
     p.add_argument("--out", default=None, help="output directory; default runs/<scenario>-<YYYYmmdd-HHMMSS>")
