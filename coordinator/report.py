@@ -354,15 +354,17 @@ def plot(run: RunData, summary: dict[str, Any], path: Path) -> None:
             ax_fail.step(xs, ys, where="post", label=f"{name} {kind}")
         seen = [(s["time"] - t0, s["experts_alive"]) for s in steps if s.get("experts_alive") is not None]
         if seen:
-            ax_alive.plot(*zip(*seen, strict=True), lw=0.8, alpha=0.6, label=f"{name}: experts seen (all layers)")
+            ax_alive.plot(*zip(*seen, strict=True), lw=0.8, alpha=0.7, label=f"found by {name}")
     cuts, series = alive_series(run)
-    for i, (prefix, counts) in enumerate(series.items()):
-        ax_alive.step(cuts, counts, where="post", lw=1.5, ls=("-", "--", "-.", ":")[i % 4],
-                      label=f"{prefix} served (truth)")
+    if series:
+        total = [sum(vals) for vals in zip(*series.values(), strict=True)]
+        ax_alive.step(cuts, total, where="post", color="k", lw=1.5, label="served: a replica up and reachable (truth)")
     if run.swarm:
         ax_alive.plot([s["t"] for s in run.swarm], [s.get("experts_alive", 0) for s in run.swarm], "--", lw=0.8,
-                      label="coordinator view (all layers)")
-    ax_alive.axhline(summary["k"], color="k", lw=0.6, ls=":", label=f"k = {summary['k']}")
+                      label="announced in the DHT (coordinator)")
+    below = summary.get("time_below_k_s")
+    ax_alive.set_title(f"experts of all layers; time with fewer than k={summary['k']} served in a layer: "
+                       f"{_fmt(below, '.1f')} s", fontsize=9)
     labelled: set[str] = set()
     for e in run.events:
         action = e.get("action")
