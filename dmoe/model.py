@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,6 @@ class ModelConfig:
     uid_prefix: str = "layer{layer}.ffn"  # formatted per block
     expert_cls: str = "ffn"
     dropout: float = 0.0
-    extra: dict = field(default_factory=dict)  # free-form, saved with checkpoints
 
     def __post_init__(self) -> None:
         self.grid_size = tuple(int(g) for g in self.grid_size)
@@ -61,7 +60,6 @@ class ModelConfig:
     def shape_dict(self) -> dict:
         """What must match for a checkpoint to load into this model."""
         d = asdict(self)
-        d.pop("extra")
         d.pop("dropout")
         d["grid_size"] = list(self.grid_size)
         return d

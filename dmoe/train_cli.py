@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-head", type=positive_int, default=4, help="attention heads")
     g.add_argument("--hidden-dim", type=positive_int, default=128, help="hidden size; experts must match it")
     g.add_argument("--block-size", type=positive_int, default=128, help="context length, bytes")
-    g.add_argument("--grid-size", type=_grid, default=(4, 4), help="expert grid per layer, e.g. 4x4")
+    g.add_argument("--grid-size", type=_grid, default="4x4", help="expert grid per layer, e.g. 4x4")
     g.add_argument("--k-best", type=positive_int, default=2, help="experts per token")
     g.add_argument("--k-min", type=positive_int, default=1, help="fewest expert answers a token may use")
     g.add_argument("--uid-prefix", default="layer{layer}.ffn", help="expert uid prefix per block ({layer} = index)")
