@@ -109,6 +109,7 @@ class ChaosRunner:
         self.containers: dict[int, ContainerInfo] = {}
         self.pending_ready: dict[int, float] = {}  # node -> unix time it was started
         self.stopping: dict[int, float] = {}  # node -> unix time after which a leave becomes a kill
+        self.partitioned: set[int] = set()
         self.log: EventLog | None = None
         self.timeline: Timeline | None = None
 
@@ -230,8 +231,13 @@ class ChaosRunner:
         for node, started in list(self.pending_ready.items()):
             if self._printed_ready(self.containers[node], since=started):
                 del self.pending_ready[node]
-                self.log.write({"node": node, "action": "ready", "container": self.containers[node].name,
-                                "after_s": round(time.time() - started, 3)})
+                record = {"node": node, "action": "ready", "container": self.containers[node].name,
+                          "after_s": round(time.time() - started, 3)}
+                if node in self.partitioned:
+                    with contextlib.suppress(DockerAPIError):
+                        self.api.kill(self.containers[node].id, "USR1")
+                        record["note"] = "partitioned: link cut"
+                self.log.write(record)
         for node, deadline in list(self.stopping.items()):
             if time.time() < deadline:
                 continue
@@ -269,17 +275,32 @@ class ChaosRunner:
                 case "rejoin":
                     self._rejoin(event.node, container, keep_checkpoint=event.keep_checkpoint is not False)
                 case "partition":
-                    self.api.kill(cid, "USR1")
+                    self.partitioned.add(event.node)
+                    if not self._signal_link(event.node, "USR1"):
+                        record["note"] = "node not serving: its link is cut once it serves again"
                     if event.mode not in (None, "blackhole"):
-                        record["note"] = f"mode {event.mode} is played as blackhole in containers"
+                        record["mode_played"] = "blackhole"
                 case "heal":
-                    self.api.kill(cid, "USR2")
+                    self.partitioned.discard(event.node)
+                    if not self._signal_link(event.node, "USR2"):
+                        record["note"] = "node not serving: its link starts healed"
                 case _:
                     raise DockerAPIError(f"{event.action!r} is not supported against containers")
         except DockerAPIError as e:
             self.log.write({**record, "action": "error", "planned": event.action, "error": str(e)})
             return
         self.log.write(record)
+
+    def _signal_link(self, node: int, signal: str) -> bool:
+        """Signal the node's link emulator (via the entrypoint) if the node is up and serving.
+
+        A container that is down or still starting could not take the signal (its processes may not
+        have their handlers yet), so partitions of such nodes are applied when they serve again.
+        """
+        if node in self.pending_ready or self.api.state(self.containers[node].id) not in ("running", "paused"):
+            return False
+        self.api.kill(self.containers[node].id, signal)
+        return True
 
     def _rejoin(self, node: int, container: ContainerInfo, *, keep_checkpoint: bool) -> None:
         self.stopping.pop(node, None)

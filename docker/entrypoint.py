@@ -28,9 +28,17 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
+
+# The chaos service partitions a node with SIGUSR1 and heals it with SIGUSR2, possibly a moment after
+# starting its container: never let those signals' default action (terminate) hit us before the link
+# emulator is there to receive them; remember the latest one instead (see run_node).
+_link_signal: list[int] = []
+for _sig in (signal.SIGUSR1, signal.SIGUSR2):
+    signal.signal(_sig, lambda sig, _frame: _link_signal.append(sig))
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dmoe.coordinator.swarm_layout import node_args, node_link, trainer_args  # noqa: E402
@@ -212,23 +220,32 @@ def run_node(extra: list[str]) -> int:
             "--dht-announce-maddrs", f"/ip4/{ip}/tcp/{NODE_DHT_PORT}",
             "--checkpoint-dir", str(checkpoints), "--metrics-port", str(METRICS_PORT), *extra]
     say("start " + " ".join(emulator))
-    children = [subprocess.Popen(emulator)]
+    link_proc = subprocess.Popen(emulator, stdout=subprocess.PIPE)
+    link_ready = threading.Event()
+    threading.Thread(target=_pump, args=(link_proc, link_ready), daemon=True).start()
     say("start " + " ".join(node))
-    children.append(subprocess.Popen(node))
+    children = [link_proc, subprocess.Popen(node)]
 
     def forward(sig: int, _frame: object) -> None:
         for child in children:
             if child.poll() is None:
                 child.send_signal(sig)
 
-    def to_link(sig: int, _frame: object) -> None:  # chaos partitions: USR1 cuts the link, USR2 heals it
-        if children[0].poll() is None:
-            children[0].send_signal(sig)
+    def to_link(sig: int, _frame: object) -> None:
+        # The emulator installs its handlers before printing its ready line; until then, keep the signal.
+        _link_signal.append(sig)
+        if link_ready.is_set() and link_proc.poll() is None:
+            link_proc.send_signal(_link_signal[-1])
+            _link_signal.clear()
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGUSR1, to_link)
     signal.signal(signal.SIGUSR2, to_link)
+    link_ready.wait(60)
+    if _link_signal and _link_signal[-1] == signal.SIGUSR1:  # partitioned while we were starting
+        to_link(signal.SIGUSR1, None)
+    _link_signal.clear()
     # Whichever child ends first ends the container: a node without its link (or a link without
     # its node) is not a working home node, and the chaos service restarts the whole container.
     while all(child.poll() is None for child in children):
@@ -241,6 +258,17 @@ def run_node(extra: list[str]) -> int:
         except subprocess.TimeoutExpired:
             child.kill()
     return code
+
+
+def _pump(proc: subprocess.Popen[bytes], ready: threading.Event) -> None:
+    """Copy a child's stdout to ours, setting ``ready`` at its ``dmoe-ready`` line."""
+    assert proc.stdout is not None
+    for line in iter(proc.stdout.readline, b""):
+        sys.stdout.buffer.write(line)
+        sys.stdout.flush()
+        if line.startswith(b"dmoe-ready "):
+            ready.set()
+    ready.set()  # EOF: it exited; nobody waits forever
 
 
 def main(argv: list[str]) -> int:
