@@ -182,12 +182,9 @@ class SearchResult:
     budget_exhausted: bool
 
 
-@dataclass(order=True)
-class _Item:
-    neg_bound: float
-    coords: tuple[int, ...]
-    partial: float = field(compare=False, default=0.0)  # summed scores of coords (exact, no bound)
-    endpoints: tuple[str, ...] = field(compare=False, default=())
+# Heap entry: (-bound, coords, partial score of coords, endpoints at the last level). A plain tuple
+# so heap comparisons run in C; coords are unique per sample, so comparisons end there.
+_Item = tuple[float, tuple[int, ...], float, tuple[str, ...]]
 
 
 @dataclass
@@ -216,9 +213,21 @@ class BeamSearch:
         self.uid_prefix = uid_prefix.rstrip(UID_DELIMITER)
         self.grid_size = tuple(int(g) for g in grid_size)
         self.beam_size = beam_size
+        self._keys: dict[tuple[int, ...], str] = {}
+        self._uids: dict[tuple[int, ...], str] = {}
 
     def prefix_key(self, coords: tuple[int, ...]) -> str:
-        return (make_uid(self.uid_prefix, coords) if coords else self.uid_prefix) + UID_DELIMITER
+        key = self._keys.get(coords)
+        if key is None:
+            key = (make_uid(self.uid_prefix, coords) if coords else self.uid_prefix) + UID_DELIMITER
+            self._keys[coords] = key
+        return key
+
+    def uid(self, coords: tuple[int, ...]) -> str:
+        uid = self._uids.get(coords)
+        if uid is None:
+            uid = self._uids[coords] = make_uid(self.uid_prefix, coords)
+        return uid
 
     def find_best_experts(
         self, grid_scores: Sequence[np.ndarray], k: int, *, budget: float, k_min: int = 1
@@ -299,12 +308,20 @@ class BeamSearch:
             rest = [0.0] * (dims + 1)
             for j in range(dims - 1, -1, -1):
                 rest[j] = rest[j + 1] + float(maxes[b, j])
-            state = _SampleSearch([per_dim[j][b] for j in range(dims)], rest, [_Item(-rest[0], ())], k=int(k[b]))
+            state = _SampleSearch([per_dim[j][b] for j in range(dims)], rest, [(-rest[0], (), 0.0, ())], k=int(k[b]))
             state.exclude = exclude[b] if exclude is not None else set()
             states.append(state)
 
-        known: dict[str, Children] = {}
-        banned = is_banned or self.swarm.health.is_banned
+        known: dict[str, list[tuple[int, tuple[str, ...]]]] = {}  # prefix -> [(coord, endpoints)] in the grid
+        check = is_banned or self.swarm.health.is_banned
+        verdicts: dict[str, bool] = {}
+
+        def banned(endpoint: str) -> bool:  # one verdict per endpoint and search
+            verdict = verdicts.get(endpoint)
+            if verdict is None:
+                verdict = verdicts[endpoint] = check(endpoint)
+            return verdict
+
         rounds = 0
         requested: set[str] = set()
         exhausted = False
@@ -326,7 +343,12 @@ class BeamSearch:
                 children = fetched.get(prefix)
                 if children is None:
                     exhausted = True  # lookup unfinished and nothing cached: empty for this search
-                known[prefix] = children or {}
+                level = prefix.count(UID_DELIMITER) - self.uid_prefix.count(UID_DELIMITER) - 1
+                known[prefix] = [
+                    (coord, tuple(e.endpoint for e in endpoints))
+                    for coord, endpoints in (children or {}).items()
+                    if 0 <= coord < self.grid_size[level]  # ignore what is announced outside this grid
+                ]
         self.swarm.stats_counters.searches += 1
         results = [self._finish(state, k_min, banned) for state in states]
         return SearchResult(results, rounds, len(requested), 0.0, exhausted)
@@ -335,7 +357,11 @@ class BeamSearch:
         return max(1, self.beam_size or k)
 
     def _advance(
-        self, state: _SampleSearch, known: dict[str, Children], beam: int, is_banned: Callable[[str], bool]
+        self,
+        state: _SampleSearch,
+        known: dict[str, list[tuple[int, tuple[str, ...]]]],
+        beam: int,
+        is_banned: Callable[[str], bool],
     ) -> list[str]:
         """Pop the sample's heap until it has k experts or needs unknown prefixes; returns those prefixes."""
         dims = len(self.grid_size)
@@ -343,57 +369,54 @@ class BeamSearch:
         pending: list[_Item] = []
         held: list[_Item] = []
         heap = state.heap
+        pop, push = heapq.heappop, heapq.heappush
         while heap and len(state.accepted) < k:
-            item = heapq.heappop(heap)
-            level = len(item.coords)
+            item = pop(heap)
+            neg_bound, coords, partial, endpoints = item
+            level = len(coords)
             if level == dims:  # an expert: its bound is its exact score
-                if item.coords in state.exclude:
+                if coords in state.exclude:
                     continue
                 if pending:
                     held.append(item)
                     if len(held) >= k - len(state.accepted):
                         break
                     continue
-                found = FoundExpert(make_uid(self.uid_prefix, item.coords), item.coords, item.partial, item.endpoints)
-                if all(is_banned(e) for e in item.endpoints):
-                    state.banned.append(FoundExpert(found.uid, found.coords, found.score, found.endpoints, banned=True))
+                if all(is_banned(e) for e in endpoints):
+                    state.banned.append(FoundExpert(self.uid(coords), coords, partial, endpoints, banned=True))
                 else:
-                    state.accepted.append(found)
+                    state.accepted.append(FoundExpert(self.uid(coords), coords, partial, endpoints))
                 continue
-            key = self.prefix_key(item.coords)
-            children = known.get(key)
+            children = known.get(self.prefix_key(coords))
             if children is None:
                 pending.append(item)
                 if len(pending) >= beam:
                     break
                 continue
             scores = state.scores[level]
+            rest = state.rest_max[level + 1]
             last = level + 1 == dims
-            for coord, endpoints in children.items():
-                if not 0 <= coord < self.grid_size[level]:
-                    continue  # announced outside this layer's grid
-                partial = item.partial + scores[coord]
-                eps = tuple(e.endpoint for e in endpoints) if last else ()
-                heapq.heappush(heap, _Item(-(partial + state.rest_max[level + 1]), (*item.coords, coord), partial, eps))
+            for coord, eps in children:
+                child = partial + scores[coord]
+                push(heap, (-(child + rest), (*coords, coord), child, eps if last else ()))
         for item in pending + held:
-            heapq.heappush(heap, item)
-        return [self.prefix_key(item.coords) for item in pending]
+            push(heap, item)
+        return [self.prefix_key(item[1]) for item in pending]
 
     def _finish(self, state: _SampleSearch, k_min: int, is_banned: Callable[[str], bool]) -> list[FoundExpert]:
         k = state.k
         chosen = list(state.accepted)
         if len(chosen) < k:  # budget ran out: take the best unbanned experts already seen
-            seen = sorted(i for i in state.heap if len(i.coords) == len(self.grid_size))
-            for item in seen:
+            seen = sorted(i for i in state.heap if len(i[1]) == len(self.grid_size))
+            for _, coords, partial, endpoints in seen:
                 if len(chosen) >= k:
                     break
-                if item.coords in state.exclude:
+                if coords in state.exclude:
                     continue
-                found = FoundExpert(make_uid(self.uid_prefix, item.coords), item.coords, item.partial, item.endpoints)
-                if all(is_banned(e) for e in item.endpoints):
-                    state.banned.append(FoundExpert(found.uid, found.coords, found.score, found.endpoints, banned=True))
+                if all(is_banned(e) for e in endpoints):
+                    state.banned.append(FoundExpert(self.uid(coords), coords, partial, endpoints, banned=True))
                 else:
-                    chosen.append(found)
+                    chosen.append(FoundExpert(self.uid(coords), coords, partial, endpoints))
         if len(chosen) < k_min and state.banned:  # every candidate banned: try them anyway
             chosen += sorted(state.banned, key=lambda e: (-e.score, e.coords))[: k - len(chosen)]
         return sorted(chosen, key=lambda e: (-e.score, e.coords))[:k]
