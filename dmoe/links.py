@@ -92,14 +92,15 @@ class TokenBucket:
         self.rate = 0.0
         self.burst = 0.0
         self.set_rate(rate_mbit)
-        self.tokens = self.burst
+        self.tokens = 0.0  # a fresh line serializes its first bytes like any others
 
     def set_rate(self, rate_mbit: float) -> None:
         self._refill()
         self.rate = rate_mbit * 1e6 / 8  # bytes/s
-        # ~5 ms worth of line rate, at least a couple of chunks: small enough to keep the average
-        # rate exact over a transfer, large enough that small RPCs are not chopped up.
-        self.burst = math.inf if math.isinf(self.rate) else max(2 * _MIN_CHUNK, self.rate * 0.005)
+        # Credit an idle line may bank: 50 ms of line rate (at least two chunks). It is also what
+        # lets a sender that woke up late (a busy machine) catch up, so the average rate stays the
+        # configured one instead of losing every oversleep.
+        self.burst = math.inf if math.isinf(self.rate) else max(2 * self.chunk_size(), self.rate * 0.05)
 
     def chunk_size(self) -> int:
         if math.isinf(self.rate):
