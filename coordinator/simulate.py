@@ -557,11 +557,14 @@ class Simulation:
         """Progress bar and a log line for processes that exit on their own."""
         readers = {t.name: _Tail(self.out / "trainers" / f"{t.name}.jsonl") for t in self.trainers}
         last: dict[str, dict[str, Any]] = {}
+        last_loss: dict[str, float] = {}
         while True:
             for name, tail in readers.items():
                 for rec in tail.new_records():
                     if rec.get("type") == "step":
                         last[name] = rec
+                        if rec.get("loss") is not None:
+                            last_loss[name] = rec["loss"]
             for proc in self._all_procs():
                 if proc.proc is not None and not proc.alive() and proc.name not in self._exited_reported:
                     expected = proc.proc.returncode in (-signal.SIGKILL, 0, -signal.SIGTERM)
@@ -580,7 +583,7 @@ class Simulation:
                 post = {"nodes": f"{up}/{len(self.nodes)}"}
                 if last:
                     steps = [r.get("step", 0) for r in last.values()]
-                    losses = [r["loss"] for r in last.values() if r.get("loss") is not None]
+                    losses = list(last_loss.values())
                     post["step"] = str(max(steps))
                     if losses:
                         post["loss"] = f"{sum(losses) / len(losses):.3f}"
