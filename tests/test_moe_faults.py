@@ -1,9 +1,9 @@
 """RemoteMixtureOfExperts keeps training through crashed, frozen, garbage-answering and vanished nodes.
 
-A bootstrap node ``A`` (module-wide) serves the healthy half of every test grid; each test starts
-its own victim node(s) for the other half and hurts them with real signals. The gate is biased so
-that *every* token's best experts live on the victim: a step can only complete by falling back to
-A's experts. Once the victim is out, the layer must compute exactly what an in-process MoE over
+A bootstrap node ``A`` serves the healthy half of every test grid; each test has its own victim
+node(s) for the other half (all started together) and hurts them with real signals. The gate is
+biased so that *every* token's best experts live on the victim: a step can only complete by
+falling back to A's experts. Once the victim is out, the layer must compute exactly what an in-process MoE over
 A's experts computes (same gate, same expert weights).
 """
 
@@ -23,6 +23,16 @@ PREFIXES = ("kb", "km", "fz", "gb")  # kill between steps, kill mid-forward, fre
 BATCH = 32
 
 
+VICTIMS = {  # name -> (experts, expert class, environment); all started together, each hurt by one test
+    "kb": ("kb.[2:4].[0:4]", "ffn", {}),
+    "km": ("km.[2:4].[0:4]", "bad_experts:SlowExpert", {"DMOE_SLOW_EXPERT_S": "3"}),
+    "fz": ("fz.[2:4].[0:4]", "ffn", {}),
+    "gb": ("gb.[2:4].[0:4]", "bad_experts:NaNExpert", {}),
+    "rp0": ("rp.[0:2].[0:2]", "ffn", {}),
+    "rp1": ("rp.[0:2].[0:2]", "ffn", {}),
+}
+
+
 @pytest.fixture(scope="module")
 def bootstrap(tmp_path_factory):
     logs = tmp_path_factory.mktemp("moe_faults")
@@ -31,19 +41,15 @@ def bootstrap(tmp_path_factory):
     stop_all(procs)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def victims(bootstrap):
-    started = []
-
-    def _start(*specs: tuple[str, str, dict]) -> list:
-        a, logs = bootstrap
-        procs = [node_process(experts, name=f"victim{len(started) + i}", log_dir=logs, expert_cls=cls,
-                              initial_peers=a.ready["dht"], env=env) for i, (experts, cls, env) in enumerate(specs)]
-        started.extend(start_all(procs))
-        return procs
-
-    yield _start
-    stop_all(started)
+    """Every victim node, started in parallel once the bootstrap node is up."""
+    a, logs = bootstrap
+    procs = {name: node_process(experts, name=name, log_dir=logs, expert_cls=cls, initial_peers=a.ready["dht"],
+                                env=env) for name, (experts, cls, env) in VICTIMS.items()}
+    start_all(list(procs.values()))
+    yield procs
+    stop_all(list(procs.values()))
 
 
 @pytest.fixture
@@ -96,7 +102,7 @@ def assert_matches_healthy_half(layer: RemoteMixtureOfExperts, prefix: str, x: t
 
 
 def test_node_killed_between_steps(swarm, victims):
-    (victim,) = victims(("kb.[2:4].[0:4]", "ffn", {}))
+    victim = victims["kb"]
     endpoint = victim.ready["grpc"]
     layer = biased_layer(swarm, "kb", forward_timeout=10.0, timeout_after_k_min=1.0)
     x = torch.randn(BATCH, HIDDEN)
@@ -118,7 +124,7 @@ def test_node_killed_between_steps(swarm, victims):
 
 
 def test_node_killed_in_the_middle_of_a_forward(swarm, victims):
-    (victim,) = victims(("km.[2:4].[0:4]", "bad_experts:SlowExpert", {"DMOE_SLOW_EXPERT_S": "3"}))
+    victim = victims["km"]
     layer = biased_layer(swarm, "km", forward_timeout=15.0, timeout_after_k_min=1.0)
     x = torch.randn(BATCH, HIDDEN)
     killer = threading.Timer(1.0, victim.kill)  # the slow expert holds every call for 3 s
@@ -138,7 +144,7 @@ def test_node_killed_in_the_middle_of_a_forward(swarm, victims):
 
 
 def test_frozen_node_is_bounded_by_the_deadline_and_banned(swarm, victims):
-    (victim,) = victims(("fz.[2:4].[0:4]", "ffn", {}))
+    victim = victims["fz"]
     endpoint = victim.ready["grpc"]
     forward_timeout = 6.0
     layer = biased_layer(swarm, "fz", forward_timeout=forward_timeout, timeout_after_k_min=0.5, backward_timeout=6.0)
@@ -166,7 +172,7 @@ def test_frozen_node_is_bounded_by_the_deadline_and_banned(swarm, victims):
 
 
 def test_garbage_answers_are_excluded(swarm, victims):
-    (victim,) = victims(("gb.[2:4].[0:4]", "bad_experts:NaNExpert", {}))
+    victim = victims["gb"]
     layer = biased_layer(swarm, "gb", forward_timeout=10.0, timeout_after_k_min=1.0)
     x = torch.randn(BATCH, HIDDEN)
     y, _ = step(layer, x)
@@ -178,7 +184,7 @@ def test_garbage_answers_are_excluded(swarm, victims):
 
 
 def test_replica_pair_loses_nothing_then_all_gone(swarm, victims):
-    pair = victims(("rp.[0:2].[0:2]", "ffn", {}), ("rp.[0:2].[0:2]", "ffn", {}))
+    pair = [victims["rp0"], victims["rp1"]]
     endpoints = [p.ready["grpc"] for p in pair]
     layer = RemoteMixtureOfExperts(in_features=HIDDEN, grid_size=(2, 2), uid_prefix="rp", swarm=swarm, k_best=4,
                                    k_min=4, forward_timeout=10.0, timeout_after_k_min=1.0)
