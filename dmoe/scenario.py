@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -227,8 +227,6 @@ class Scenario:
         return out
 
     def with_seed(self, seed: int) -> Scenario:
-        from dataclasses import replace
-
         return replace(self, seed=seed)
 
 
