@@ -15,9 +15,11 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 CALLS = Counter("dmoe_client_calls_total", "Expert calls attempted (one per endpoint attempt)", ["method"])
 FAILURES = Counter(
     "dmoe_client_call_failures_total",
-    "Expert calls that gave no usable answer, by failure kind (deadline, unreachable, rejected, bad_answer, "
-    "stuck; late = cancelled once enough answers had arrived, not a failure of the node)",
+    "Expert calls that gave no usable answer, by failure kind (deadline, unreachable, rejected, bad_answer, stuck)",
     ["method", "kind"],
+)
+LATE = Counter(
+    "dmoe_client_late_calls_total", "Calls cancelled because every token already had enough answers", ["method"]
 )
 RETRIES = Counter("dmoe_client_retries_total", "Calls retried on another replica of the same expert", ["method"])
 BANS = Counter("dmoe_client_bans_total", "Endpoints banned after a failure")

@@ -71,6 +71,7 @@ class Job:
     tensors: list[torch.Tensor] | None = None
     error: ExpertCallError | None = None
     stuck: bool = False
+    late: bool = False  # cancelled only because every token had enough answers (not a failure)
 
     @property
     def open(self) -> bool:
@@ -289,6 +290,7 @@ class Dispatch:
             else:
                 self.swarm.penalize(endpoint, self.method, why, message)
             job.error = DeadlineExceeded(message, uid=job.uid, endpoint=endpoint or "")
+            job.late = why == "late"
             self.stats.abandoned += 1
 
     async def _reroute(self, tokens: np.ndarray) -> None:
@@ -337,6 +339,7 @@ class CallSummary:
     """What the layer records about one dispatch."""
 
     answered: int = 0
+    late: int = 0
     failures: dict[str, int] = field(default_factory=dict)
 
     @classmethod
@@ -345,6 +348,8 @@ class CallSummary:
         for job in dispatch.jobs:
             if job.tensors is not None:
                 summary.answered += 1
+            elif job.late:
+                summary.late += 1
             else:
                 kind = job.error.kind if job.error is not None else "unknown"
                 summary.failures[kind] = summary.failures.get(kind, 0) + 1

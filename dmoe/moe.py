@@ -329,6 +329,7 @@ class RemoteMixtureOfExperts(nn.Module):
     def _record_dispatch(self, method: str, dispatch: Dispatch) -> None:
         summary = CallSummary.of(dispatch)
         self._stats.calls[f"{method}_answered"] += summary.answered
+        self._stats.calls[f"{method}_late"] += summary.late
         for kind, count in summary.failures.items():
             self._stats.calls[f"{method}_failed"] += count
             self._stats.failures[kind] += count

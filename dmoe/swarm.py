@@ -69,6 +69,7 @@ class SwarmStats:
     calls: Counter[str] = field(default_factory=Counter)  # by method, one per endpoint attempt
     answers: Counter[str] = field(default_factory=Counter)  # successful calls by method
     failures: Counter[str] = field(default_factory=Counter)  # by failure kind
+    late: Counter[str] = field(default_factory=Counter)  # by method: cancelled once enough answers were in
     retries: int = 0
     bans: int = 0
     lookups: int = 0  # DHT prefix keys fetched
@@ -243,9 +244,9 @@ class Swarm:
         self._failed(endpoint, method, kind, message)
 
     def note_late(self, method: str) -> None:
-        """A call was cancelled only because enough answers had arrived: counted, not banned."""
-        self.stats_counters.failures["late"] += 1
-        metrics.FAILURES.labels(method, "late").inc()
+        """A call was cancelled only because enough answers had arrived: counted (not a failure), not banned."""
+        self.stats_counters.late[method] += 1
+        metrics.LATE.labels(method).inc()
 
     def _failed(self, endpoint: str, method: str, kind: str, message: str, *, ban: bool = True) -> None:
         self.stats_counters.failures[kind] += 1
@@ -267,6 +268,7 @@ class Swarm:
             "calls": dict(s.calls),
             "answers": dict(s.answers),
             "failures": dict(s.failures),
+            "late": dict(s.late),
             "retries": s.retries,
             "bans": s.bans,
             "banned": self.health.banned(),
