@@ -123,6 +123,15 @@ def test_backward_trains_experts_even_for_leaf_inputs(swarm):
     assert swarm.stats["calls"]["backward"] > before
 
 
+def test_empty_batch(swarm):
+    remote, _ = make_pair(swarm, "eq", 4)
+    x = torch.randn(0, 3, HIDDEN, requires_grad=True)
+    y = remote(x)
+    assert y.shape == (0, 3, HIDDEN)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
 def test_grid_with_no_experts(swarm):
     empty = RemoteMixtureOfExperts(in_features=HIDDEN, grid_size=(2, 2), uid_prefix="nobody", swarm=swarm, k_best=2)
     with pytest.raises(NotEnoughExperts, match="nobody"):
