@@ -10,6 +10,7 @@ import torch
 from moe_swarm import HIDDEN, local_experts, node_process, start_all, stop_all
 
 from dmoe import BadAnswer, DeadlineExceeded, NodeUnreachable, RemoteExpert, RequestRejected, Swarm
+from dmoe.peer_health import HealthOptions, PeerHealth
 from dmoe.proto import expert_pb2 as pb
 from dmoe.remote_call import TensorSpec, check_answer
 from dmoe.wire import MAX_UNARY_BYTES, serialize_tensor
@@ -168,3 +169,22 @@ def test_answer_validation():
     broken = pb.ExpertReply(tensors=[pb.Tensor(dtype="float32", shape=[3, 4], data=b"123")])
     with pytest.raises(BadAnswer, match="bytes"):
         check_answer(broken, method="forward", uid="u", endpoint="e", expected=spec)
+
+
+def test_bans_double_on_repeated_failure_and_reset_on_success():
+    now = [100.0]
+    health = PeerHealth(HealthOptions(ban_base=2.0, ban_max=10.0, rtt_alpha=0.5), clock=lambda: now[0])
+    assert [health.record_failure("a:1", "deadline") for _ in range(5)] == [2.0, 4.0, 8.0, 10.0, 10.0]
+    assert health.is_banned("a:1")
+    now[0] += 10.5
+    assert not health.is_banned("a:1")  # a ban ends by itself
+    assert health.record_failure("a:1", "deadline") == 10.0  # ... but the doubling remembers
+    health.record_success("a:1", 0.2)
+    assert not health.is_banned("a:1")
+    assert health.record_failure("a:1", "deadline") == 2.0  # success reset the doubling
+    health.record_success("b:1", 0.4)
+    health.record_success("b:1", 0.2)
+    assert health.rtt("b:1") == pytest.approx(0.3)  # EWMA
+    health.record_success("c:1", 0.1)
+    # unbanned first, lowest RTT first, never measured before measured ones
+    assert health.order(["a:1", "b:1", "c:1", "d:1"]) == ["d:1", "c:1", "b:1", "a:1"]
