@@ -6,8 +6,15 @@
 # Offline builds: put wheels in docker/wheelhouse/ (scripts/docker_env.py does, from a host `pip wheel`);
 # when that folder holds wheels, pip installs only from it (--no-index) and the build needs no network.
 ARG BASE_IMAGE=python:3.11-slim
-FROM ${BASE_IMAGE}
 
+# The dependency list alone, so editing other parts of pyproject.toml keeps the slow install layer cached.
+FROM ${BASE_IMAGE} AS requirements
+COPY pyproject.toml /src/pyproject.toml
+RUN python3 -c 'import tomllib; t = tomllib.load(open("/src/pyproject.toml", "rb")); \
+print("\n".join(sorted(t["project"]["dependencies"] + t["build-system"]["requires"] + ["wheel"])))' \
+    > /requirements.txt
+
+FROM ${BASE_IMAGE}
 # Where torch comes from when installing from the network: the CPU-only build (no CUDA libraries).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PATH=/opt/dmoe/bin:$PATH \
@@ -23,20 +30,17 @@ RUN command -v tc >/dev/null 2>&1 || { apt-get update -qq \
       && rm -rf /var/lib/apt/lists/*; }
 RUN python3 -m venv /opt/dmoe
 
-# Dependencies first (their own layer, rebuilt only when pyproject.toml or the wheelhouse changes).
+# Dependencies (rebuilt only when the dependency list or the wheelhouse changes).
 COPY docker/wheelhouse/ /wheels/
-COPY pyproject.toml /src/pyproject.toml
-RUN python3 -c 'import tomllib; t = tomllib.load(open("/src/pyproject.toml", "rb")); \
-print("\n".join(t["project"]["dependencies"] + t["build-system"]["requires"] + ["wheel"]))' > /tmp/requirements.txt \
-    && if ls /wheels/*.whl >/dev/null 2>&1; then \
-         pip install -q --no-index --find-links /wheels -r /tmp/requirements.txt; \
-       else \
-         pip install -q --extra-index-url "$TORCH_INDEX_URL" -r /tmp/requirements.txt; \
-       fi
-
+COPY --from=requirements /requirements.txt /tmp/requirements.txt
+RUN if ls /wheels/*.whl >/dev/null 2>&1; then \
+      pip install -q --no-index --find-links /wheels -r /tmp/requirements.txt; \
+    else \
+      pip install -q --extra-index-url "$TORCH_INDEX_URL" -r /tmp/requirements.txt; \
+    fi
 
 # The project itself (small, changes often).
-COPY README.md /src/README.md
+COPY pyproject.toml README.md /src/
 COPY dmoe /src/dmoe
 COPY node /src/node
 COPY coordinator /src/coordinator

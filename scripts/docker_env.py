@@ -520,6 +520,9 @@ class DockerEnv:
                 self._timed("wheelhouse_s", t0)
                 t0 = time.monotonic()
                 build_image(docker_env=self.env, base_tag=base.tag, wheelhouse=wheelhouse, tag=self.image)
+                with contextlib.suppress(DockerAPIError):  # earlier builds' images: gigabytes of old torch layers
+                    api.request("POST", "/images/prune", query={"filters": json.dumps({"dangling": ["true"]})},
+                                timeout=300)
                 self._timed("image_s", t0)
         except BaseException:
             self.close()
