@@ -15,7 +15,7 @@ import grpc
 import pytest
 import torch
 from dmoe.coordinator.launcher import DmoeProcess
-from node_rpc import call, call_request, close_channels, status_of, stub, updates
+from node_rpc import call, call_request, close_channels, find_experts, status_of, stub, updates
 
 from dmoe.experts import create_expert
 from dmoe.proto import expert_pb2 as pb
@@ -37,7 +37,8 @@ def nodes(tmp_path_factory):
     ffn = DmoeProcess("node", ["--experts", "ffn.[0:3]", "--lr", str(LR), "--max-request-mb", "4", *common],
                       name="ffn", log_path=tmp / "ffn.log", env=env).start()
     slow = DmoeProcess("node", ["--experts", "slow.[0:2]", "--expert-cls", "bad_experts:SlowExpert",
-                                "--max-queued-rows", "12", *common],
+                                "--max-queued-rows", "12", "--announce-host", "127.0.0.9", "--announce-port", "5555",
+                                *common],
                        name="slow", log_path=tmp / "slow.log", env=env).start()
     try:
         yield {"ffn": ffn.wait_ready(90), "slow": slow.wait_ready(90), "ffn_proc": ffn}
@@ -69,6 +70,15 @@ def test_ready_line(nodes):
     assert ready["grpc"].startswith("127.0.0.1:") and ready["announced"] == ready["grpc"]
     assert ready["dht"] and all("/p2p/" in m for m in ready["dht"])
     assert ready["node_id"] and isinstance(ready["metrics_port"], int)
+
+
+def test_announce_host_and_port_go_to_the_dht_while_serving_on_the_bound_port(nodes):
+    ready = nodes["slow"]
+    assert ready["announced"] == "127.0.0.9:5555" and ready["grpc"].startswith("127.0.0.1:")
+    found = find_experts(ready["dht"], ["slow.0", "slow.1"])
+    assert {uid: [e.endpoint for e in eps] for uid, eps in found.items()} == {
+        "slow.0": ["127.0.0.9:5555"], "slow.1": ["127.0.0.9:5555"]}
+    assert all(e.node_id == ready["node_id"] for eps in found.values() for e in eps)
 
 
 def test_forward_equals_local_module(nodes):
@@ -271,3 +281,26 @@ def test_full_queue_is_refused_at_once_and_expired_requests_are_dropped(nodes):
     assert metric(ready, "dmoe_node_batch_rows_sum") == 4 + 8
     (y,) = call(ep, "Forward", "slow.1", [x], timeout=30)
     assert y.shape == (4, H)
+
+
+def test_metrics_cover_requests_latency_batches_queue_bytes_updates_experts(nodes):
+    # last in the module: it trains ffn.1 after the exact-training test is done with it
+    ready = nodes["ffn"]
+    ep = ready["grpc"]
+    call(ep, "Backward", "ffn.1", [torch.randn(2, H), torch.randn(2, H)])
+    status_of(call, ep, "Forward", "ffn.0", [torch.randn(2, H + 1)])
+    text = urllib.request.urlopen(f"http://127.0.0.1:{ready['metrics_port']}/metrics", timeout=10).read().decode()
+    for needle in (
+        'dmoe_node_requests_total{method="Backward",status="OK"}',
+        'dmoe_node_requests_total{method="Forward",status="INVALID_ARGUMENT"}',
+        'dmoe_node_rejections_total{reason="shape"}',
+        'dmoe_node_request_seconds_bucket{le="0.01",method="Backward"}',
+        'dmoe_node_batch_rows_bucket{kind="backward",le="2.0"}',
+        "dmoe_node_queued_rows 0.0",
+        'dmoe_node_bytes_in_total{method="backward"}',
+        'dmoe_node_bytes_out_total{method="backward"}',
+        'dmoe_node_optimizer_updates_total{uid="ffn.1"}',
+        "dmoe_node_experts_hosted 3.0",
+        'dmoe_node_dht_announces_total{result="ok"}',
+    ):
+        assert needle in text, needle
