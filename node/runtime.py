@@ -62,6 +62,11 @@ class NodeConfig:
     optimizer: OptimizerOptions = field(default_factory=OptimizerOptions)
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port``, with IPv6 literals bracketed (``[::1]:5000``)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def guess_public_host() -> str:
     """The local address used for outbound traffic (no packet is sent); 127.0.0.1 if none."""
     with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -134,20 +139,22 @@ class ExpertNode:
             max_request_bytes=cfg.max_request_bytes,
         )
         pb_grpc.add_ExpertServiceServicer_to_server(servicer, self.server)
-        self.grpc_port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        self.grpc_port = self.server.add_insecure_port(host_port(cfg.host, cfg.port))
         if not self.grpc_port:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
         await self.server.start()
-        local_host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
-        announce_host = cfg.announce_host or (guess_public_host() if cfg.host in ("0.0.0.0", "::") else cfg.host)
-        self.endpoint = f"{announce_host}:{cfg.announce_port or self.grpc_port}"
+        wildcard = cfg.host in ("0.0.0.0", "::", "")
+        local_host = "127.0.0.1" if wildcard else cfg.host
+        announce_host = cfg.announce_host or (guess_public_host() if wildcard else cfg.host)
+        self.endpoint = host_port(announce_host, cfg.announce_port or self.grpc_port)
         log.info("serving %d %s expert(s) (hidden %d) on %s:%d, device %s", len(self.backends), cfg.expert_cls,
                  cfg.hidden_dim, cfg.host, self.grpc_port, self.device)
 
-        dht_host = "0.0.0.0" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+        default_maddr = "/ip4/0.0.0.0/tcp/0" if wildcard else (
+            f"/ip6/{cfg.host}/tcp/0" if ":" in cfg.host else f"/ip4/{cfg.host}/tcp/0")
         self.dht = await start_dht(
             initial_peers=cfg.initial_peers,
-            host_maddrs=cfg.dht_host_maddrs or [f"/ip4/{dht_host}/tcp/0"],
+            host_maddrs=cfg.dht_host_maddrs or [default_maddr],
             announce_maddrs=cfg.dht_announce_maddrs,
         )
         self.announcer = Announcer(
@@ -164,7 +171,7 @@ class ExpertNode:
         if self.checkpoints is not None:
             self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(), name="dmoe-checkpoints")
         return {
-            "grpc": f"{local_host}:{self.grpc_port}",
+            "grpc": host_port(local_host, self.grpc_port),
             "announced": self.endpoint,
             "dht": await self.dht.visible_maddrs(),
             "experts": list(self.backends),
