@@ -288,7 +288,7 @@ class Dispatch:
             if why == "late" or endpoint is None:
                 self.swarm.note_late(self.method)
             else:
-                self.swarm.penalize(endpoint, self.method, why, message)
+                self.swarm.penalize(endpoint, self.method, why, message, started=job.progress.started)
             job.error = DeadlineExceeded(message, uid=job.uid, endpoint=endpoint or "")
             job.late = why == "late"
             self.stats.abandoned += 1

@@ -7,8 +7,10 @@
 * **Bans.** A failed call (unreachable, deadline, rejected, garbage, or given up on as stuck by
   ``dmoe.dispatch``) bans the endpoint for ``ban_base`` seconds;
   every further consecutive failure doubles the ban (capped at ``ban_max``); one success clears
-  the ban and resets the doubling. Callers skip banned endpoints when they have a choice and try
-  them anyway when they do not (see ``order``).
+  the ban and resets the doubling. Failures of calls that were already in flight when the ban
+  began belong to the same incident and do not double it (a crashed node fails all its
+  concurrent calls at once: that is one failure, not eight). Callers skip banned endpoints when
+  they have a choice and try them anyway when they do not (see ``order``).
 
 Written from the asyncio loop thread, read from torch threads (beam search): a lock keeps the
 small state consistent.
@@ -32,8 +34,9 @@ class HealthOptions:
 @dataclass
 class _Peer:
     rtt: float | None = None
-    failures: int = 0  # consecutive
+    failures: int = 0  # consecutive incidents
     banned_until: float = 0.0
+    banned_since: float = float("-inf")  # when the current ban (incident) began
     last_failure_kind: str = ""
 
 
@@ -52,14 +55,22 @@ class PeerHealth:
             peer.failures = 0
             peer.banned_until = 0.0
 
-    def record_failure(self, endpoint: str, kind: str) -> float:
-        """Ban ``endpoint``; returns the ban duration in seconds."""
+    def record_failure(self, endpoint: str, kind: str, *, started: float | None = None) -> float:
+        """Ban ``endpoint``; returns the new ban's duration in seconds, 0.0 if the ban is unchanged.
+
+        ``started``: when the failed call began (same clock); a call begun before the current ban
+        was imposed is part of that incident and leaves the ban as it is.
+        """
         with self._lock:
             peer = self._peers.setdefault(endpoint, _Peer())
+            peer.last_failure_kind = kind
+            now = self._clock()
+            if started is not None and started < peer.banned_since and peer.failures:
+                return 0.0
             peer.failures += 1
             duration = min(self.options.ban_base * 2 ** (peer.failures - 1), self.options.ban_max)
-            peer.banned_until = self._clock() + duration
-            peer.last_failure_kind = kind
+            peer.banned_until = now + duration
+            peer.banned_since = now
             return duration
 
     def is_banned(self, endpoint: str) -> bool:

@@ -223,7 +223,8 @@ class Swarm:
                     expected=expected,
                 )
             except ExpertCallError as e:
-                self._failed(endpoint, method, e.kind, str(e), ban=getattr(e, "status", "") not in _NO_BAN_STATUSES)
+                self._failed(endpoint, method, e.kind, str(e), ban=getattr(e, "status", "") not in _NO_BAN_STATUSES,
+                             started=started)
                 last_error = e
                 continue
             # asyncio.CancelledError propagates untouched: the caller stopped waiting and judges
@@ -239,25 +240,30 @@ class Swarm:
             f"no time left to call {request.uid} (endpoints: {', '.join(order) or 'none'})", uid=request.uid
         )
 
-    def penalize(self, endpoint: str, method: str, kind: str, message: str) -> None:
+    def penalize(self, endpoint: str, method: str, kind: str, message: str, *, started: float | None = None) -> None:
         """A call the caller gave up on was stuck (no progress while others answered): count and ban."""
-        self._failed(endpoint, method, kind, message)
+        self._failed(endpoint, method, kind, message, started=started)
 
     def note_late(self, method: str) -> None:
         """A call was cancelled only because enough answers had arrived: counted (not a failure), not banned."""
         self.stats_counters.late[method] += 1
         metrics.LATE.labels(method).inc()
 
-    def _failed(self, endpoint: str, method: str, kind: str, message: str, *, ban: bool = True) -> None:
+    def _failed(
+        self, endpoint: str, method: str, kind: str, message: str, *, ban: bool = True, started: float | None = None
+    ) -> None:
         self.stats_counters.failures[kind] += 1
         metrics.FAILURES.labels(method, kind).inc()
-        if ban:
-            duration = self.health.record_failure(endpoint, kind)
+        if not ban:
+            logger.info("%s", message)
+            return
+        duration = self.health.record_failure(endpoint, kind, started=started)
+        if duration > 0:  # one ban and one log line per incident, not per concurrent call
             self.stats_counters.bans += 1
             metrics.BANS.inc()
             logger.info("%s; banning %s for %.1fs", message, endpoint, duration)
         else:
-            logger.info("%s", message)
+            logger.debug("%s (same incident, already banned)", message)
 
     # ---- introspection ----
 

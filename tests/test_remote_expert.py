@@ -188,3 +188,14 @@ def test_bans_double_on_repeated_failure_and_reset_on_success():
     health.record_success("c:1", 0.1)
     # unbanned first, lowest RTT first, never measured before measured ones
     assert health.order(["a:1", "b:1", "c:1", "d:1"]) == ["d:1", "c:1", "b:1", "a:1"]
+
+
+def test_concurrent_failures_are_one_incident():
+    now = [0.0]
+    health = PeerHealth(HealthOptions(ban_base=2.0, ban_max=60.0), clock=lambda: now[0])
+    in_flight = [0.5, 0.6, 0.9]  # eight calls to a node that crashes: all began before it was banned
+    now[0] = 1.0
+    assert health.record_failure("n:1", "unreachable", started=in_flight[0]) == 2.0
+    assert [health.record_failure("n:1", "unreachable", started=t) for t in in_flight[1:]] == [0.0, 0.0]
+    now[0] = 1.5
+    assert health.record_failure("n:1", "unreachable", started=1.2) == 4.0  # tried again anyway: a repeat
