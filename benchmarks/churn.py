@@ -78,6 +78,24 @@ def run_scenario(name: str, *, seed: int, duration: float | None, out: Path) -> 
     }
 
 
+def merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One scenario over several rounds: means of the rates and losses, sums of the counts."""
+    if len(runs) == 1:
+        return runs[0]
+    merged = dict(runs[-1])
+    for key in ("tokens_per_s", "step_time_median_s", "final_val_loss"):
+        values = [r[key] for r in runs if r[key] is not None]
+        merged[key] = sum(values) / len(values) if values else None
+    for key in ("steps", "skipped", "departures"):
+        merged[key] = sum(r[key] for r in runs) / len(runs)
+    merged["failed_calls"] = {k: sum(r["failed_calls"].get(k, 0) for r in runs) / len(runs)
+                              for k in {k for r in runs for k in r["failed_calls"]}}
+    common = set.intersection(*(set(r["evals"]) for r in runs))
+    merged["evals"] = {step: sum(r["evals"][step] for r in runs) / len(runs) for step in common}
+    merged["rounds"] = len(runs)
+    return merged
+
+
 def compare(results: list[dict[str, Any]]) -> dict[str, Any]:
     by = {r["scenario"]: r for r in results}
     common = set.intersection(*(set(r["evals"]) for r in results)) if results else set()
@@ -91,11 +109,11 @@ def compare(results: list[dict[str, Any]]) -> dict[str, Any]:
     rows = []
     for r in results:
         rows.append([
-            r["scenario"], str(r["steps"]), str(r["skipped"]), f"{r['tokens_per_s']:,.0f}",
+            r["scenario"], f"{r['steps']:.0f}", f"{r['skipped']:.0f}", f"{r['tokens_per_s']:,.0f}",
             f"{100 * r['tokens_per_s'] / base:.0f} %",
             f"{r['final_val_loss']:.4f} ({r['final_val_step']})" if r["final_val_loss"] is not None else "-",
             f"{r['evals'][common_step]:.4f}" if common_step is not None else "-",
-            str(sum(r["failed_calls"].values())), str(r["departures"]),
+            f"{sum(r['failed_calls'].values()):.0f}", f"{r['departures']:.0f}",
             f"{r['step_time_median_s']:.3f}" if r["step_time_median_s"] is not None else "-",
         ])
     widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
@@ -246,6 +264,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of every scenario run")
     p.add_argument("--duration", type=float, default=None, help="override the scenarios' duration, s")
     p.add_argument("--skip-compare", action="store_true", help="skip baseline vs churn")
+    p.add_argument("--rounds", type=int, default=1, help="repeat the comparison, alternating the order; report means")
     p.add_argument("--skip-ramp", action="store_true", help="skip the node ramp")
     p.add_argument("--ramp-step", type=int, default=8, help="nodes added per ramp stage")
     p.add_argument("--ramp-max", type=int, default=64, help="largest swarm tried")
@@ -258,9 +277,16 @@ def main() -> int:
     result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "mem_available_gb": round(mem_available_gb(), 1),
                                           "load_avg_start": load_average()}, "seed": args.seed}
     if not args.skip_compare:
-        runs = [run_scenario(name, seed=args.seed, duration=args.duration, out=out / name) for name in SCENARIOS]
-        result["scenarios"] = runs
-        result["verdict"] = compare(runs)
+        rounds: list[list[dict[str, Any]]] = []
+        for r in range(args.rounds):  # alternate the order (ABC, CBA, ...) so slow drift in load cancels out
+            order = SCENARIOS if r % 2 == 0 else tuple(reversed(SCENARIOS))
+            runs = {name: run_scenario(name, seed=args.seed, duration=args.duration,
+                                       out=out / (name if args.rounds == 1 else f"{name}-round{r}"))
+                    for name in order}
+            rounds.append([runs[name] for name in SCENARIOS])
+        result["rounds"] = rounds
+        result["scenarios"] = [merge_rounds([rnd[i] for rnd in rounds]) for i in range(len(SCENARIOS))]
+        result["verdict"] = compare(result["scenarios"])
     if not args.skip_ramp:
         import uvloop
 

@@ -443,7 +443,8 @@ class Simulation:
         if tr.max_data_mb is not None:
             args += ["--max-data-mb", tr.max_data_mb]
         if sc.swarm.trainers > 1:
-            args += ["--run-id", sc.name, "--dht-host-maddrs", "/ip4/127.0.0.1/tcp/0"]
+            target = tr.target_batch_size or tr.batch_size * sc.swarm.trainers
+            args += ["--run-id", sc.name, "--dht-host-maddrs", "/ip4/127.0.0.1/tcp/0", "--target-batch-size", target]
         return [*args, *tr.extra_args]
 
     def _point_link(self, node: _Node, ready: dict[str, Any]) -> None:

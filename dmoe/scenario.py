@@ -21,7 +21,7 @@ Layout (all sections optional except where noted; see ``scenarios/*.toml`` for d
     [node]      announce_ttl_s, checkpoint_interval_s, extra_args
     [trainer]   batch_size, block_size, n_head, k_best, k_min, lr, eval_every, eval_batches, steps,
                 forward_timeout_s, backward_timeout_s, timeout_after_k_min_s, compression, max_data_mb,
-                extra_args
+                target_batch_size, extra_args
     [links]     up_mbit, down_mbit, latency_ms, jitter_ms, drop_prob  (number or distribution)
     [churn]     enabled, start_after_s, online, offline, freeze, departure, keep_checkpoint, exempt_nodes
     [[events]]  at_s, action, nodes | fraction | count, duration_s, keep_checkpoint, mode, link values
@@ -140,6 +140,9 @@ class TrainerSpec:
     timeout_after_k_min_s: float = 0.5
     compression: str = "none"
     max_data_mb: float | None = 4.0  # read at most this much of the corpus (start-up time on small machines)
+    # several trainers (one model, hivemind's collaborative optimizer): sequences per collaborative
+    # step; None = batch_size x trainers, i.e. one step per round of local batches
+    target_batch_size: int | None = None
     extra_args: tuple[str, ...] = ()
 
 
@@ -440,6 +443,7 @@ def _parse_trainer(t: _Table, swarm: SwarmSpec) -> TrainerSpec:
         timeout_after_k_min_s=t.number("timeout_after_k_min_s", d.timeout_after_k_min_s, lo=0, lo_open=True),
         compression=t.string("compression", d.compression, choices=COMPRESSIONS),
         max_data_mb=t.number("max_data_mb", d.max_data_mb, lo=0, lo_open=True),
+        target_batch_size=t.integer("target_batch_size", None, lo=1),
         extra_args=t.strings("extra_args"),
     )
     if spec.k_min > spec.k_best:
