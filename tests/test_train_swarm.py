@@ -11,12 +11,14 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from dmoe.trainer import load_checkpoint
 
 H = "64"
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+PROC = {"env": ONE_THREAD, "timeout": 180}  # one torch thread; patient start-up on a busy machine
 MODEL = ["--hidden-dim", H, "--n-head", "4", "--block-size", "64", "--batch-size", "8", "--grid-size", "4x4",
          "--k-best", "2", "--eval-batches", "2", "--no-progress", "--torch-threads", "1", "--max-data-mb", "4"]
 
@@ -53,17 +55,19 @@ def finish(proc, timeout: float = 180) -> int:
     return code
 
 
+# generous limits: these only bite on a machine far busier than the 2-core CI box
+@pytest.mark.timeout(600)
 def test_training_through_nodes_learns_survives_a_killed_node_and_resumes(launch, tmp_path):
-    a = launch("node", node_args("layer0.ffn.[0:2].[0:4],layer1.ffn.[0:2].[0:4]"), name="node_a", env=ONE_THREAD)
+    a = launch("node", node_args("layer0.ffn.[0:2].[0:4],layer1.ffn.[0:2].[0:4]"), name="node_a", **PROC)
     b = launch("node", node_args("layer0.ffn.[2:4].[0:4],layer1.ffn.[2:4].[0:4]", "--initial-peers", *a.ready["dht"]),
-               name="node_b", env=ONE_THREAD)
+               name="node_b", **PROC)
     log = tmp_path / "train.jsonl"
     ckpt = tmp_path / "ckpt"
     common = ["--initial-peers", *a.ready["dht"], *MODEL, "--log-file", str(log), "--checkpoint-dir", str(ckpt)]
-    trainer = launch("train", [*common, "--steps", "30", "--eval-every", "15"], name="trainer", env=ONE_THREAD)
+    trainer = launch("train", [*common, "--steps", "24", "--eval-every", "12"], name="trainer", **PROC)
     assert trainer.ready["experts"] == "remote" and trainer.ready["step"] == 0
 
-    wait_for(lambda: steps_done(log) >= 8, timeout=120, what="8 steps", proc=trainer)
+    wait_for(lambda: steps_done(log) >= 6, timeout=120, what="6 steps", proc=trainer)
     b.kill()  # SIGKILL: half of every layer's experts vanish without a goodbye
     killed_at = steps_done(log)
     finish(trainer)
@@ -71,46 +75,47 @@ def test_training_through_nodes_learns_survives_a_killed_node_and_resumes(launch
     records = read_log(log)
     steps = [r for r in records if r["type"] == "step"]
     evals = [r for r in records if r["type"] == "eval" and r["val_loss"] is not None]
-    assert [e["step"] for e in evals] == [0, 15, 30]
+    assert [e["step"] for e in evals] == [0, 12, 24]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5, evals
-    assert steps[-1]["step"] == 30
+    assert steps[-1]["step"] == 24
     # the dead node's calls failed and were counted; training went on with the other node's experts
     failures = steps[-1]["failures_total"]
     assert sum(failures.values()) > 0, failures
     assert set(failures) <= {"unreachable", "deadline", "rejected", "bad_answer", "abandoned", "call_failed"}
     after = [r for r in steps if r["step"] > killed_at + 2 and not r["skipped"]]
-    assert len(after) >= 10 and all(r["experts_reached"] <= 16 for r in after[-5:])
-    assert load_checkpoint(ckpt)["step"] == 30
+    assert len(after) >= 8 and all(r["experts_reached"] <= 16 for r in after[-5:])
+    assert load_checkpoint(ckpt)["step"] == 24
 
     # resume from the checkpoint: the step count continues
-    trainer2 = launch("train", [*common, "--steps", "34", "--eval-every", "0"], name="trainer2", env=ONE_THREAD)
-    assert trainer2.ready["step"] == 30
+    trainer2 = launch("train", [*common, "--steps", "27", "--eval-every", "0"], name="trainer2", **PROC)
+    assert trainer2.ready["step"] == 24
     finish(trainer2)
     records = read_log(log)
     resume = [r for r in records if r["type"] == "resume"]
-    assert resume and resume[-1]["step"] == 30
+    assert resume and resume[-1]["step"] == 24
     later = [r["step"] for r in records[records.index(resume[-1]):] if r["type"] == "step" and not r["skipped"]]
-    assert later[0] == 31 and later[-1] == 34
-    assert load_checkpoint(ckpt)["step"] == 34
+    assert later[0] == 25 and later[-1] == 27
+    assert load_checkpoint(ckpt)["step"] == 27
 
 
+@pytest.mark.timeout(600)
 def test_every_node_gone_for_a_while_skips_steps_then_training_resumes(launch, tmp_path):
     coordinator = launch("coordinator", ["--identity", str(tmp_path / "id.key"), "--host-maddrs",
                                          "/ip4/127.0.0.1/tcp/0", "--http-host", "127.0.0.1", "--http-port", "0"],
-                         name="coordinator")
+                         name="coordinator", timeout=180)
     bootstrap = coordinator.ready["dht"]
     experts = "layer0.ffn.[0:4].[0:4],layer1.ffn.[0:4].[0:4]"
-    node = launch("node", node_args(experts, "--initial-peers", *bootstrap), name="node1", env=ONE_THREAD)
+    node = launch("node", node_args(experts, "--initial-peers", *bootstrap), name="node1", **PROC)
     log = tmp_path / "train.jsonl"
-    trainer = launch("train", ["--initial-peers", *bootstrap, *MODEL, "--steps", "20", "--eval-every", "0",
-                               "--log-file", str(log)], name="trainer", env=ONE_THREAD)
+    trainer = launch("train", ["--initial-peers", *bootstrap, *MODEL, "--steps", "16", "--eval-every", "0",
+                               "--log-file", str(log)], name="trainer", **PROC)
     wait_for(lambda: steps_done(log) >= 4, timeout=120, what="4 steps", proc=trainer)
     node.kill()
     wait_for(lambda: sum(r["type"] == "step" and r["skipped"] for r in read_log(log)) >= 3, timeout=90,
              what="3 skipped batches", proc=trainer)
     time.sleep(3)
     skipped_while_gone = sum(r["type"] == "step" and r["skipped"] for r in read_log(log))
-    launch("node", node_args(experts, "--initial-peers", *bootstrap), name="node2", env=ONE_THREAD)
+    launch("node", node_args(experts, "--initial-peers", *bootstrap), name="node2", **PROC)
     finish(trainer)
 
     records = read_log(log)
@@ -121,22 +126,23 @@ def test_every_node_gone_for_a_while_skips_steps_then_training_resumes(launch, t
     assert steps[-1]["skipped_total"] == len(skipped)
     last_skip = steps.index(skipped[-1])
     assert any(not r["skipped"] for r in steps[last_skip:])  # trained again once a node was back
-    assert steps[-1]["step"] == 20 and records[-1]["type"] == "stop" and records[-1]["skipped"] == len(skipped)
+    assert steps[-1]["step"] == 16 and records[-1]["type"] == "stop" and records[-1]["skipped"] == len(skipped)
 
 
+@pytest.mark.timeout(600)
 def test_two_trainers_with_one_run_id_end_with_equal_parameters(launch, tmp_path):
-    node = launch("node", node_args("layer0.ffn.[0:4].[0:4],layer1.ffn.[0:4].[0:4]"), name="node", env=ONE_THREAD)
+    node = launch("node", node_args("layer0.ffn.[0:4].[0:4],layer1.ffn.[0:4].[0:4]"), name="node", **PROC)
     # alone, A needs 8 batches per collaborative step: B joins while A is still far from step 12
     common = ["--initial-peers", *node.ready["dht"], *MODEL, "--run-id", "shared", "--steps", "12",
               "--eval-every", "0", "--target-batch-size", "64", "--matchmaking-time", "2",
               "--dht-host-maddrs", "/ip4/127.0.0.1/tcp/0"]
     log_a, log_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a = launch("train", [*common, "--seed", "0", "--log-file", str(log_a), "--checkpoint-dir", str(tmp_path / "ca")],
-               name="trainer_a", env=ONE_THREAD)
+               name="trainer_a", **PROC)
     wait_for(lambda: steps_done(log_a) >= 1, timeout=120, what="trainer A at step 1", proc=a)
     # B starts late, with other initial weights and other data: it must download A's state first
     b = launch("train", [*common, "--seed", "5", "--log-file", str(log_b), "--checkpoint-dir", str(tmp_path / "cb")],
-               name="trainer_b", env=ONE_THREAD)
+               name="trainer_b", **PROC)
     finish(a)
     finish(b)
 
