@@ -27,9 +27,10 @@ Rerouting (forward only)
 A token left short of ``need`` whose remaining slots have all failed or are stuck gets its
 unanswered slots reassigned to its next-best alive experts (a new exact search that excludes
 every expert the token already tried and every endpoint currently failing), as long as time is
-left. Only new jobs are created; the stuck ones are not touched, and an answer arriving later for
-a reassigned slot is ignored. Backward never reroutes: gradients must come from the very experts
-(and endpoints) that produced the forward outputs.
+left; when the lookups that search needs have not answered yet (slow DHT), it tries again
+shortly instead of giving the token up. Only new jobs are created; the stuck ones are not
+touched, and an answer arriving later for a reassigned slot is ignored. Backward never reroutes:
+gradients must come from the very experts (and endpoints) that produced the forward outputs.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from dmoe.remote_call import TensorSpec
 from dmoe.swarm import CallProgress, Swarm
 
 _MAX_NAP = 0.5  # seconds: re-evaluate at least this often (a replica retry changes the endpoint tried)
+_REROUTE_RETRY = 0.25  # seconds between reroute attempts while DHT lookups have not answered
 
 
 @dataclass(eq=False)
@@ -88,7 +90,9 @@ class Router(Protocol):
         exclude: Sequence[set[tuple[int, ...]]],
         is_banned: Callable[[str], bool],
         deadline: float,
-    ) -> Awaitable[list[list[FoundExpert]]]: ...
+    ) -> Awaitable[tuple[list[list[FoundExpert]], bool]]:
+        """Next-best experts per token, and whether the search was complete (all lookups answered)."""
+        ...
 
     def build(self, uid: str, rows: np.ndarray) -> tuple[pb.ExpertRequest, tuple[TensorSpec, ...]]: ...
 
@@ -134,6 +138,7 @@ class Dispatch:
         self._fastest: float | None = None
         self._last_answer: dict[str, float] = {}  # endpoint -> when it last answered in this dispatch
         self._started = time.monotonic()
+        self._retry_at = 0.0  # no reroute before this (after a search that could not finish its lookups)
 
     # ---- jobs ----
 
@@ -208,14 +213,16 @@ class Dispatch:
                 break
             answers = self.slot_ok.sum(axis=1)
             live = self._live()
+            waiting = np.zeros_like(self.exhausted)  # short tokens a reroute may still help
             if self.router is not None:
-                hopeless = np.nonzero((answers < self.need) & (live == 0) & ~self.exhausted)[0]
-                if len(hopeless):
-                    await self._reroute(hopeless)
+                hopeless = (answers < self.need) & (live == 0) & ~self.exhausted
+                if hopeless.any() and now >= self._retry_at:
+                    await self._reroute(np.nonzero(hopeless)[0])
                     live = self._live()
-            settled = (answers >= self.need) | (live == 0)
+                waiting = (answers < self.need) & (live == 0) & ~self.exhausted
+            settled = (answers >= self.need) | ((live == 0) & ~waiting)
             open_jobs = [j for j in self.jobs if j.open]
-            if not open_jobs:
+            if not open_jobs and not waiting.any():
                 break
             end_at = self.deadline
             if settled.all():
@@ -230,12 +237,18 @@ class Dispatch:
                 stuck_at = self._stuck_at(job)
                 if stuck_at is not None and not job.stuck:
                     wake = min(wake, stuck_at)
+            if waiting.any():
+                wake = min(wake, self._retry_at)
+            now = time.monotonic()
             if wake <= now:
                 if end_at <= now:
                     break
                 wake = now
-            pending = {j.task for j in open_jobs if j.task is not None}
             timeout = min(max(wake - now, 0.0), _MAX_NAP)
+            pending = {j.task for j in open_jobs if j.task is not None}
+            if not pending:
+                await asyncio.sleep(timeout)
+                continue
             done, _ = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             for job in open_jobs:
                 if job.task in done:
@@ -304,7 +317,7 @@ class Dispatch:
             free.append(slots)
         suspects = set(self.suspects)
         health = self.swarm.health
-        alternatives = await self.router.alternatives(
+        alternatives, complete = await self.router.alternatives(
             tokens,
             [len(f) for f in free],
             [self.tried[t] for t in tokens.tolist()],
@@ -315,7 +328,10 @@ class Dispatch:
         for t, slots, found in zip(tokens.tolist(), free, alternatives, strict=True):
             found = [e for e in found if e.coords not in self.tried[t]]
             if not found:
-                self.exhausted[t] = True
+                if complete:
+                    self.exhausted[t] = True  # nothing else is alive
+                else:  # lookups still running (slow DHT): try again shortly, they warm the cache
+                    self._retry_at = time.monotonic() + _REROUTE_RETRY
                 continue
             self.stats.reroutes += 1
             for slot, expert in zip(slots, found, strict=False):

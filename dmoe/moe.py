@@ -82,12 +82,12 @@ class _LayerRouter:
         exclude: Sequence[set[tuple[int, ...]]],
         is_banned: Callable[[str], bool],
         deadline: float,
-    ) -> list[list[FoundExpert]]:
+    ) -> tuple[list[list[FoundExpert]], bool]:
         search_deadline = min(deadline, time.monotonic() + self.layer.search_timeout)
         result = await self.layer.beam_search.find_best_experts_async(
             [s[tokens] for s in self.scores], need, deadline=search_deadline, exclude=exclude, is_banned=is_banned
         )
-        return result.experts
+        return result.experts, not result.budget_exhausted
 
 
 @dataclass

@@ -25,7 +25,7 @@ BATCH = 32
 
 VICTIMS = {  # name -> (experts, expert class, environment); all started together, each hurt by one test
     "kb": ("kb.[2:4].[0:4]", "ffn", {}),
-    "km": ("km.[2:4].[0:4]", "bad_experts:SlowExpert", {"DMOE_SLOW_EXPERT_S": "3"}),
+    "km": ("km.[2:4].[0:4]", "bad_experts:SlowExpert", {"DMOE_SLOW_EXPERT_S": "60"}),
     "fz": ("fz.[2:4].[0:4]", "ffn", {}),
     "gb": ("gb.[2:4].[0:4]", "bad_experts:NaNExpert", {}),
     "rp0": ("rp.[0:2].[0:2]", "ffn", {}),
@@ -115,7 +115,7 @@ def test_node_killed_between_steps(swarm, victims):
     assert layer.stats["not_enough"] == 0
     assert layer.stats["reroutes"] >= BATCH  # every token fell back to the healthy node
     assert swarm.stats["failures"].get("unreachable", 0) >= 1
-    assert elapsed < 5.0  # refused connections fail fast: no deadline waited out
+    assert elapsed < layer.forward_timeout  # refused connections fail fast: no deadline waited out
     assert swarm.health.is_banned(endpoint)
 
     failures = dict(swarm.stats["failures"])
@@ -125,9 +125,9 @@ def test_node_killed_between_steps(swarm, victims):
 
 def test_node_killed_in_the_middle_of_a_forward(swarm, victims):
     victim = victims["km"]
-    layer = biased_layer(swarm, "km", forward_timeout=15.0, timeout_after_k_min=1.0)
+    layer = biased_layer(swarm, "km", forward_timeout=30.0, timeout_after_k_min=1.0)
     x = torch.randn(BATCH, HIDDEN)
-    killer = threading.Timer(1.0, victim.kill)  # the slow expert holds every call for 3 s
+    killer = threading.Timer(2.0, victim.kill)  # the slow expert holds every call for 60 s
     killer.start()
     try:
         started = time.monotonic()
@@ -135,7 +135,7 @@ def test_node_killed_in_the_middle_of_a_forward(swarm, victims):
         elapsed = time.monotonic() - started
     finally:
         killer.join()
-    assert 1.0 <= elapsed < 3.0  # finished after the kill, without waiting for the slow expert
+    assert 2.0 <= elapsed < 30.0  # finished after the kill, long before the slow expert could answer
     assert torch.isfinite(y).all() and layer.stats["not_enough"] == 0
     assert layer.stats["reroutes"] >= BATCH
     assert answered_uids(layer) <= {f"km.{i}.{j}" for i in (0, 1) for j in range(4)}
@@ -146,8 +146,8 @@ def test_node_killed_in_the_middle_of_a_forward(swarm, victims):
 def test_frozen_node_is_bounded_by_the_deadline_and_banned(swarm, victims):
     victim = victims["fz"]
     endpoint = victim.ready["grpc"]
-    forward_timeout = 6.0
-    layer = biased_layer(swarm, "fz", forward_timeout=forward_timeout, timeout_after_k_min=0.5, backward_timeout=6.0)
+    forward_timeout = 10.0
+    layer = biased_layer(swarm, "fz", forward_timeout=forward_timeout, timeout_after_k_min=0.5, backward_timeout=10.0)
     x = torch.randn(BATCH, HIDDEN)
     step(layer, x)
     assert swarm.health.rtt(endpoint) is not None
@@ -201,14 +201,14 @@ def test_replica_pair_loses_nothing_then_all_gone(swarm, victims):
     y, elapsed = step(layer, x)
     assert swarm.stats["retries"] - retries >= 4  # every expert retried on its other replica
     assert layer.stats["not_enough"] == 0  # k_min=4: no token lost any of its 4 experts
-    assert elapsed < 5.0
+    assert elapsed < layer.forward_timeout
     torch.testing.assert_close(y, local(x), rtol=1e-4, atol=1e-4)  # replicas share the seed
 
     pair[1 - endpoints.index(preferred)].kill()
     started = time.monotonic()
     with pytest.raises(NotEnoughExperts) as info:
         layer(x)
-    assert time.monotonic() - started < 5.0
+    assert time.monotonic() - started < layer.forward_timeout  # refused at once, no deadline waited out
     message = str(info.value)
     assert "forward_timeout=10s" in message and "rp.0.0" in message
     assert info.value.deadline == 10.0 and set(info.value.missing) <= {"rp.0.0", "rp.0.1", "rp.1.0", "rp.1.1"}
