@@ -33,18 +33,23 @@ RUN python3 -m venv /opt/dmoe
 # Dependencies (rebuilt only when the dependency list or the wheelhouse changes).
 COPY docker/wheelhouse/ /wheels/
 COPY --from=requirements /requirements.txt /tmp/requirements.txt
+# --no-compile + one import pass: bytecode only for the modules dmoe actually loads (pip would compile all of
+# torch, which takes longer than installing it); the rest compiles in memory in the rare case it is imported.
 RUN if ls /wheels/*.whl >/dev/null 2>&1; then \
-      pip install -q --no-index --find-links /wheels -r /tmp/requirements.txt; \
+      pip install -q --no-compile --no-index --find-links /wheels -r /tmp/requirements.txt; \
     else \
-      pip install -q --extra-index-url "$TORCH_INDEX_URL" -r /tmp/requirements.txt; \
-    fi
+      pip install -q --no-compile --extra-index-url "$TORCH_INDEX_URL" -r /tmp/requirements.txt; \
+    fi \
+    && env -u PYTHONDONTWRITEBYTECODE python3 -c 'import torch, hivemind, grpc, uvloop, numpy, prometheus_client'
 
 # The project itself (small, changes often).
 COPY pyproject.toml README.md /src/
 COPY dmoe /src/dmoe
 COPY node /src/node
 COPY coordinator /src/coordinator
-RUN pip install -q --no-index --no-deps --no-build-isolation /src && rm -rf /src/build /src/*.egg-info
+RUN pip install -q --no-index --no-deps --no-build-isolation /src && rm -rf /src/build /src/*.egg-info \
+    && env -u PYTHONDONTWRITEBYTECODE python3 -c 'import dmoe.node.cli, dmoe.train_cli, dmoe.coordinator.cli, \
+dmoe.coordinator.chaos_cli, dmoe.links, dmoe.trainer, dmoe.model'
 
 COPY scenarios /opt/dmoe-scenarios
 COPY docker/scenarios /opt/dmoe-scenarios/docker
