@@ -138,10 +138,14 @@ def compare(results: list[dict[str, Any]]) -> dict[str, Any]:
 # ----- 2. ramp ------------------------------------------------------------------------------------
 async def ramp(*, out: Path, step: int, maximum: int, min_free_gb: float, timeout: float,
                train_steps: int) -> dict[str, Any]:
+    import concurrent.futures
+
     from dmoe.coordinator.launcher import DmoeProcess, ProcessFailed
 
     from dmoe.links import LinkEmulator, LinkModel
 
+    # every process start/stop blocks a worker thread: enough of them that stops never queue behind starts
+    asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(2 * maximum + 16))
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     procs: list[DmoeProcess] = []

@@ -13,7 +13,8 @@
    trainers are ready, and the run lasts ``duration_s`` (or until every trainer reached
    ``trainer.steps``).
 4. **Events** are applied at their time with real signals through ``DmoeProcess``: crash =
-   SIGKILL, leave = SIGTERM (graceful), freeze = SIGSTOP, resume = SIGCONT, rejoin = start again
+   SIGKILL, leave = SIGTERM (graceful), freeze = SIGSTOP of the node and of its helpers in other
+   process groups (hivemind's p2pd), resume = SIGCONT, rejoin = start again
    (after deleting the checkpoint directory when the node "lost" it); partitions and link
    changes act on the node's proxy. Events of one node run in order (a per-node lock); events of
    different nodes never wait for each other (a node's slow start does not delay another's crash).
@@ -29,6 +30,7 @@ thread only, because the launcher's parent-death signal is tied to the thread th
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import importlib.util
 import json
@@ -133,6 +135,30 @@ def assign_experts(swarm: SwarmSpec) -> list[list[str]]:
     return per_node
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    out: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
 def coordinator_available() -> bool:
     return importlib.util.find_spec("dmoe.coordinator.cli") is not None
 
@@ -158,6 +184,7 @@ class _Node:
     experts: list[str]
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     grpc: str | None = None
+    frozen_helpers: list[int] = field(default_factory=list)  # stopped processes outside the node's group
 
 
 class Reaper:
@@ -310,6 +337,10 @@ class Simulation:
             loop.add_signal_handler(sig, self._on_signal, sig)
         error: BaseException | None = None
         elapsed = 0.0
+        # process operations block in worker threads (waiting for ready lines, graceful stops): enough
+        # workers that a slow start never delays a stop
+        workers = min(256, 4 * (self.scenario.swarm.nodes + self.scenario.swarm.trainers) + 16)
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="simulate"))
         self.reaper = Reaper()
         self._note_process("reaper", self.reaper.proc.pid)
         try:
@@ -525,10 +556,10 @@ class Simulation:
                 logger.info("node%d left with exit code %s", node.index, code)
         elif action == "freeze":
             self.record(**fields)
-            proc.freeze()
+            self._freeze(node)
         elif action == "resume":
             self.record(**fields)
-            proc.resume()
+            self._resume(node)
         elif action == "rejoin":
             if proc.alive():  # e.g. a leave that had not finished: make sure the old one is gone
                 await asyncio.to_thread(proc.kill)
@@ -553,6 +584,37 @@ class Simulation:
             link.set_model(LinkModel(**(event.link or {})))
         else:
             raise ValueError(f"unknown action {action!r}")
+
+    def _freeze(self, node: _Node) -> None:
+        """SIGSTOP the node's process group, then its helpers that live in groups of their own.
+
+        hivemind's p2pd runs in its own session (it must outlive a terminal's Ctrl-C long enough
+        for a clean shutdown), so stopping the group alone would leave the node's DHT daemon
+        answering: a frozen machine answers nothing.
+        """
+        proc = node.proc
+        proc.freeze()  # the node first: a stopped process spawns nothing new
+        if proc.proc is None:
+            return
+        for pid in descendants(proc.pid):
+            try:
+                if os.getpgid(pid) == proc.pid:
+                    continue  # already stopped with the group
+                os.kill(pid, signal.SIGSTOP)
+            except (ProcessLookupError, PermissionError):
+                continue
+            node.frozen_helpers.append(pid)
+            if self.reaper is not None and os.getpgid(pid) == pid:
+                self.reaper.watch(pid)
+
+    def _resume(self, node: _Node) -> None:
+        for pid in node.frozen_helpers:  # helpers first: the node's first act may be to call them
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGCONT)
+            if self.reaper is not None:
+                self.reaper.forget(pid)
+        node.frozen_helpers.clear()
+        node.proc.resume()
 
     async def _monitor(self, bar: Any) -> None:
         """Progress bar and a log line for processes that exit on their own."""
@@ -622,8 +684,8 @@ class Simulation:
         tr = self.scenario.trainer
         trainer_wait = max(stop_t, tr.forward_timeout_s + tr.backward_timeout_s + 15)
         for node in self.nodes:  # a frozen node would hold trainers' calls until their deadlines
-            if node.proc.frozen:
-                node.proc.resume()
+            if node.proc.frozen or node.frozen_helpers:
+                self._resume(node)
             node.link.heal()
         with contextlib.suppress(Exception):
             await asyncio.gather(*(asyncio.to_thread(t.stop, trainer_wait) for t in self.trainers),

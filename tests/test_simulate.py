@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,6 +76,59 @@ def running_in_group(pgid: int) -> list[int]:
     return out
 
 
+def _stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+class TreeWatcher:
+    """Samples every descendant of a process while it runs (pid + start time, so a reused pid is not
+    mistaken for a leftover); catches helpers in other process groups too, such as hivemind's p2pd."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.seen: dict[tuple[int, str], str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(0.3)
+
+    def sample(self) -> None:
+        children: dict[int, list[int]] = {}
+        stats: dict[int, list[str]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and (fields := _stat(int(entry))) is not None:
+                stats[int(entry)] = fields
+                children.setdefault(int(fields[1]), []).append(int(entry))
+        stack = [self.root]
+        while stack:
+            for child in children.get(stack.pop(), []):
+                stack.append(child)
+                try:
+                    comm = Path(f"/proc/{child}/comm").read_text().strip()
+                except OSError:
+                    comm = "?"
+                self.seen.setdefault((child, stats[child][19]), comm)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def still_running(self) -> list[str]:
+        left = []
+        for (pid, start), comm in self.seen.items():
+            fields = _stat(pid)
+            if fields is not None and fields[19] == start and fields[0] not in ("Z", "X"):
+                left.append(f"{comm} pid {pid}")
+        return left
+
+
 def leftovers(out: Path) -> list[str]:
     procs = read_jsonl(out / "processes.jsonl")
     assert procs, "the run recorded the processes it started"
@@ -88,11 +142,21 @@ def leftovers(out: Path) -> list[str]:
     return left
 
 
-def wait_for_no_leftovers(out: Path, timeout: float = 20.0) -> list[str]:
+def wait_for_no_leftovers(out: Path, watcher: TreeWatcher, timeout: float = 20.0) -> list[str]:
+    """Processes of the run still alive after ``timeout``: by process group and by process tree."""
+    watcher.stop()
     deadline = time.monotonic() + timeout
-    while (left := leftovers(out)) and time.monotonic() < deadline:
+    while (left := leftovers(out) + watcher.still_running()) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
+
+
+def _is_descendant(pid: int, ancestor: int) -> bool:
+    while pid > 1 and (fields := _stat(pid)) is not None:
+        pid = int(fields[1])
+        if pid == ancestor:
+            return True
+    return False
 
 
 def simulate(args: list[str], **kw) -> subprocess.Popen:
@@ -132,13 +196,15 @@ duration_s = 4
 """)
     out = tmp_path / "run"
     proc = simulate([str(scenario), "--out", str(out), "--no-progress"])
+    watcher = TreeWatcher(proc.pid)
     try:
         output, _ = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, output[-4000:]
-    assert not wait_for_no_leftovers(out)
+    assert not wait_for_no_leftovers(out, watcher)
+    assert any(comm == "p2pd" for comm in watcher.seen.values())  # the watcher did see the helpers
 
     # the report shows the events...
     events = read_jsonl(out / "events.jsonl")
@@ -181,10 +247,16 @@ duration_s = 500
 """)
     out = tmp_path / "run"
     proc = simulate([str(scenario), "--out", str(out), "--no-progress"], start_new_session=True)
+    watcher = TreeWatcher(proc.pid)
     try:
         wait_for_event(out, proc, lambda r: r.get("action") == "freeze", timeout=180)
         frozen_pid = next(p["pid"] for p in read_jsonl(out / "processes.jsonl") if p["name"] == "node0")
-        assert _state(frozen_pid) == "T"  # really stopped
+        time.sleep(0.5)
+        watcher.sample()
+        frozen_tree = [pid for pid, _ in watcher.seen if _state(pid) is not None
+                       and (pid == frozen_pid or _is_descendant(pid, frozen_pid))]
+        assert len(frozen_tree) >= 2  # the node and its p2pd daemon...
+        assert all(_state(pid) == "T" for pid in frozen_tree)  # ...really stopped, both
         if how == "sigint":
             proc.send_signal(signal.SIGINT)
             output, _ = proc.communicate(timeout=120)
@@ -197,4 +269,4 @@ duration_s = 500
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not wait_for_no_leftovers(out, timeout=30)
+    assert not wait_for_no_leftovers(out, watcher, timeout=30)
