@@ -139,14 +139,16 @@ def _worker(kind: str, params: dict[str, Any], index: int, ready: Any, commands:
     ready.put(index)
     while (command := commands.get()) is not None:
         t_start, t_end = command
-        samples, latencies = 0, []
+        samples, latencies, cpu = 0, [], 0.0
         while (began := time.time()) < t_end:
+            cpu_began = time.process_time()  # this process, all threads
             step()
             done = time.time()
             if began >= t_start and done <= t_end:
                 samples += params["batch"]
                 latencies.append(done - began)
-        results.put({"samples": samples, "latencies": latencies})
+                cpu += time.process_time() - cpu_began
+        results.put({"samples": samples, "latencies": latencies, "cpu": cpu})
 
 
 class WorkerGroup:
@@ -168,7 +170,8 @@ class WorkerGroup:
         finally:
             os.environ.clear()
             os.environ.update(saved)
-        self.samples, self.seconds, self.latencies = 0, 0.0, []
+        self.samples, self.seconds, self.latencies, self.cpu = 0, 0.0, [], 0.0
+        self.server_pid: int | None = None  # a server process whose CPU time is charged to this group
 
     def wait_ready(self) -> None:
         for _ in self.procs:
@@ -178,10 +181,17 @@ class WorkerGroup:
         t_start = time.time() + lead_in
         for q in self.commands:
             q.put((t_start, t_start + seconds))
+        server_cpu = None
+        if self.server_pid is not None:
+            time.sleep(max(0.0, t_start - time.time()))
+            server_cpu = _process_cpu(self.server_pid)
         for _ in self.procs:
             r = self.results.get(timeout=seconds + lead_in + 120)
             self.samples += r["samples"]
             self.latencies.extend(r["latencies"])
+            self.cpu += r["cpu"]
+        if server_cpu is not None:
+            self.cpu += _process_cpu(self.server_pid) - server_cpu
         self.seconds += seconds
 
     def summary(self) -> dict[str, Any]:
@@ -191,6 +201,7 @@ class WorkerGroup:
             "steps": len(lat),
             "step_latency_ms_p50": 1000 * lat[len(lat) // 2] if lat else None,
             "step_latency_ms_p90": 1000 * lat[int(len(lat) * 0.9)] if lat else None,
+            "cpu_ms_per_sample": 1000 * self.cpu / self.samples if self.samples else None,
         }
 
     def close(self) -> None:
@@ -200,6 +211,12 @@ class WorkerGroup:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+
+
+def _process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _interleave(stack: ExitStack, groups: list[WorkerGroup], *, duration: float, rounds: int,
@@ -216,13 +233,13 @@ def _interleave(stack: ExitStack, groups: list[WorkerGroup], *, duration: float,
 
 # ---- servers ----
 
-def _start_dmoe_node(stack: ExitStack, uids: list[str], hidden: int, tmp: Path, extra: list[str]) -> str:
+def _start_dmoe_node(stack: ExitStack, uids: list[str], hidden: int, tmp: Path, extra: list[str]) -> tuple[str, int]:
     from dmoe.coordinator.launcher import DmoeProcess
 
     args = ["--experts", ",".join(uids), "--hidden-dim", str(hidden), "--host", "127.0.0.1", *extra]
     proc = DmoeProcess("node", args, name="node", log_path=tmp / f"node-{time.time():.0f}.log").start()
     stack.callback(proc.stop)
-    return proc.wait_ready(120)["grpc"]
+    return proc.wait_ready(120)["grpc"], proc.pid
 
 
 def _hivemind_server_child(uids: list[str], hidden: int) -> None:
@@ -273,7 +290,7 @@ def throughput(cfg: ThroughputConfig, *, duration: float, rounds: int, lead_in: 
     uids = [f"bench.{i}" for i in range(cfg.experts)]
     params = {"uids": uids, "hidden": cfg.hidden, "batch": cfg.batch}
     with ExitStack() as stack:
-        endpoint = _start_dmoe_node(stack, uids, cfg.hidden, tmp, node_args)
+        endpoint, _ = _start_dmoe_node(stack, uids, cfg.hidden, tmp, node_args)
         groups = [WorkerGroup("dmoe", "dmoe", {**params, "endpoint": endpoint}, cfg.clients)]
         if with_hivemind:
             maddrs, peer_id = _start_hivemind_server(stack, uids, cfg.hidden)
@@ -288,16 +305,19 @@ def remote_local_ratio(*, hidden: int, batch: int, duration: float, rounds: int,
     params = {"hidden": hidden, "batch": batch}
     passive = {"OMP_WAIT_POLICY": "PASSIVE"}  # what the node sets for itself; the local side gets both tries
     with ExitStack() as stack:
-        endpoint = _start_dmoe_node(stack, ["bench.0"], hidden, tmp, node_args)
+        endpoint, node_pid = _start_dmoe_node(stack, ["bench.0"], hidden, tmp, node_args)
         remote = WorkerGroup("remote", "dmoe", {**params, "endpoint": endpoint})
+        remote.server_pid = node_pid  # remote CPU = client process + node process
         local = [WorkerGroup("local_served", "local_served", params),
                  WorkerGroup("local_served_passive", "local_served", params, env=passive),
                  WorkerGroup("local_train", "local_train", params),
                  WorkerGroup("local_train_passive", "local_train", params, env=passive)]
         _interleave(stack, [remote, *local], duration=duration, rounds=rounds, lead_in=lead_in)
         rates = {g.name: g.summary()["samples_per_s"] for g in [remote, *local]}
+        cpu = {g.name: g.summary()["cpu_ms_per_sample"] for g in [remote, *local]}
     served = max(rates["local_served"], rates["local_served_passive"])
     train = max(rates["local_train"], rates["local_train_passive"])
+    local_cpu = min(c for c in (cpu["local_served"], cpu["local_served_passive"]) if c is not None)
     return {
         "hidden": hidden, "batch": batch,
         "remote_samples_per_s": rates["remote"],
@@ -306,6 +326,9 @@ def remote_local_ratio(*, hidden: int, batch: int, duration: float, rounds: int,
         "ratio": rates["remote"] / served,
         "ratio_vs_plain_train_step": rates["remote"] / train,
         "all_rates": rates,
+        # load-independent view: CPU time per sample, local vs remote (client + node processes)
+        "cpu_ms_per_sample": cpu,
+        "cpu_ratio": local_cpu / cpu["remote"],
         "remote_step_latency_ms_p50": remote.summary()["step_latency_ms_p50"],
     }
 
@@ -365,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
               f"remote {r['remote_samples_per_s']:.0f} s/s, local {r['local_served_step_samples_per_s']:.0f} s/s "
               f"-> ratio {r['ratio']:.3f}  (plain local train step {r['local_train_step_samples_per_s']:.0f} s/s, "
               f"ratio {r['ratio_vs_plain_train_step']:.3f})")
+        c = r["cpu_ms_per_sample"]
+        local_cpu = min(x for x in (c["local_served"], c["local_served_passive"]) if x is not None)
+        print(f"CPU per sample: local {local_cpu:.2f} ms, "
+              f"remote (client + node) {c['remote']:.2f} ms -> CPU ratio {r['cpu_ratio']:.3f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
