@@ -26,16 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
-import signal
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from hivemind.dht.routing import DHTID
 from hivemind.p2p import P2P, PeerID
@@ -147,17 +144,16 @@ class BootstrapPeer:
         _check_maddrs(options.announce_maddrs, "--announce-maddrs")
         _check_maddrs(options.initial_peers, "--initial-peers", need_peer_id=True)
         try:
-            with _daemons_in_own_session():
-                dht = await InLoopDHT.create(
-                    initial_peers=initial_peers,
-                    host_maddrs=options.host_maddrs,
-                    announce_maddrs=options.announce_maddrs or None,
-                    identity_path=str(options.identity_path),
-                    node_id=DHTID.generate(source=peer_id.to_bytes()),
-                    # a bootstrap peer must come up even when every other peer is down (it is what
-                    # they will reconnect to); unreachable initial peers are logged, not fatal
-                    ensure_bootstrap_success=False,
-                )
+            dht = await InLoopDHT.create(
+                initial_peers=initial_peers,
+                host_maddrs=options.host_maddrs,
+                announce_maddrs=options.announce_maddrs or None,
+                identity_path=str(options.identity_path),
+                node_id=DHTID.generate(source=peer_id.to_bytes()),
+                # a bootstrap peer must come up even when every other peer is down (it is what
+                # they will reconnect to); unreachable initial peers are logged, not fatal
+                ensure_bootstrap_success=False,
+            )
         except Exception as e:
             raise CoordinatorStartError(f"cannot start the DHT peer on {' '.join(options.host_maddrs)}: "
                                         f"{_one_line(e)}") from None
@@ -205,28 +201,6 @@ class BootstrapPeer:
             await asyncio.wait_for(self.dht.shutdown(), timeout)
         except Exception as e:  # already half-dead (p2pd killed): nothing left to close cleanly
             logger.warning("DHT shutdown incomplete: %s", _one_line(e))
-
-
-def _p2pd_preexec() -> None:
-    os.setsid()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-
-
-@contextlib.contextmanager
-def _daemons_in_own_session() -> Iterator[None]:
-    """While the DHT starts, spawn its subprocesses (p2pd) in their own session, dying with us."""
-    original = asyncio.subprocess.create_subprocess_exec
-
-    async def spawn(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
-        kwargs.setdefault("preexec_fn", _p2pd_preexec)
-        return await original(*args, **kwargs)
-
-    asyncio.subprocess.create_subprocess_exec = spawn  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        asyncio.subprocess.create_subprocess_exec = original  # type: ignore[assignment]
 
 
 def _check_maddrs(maddrs: Sequence[str], flag: str, *, need_peer_id: bool = False) -> None:

@@ -13,7 +13,11 @@ can only be overwritten by us, and values read back are stripped of signatures.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+import ctypes
+import os
+import signal
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any, Protocol
 
@@ -51,6 +55,36 @@ async def _node_store_many(
     return {(k, s): ok for (k, s), ok in result.items()} if result else {}
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _daemon_preexec() -> None:
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _daemons_in_own_session() -> Iterator[None]:
+    """While the DHT starts, spawn its p2pd daemon in a session of its own that dies with us.
+
+    hivemind would start p2pd in our process group, so a SIGTERM to the group (a graceful stop by
+    a launcher) killed p2pd before we could withdraw our records; PDEATHSIG keeps a crash of ours
+    from leaving it orphaned.
+    """
+    original = asyncio.subprocess.create_subprocess_exec
+
+    async def spawn(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        kwargs.setdefault("preexec_fn", _daemon_preexec)
+        return await original(*args, **kwargs)
+
+    asyncio.subprocess.create_subprocess_exec = spawn  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        asyncio.subprocess.create_subprocess_exec = original  # type: ignore[assignment]
+
+
 class InLoopDHT:
     """A DHTNode living in the current event loop."""
 
@@ -70,15 +104,16 @@ class InLoopDHT:
         **kwargs: Any,
     ) -> InLoopDHT:
         validator = RSASignatureValidator()
-        node = await DHTNode.create(
-            initial_peers=list(initial_peers) or None,
-            host_maddrs=list(host_maddrs),
-            announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
-            identity_path=identity_path,
-            client_mode=client_mode,
-            record_validator=validator,
-            **kwargs,
-        )
+        with _daemons_in_own_session():
+            node = await DHTNode.create(
+                initial_peers=list(initial_peers) or None,
+                host_maddrs=list(host_maddrs),
+                announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
+                identity_path=identity_path,
+                client_mode=client_mode,
+                record_validator=validator,
+                **kwargs,
+            )
         return cls(node, validator)
 
     @property

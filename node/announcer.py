@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
-import os
-import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dmoe.dht_access import InLoopDHT
@@ -28,41 +25,13 @@ from dmoe.registry import ExpertRegistry
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _p2pd_preexec() -> None:
-    os.setsid()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def _p2pd_in_own_session() -> Iterator[None]:
-    """While creating the DHT, spawn subprocesses (p2pd) in their own session, dying with us."""
-    original = asyncio.subprocess.create_subprocess_exec
-
-    async def spawn(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
-        kwargs.setdefault("preexec_fn", _p2pd_preexec)
-        return await original(*args, **kwargs)
-
-    asyncio.subprocess.create_subprocess_exec = spawn
-    try:
-        yield
-    finally:
-        asyncio.subprocess.create_subprocess_exec = original
-
-
 async def start_dht(
     *,
     initial_peers: Sequence[str] = (),
     host_maddrs: Sequence[str],
     announce_maddrs: Sequence[str] | None = None,
 ) -> InLoopDHT:
-    with _p2pd_in_own_session():
-        dht = await InLoopDHT.create(
-            initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs
-        )
+    dht = await InLoopDHT.create(initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs)
     if initial_peers:
         log.info("joined the swarm through %d initial peer(s) as %s", len(initial_peers), dht.peer_id)
     else:
