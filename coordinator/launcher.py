@@ -107,7 +107,12 @@ class DmoeProcess:
 
     def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
         """Block until the child prints ``dmoe-ready``; raise ProcessFailed with its log tail otherwise."""
-        self._ready_event.wait(timeout)
+        deadline = time.monotonic() + timeout
+        # poll the exit too: a helper daemon that inherited stdout can keep EOF from arriving
+        while not self._ready_event.wait(0.2) and time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                self._ready_event.wait(1.0)  # let the reader drain the last lines
+                break
         if self.ready is None:
             code = self.proc.poll() if self.proc else None
             why = f"exited with code {code}" if code is not None else f"not ready after {timeout:.0f}s"

@@ -25,6 +25,7 @@ import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
 from hivemind.utils import ValueWithExpiration
+from hivemind.utils.crypto import RSAPrivateKey
 
 
 class DHTAccess(Protocol):
@@ -103,7 +104,7 @@ class InLoopDHT:
         client_mode: bool = False,
         **kwargs: Any,
     ) -> InLoopDHT:
-        validator = RSASignatureValidator()
+        validator = RSASignatureValidator(RSAPrivateKey())  # own key, not the process-wide one
         with _daemons_in_own_session():
             node = await DHTNode.create(
                 initial_peers=list(initial_peers) or None,
@@ -148,7 +149,7 @@ class ProcessDHT:
 
     def __init__(self, dht: hivemind.DHT) -> None:
         self.dht = dht
-        validator = RSASignatureValidator()
+        validator = RSASignatureValidator(RSAPrivateKey())  # own key, not the process-wide one
         dht.add_validators([validator])
         self.owner_marker = validator.local_public_key
 

@@ -103,7 +103,11 @@ class ExpertRegistry:
         return await self._store(entries, expiration)
 
     async def withdraw(self, uids: Iterable[str], *, node_id: str, ttl: float) -> bool:
-        """Overwrite this node's records with tombstones (graceful leave)."""
+        """Overwrite this node's records with tombstones (graceful leave of the whole node).
+
+        Inner-level entries are shared by all of a node's experts under a prefix, so withdrawing a
+        subset would also hide its siblings: call this with every uid the node announced.
+        """
         expiration = get_dht_time() + ttl + 1.0  # must outlive the record it replaces
         entries: dict[tuple[str, bytes], Any] = {}
         for uid in uids:
