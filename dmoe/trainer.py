@@ -37,11 +37,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge
 from tqdm import tqdm
 
 from dmoe.data import ByteCorpus
 from dmoe.errors import ConfigError, DmoeError
+from dmoe.metrics_exporter import MetricsExporter
 from dmoe.model import GPT, ExpertOptimizer
 
 log = logging.getLogger(__name__)
@@ -141,11 +142,11 @@ class SwarmSnapshot:
 SwarmProbe = Callable[[], SwarmSnapshot]
 
 
-class TrainerMetrics:
+class TrainerMetrics(MetricsExporter):
     """Prometheus metrics of one trainer, on their own registry (several trainers may share a process)."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         r = self.registry
         self.steps = Counter("dmoe_trainer_steps", "optimizer steps of the local parameters", registry=r)
         self.batches = Counter("dmoe_trainer_batches", "batches processed (including skipped)", registry=r)
@@ -158,20 +159,6 @@ class TrainerMetrics:
         self.val_loss = Gauge("dmoe_trainer_val_loss", "last validation loss", registry=r)
         self.tokens_per_s = Gauge("dmoe_trainer_tokens_per_second", "tokens per second, last batch", registry=r)
         self.experts_alive = Gauge("dmoe_trainer_experts_alive", "experts announced and visible", registry=r)
-        self._server: Any = None
-
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self._server = server
-        bound = int(server.server_port)
-        log.info("metrics on http://%s:%d/metrics", host, bound)
-        return bound
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
 
 
 class JsonLog:

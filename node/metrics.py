@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
+
+from dmoe.metrics_exporter import MetricsExporter
 
 log = logging.getLogger(__name__)
 
@@ -16,9 +18,9 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
-class NodeMetrics:
+class NodeMetrics(MetricsExporter):
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         r = self.registry
         self.requests = Counter(
             "dmoe_node_requests", "RPCs handled, by method and final status", ["method", "status"], registry=r
@@ -56,17 +58,3 @@ class NodeMetrics:
             "dmoe_node_dht_announces", "DHT announce rounds, by result", ["result"], registry=r
         )
         self._server = None
-
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Start the /metrics HTTP exporter; returns the port actually bound (``port=0`` picks one)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self._server = server
-        bound = int(server.server_port)
-        log.info("metrics on http://%s:%d/metrics", host, bound)
-        return bound
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
