@@ -92,6 +92,7 @@ def merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
                               for k in {k for r in runs for k in r["failed_calls"]}}
     common = set.intersection(*(set(r["evals"]) for r in runs))
     merged["evals"] = {step: sum(r["evals"][step] for r in runs) / len(runs) for step in common}
+    merged["final_val_step"] = "mean"  # rounds end at different steps
     merged["rounds"] = len(runs)
     return merged
 
