@@ -33,36 +33,58 @@ def test_store_keeps_newest_and_skips_unreadable(tmp_path):
 
 
 SAVER = """
-import sys, torch
+import os, sys, time, torch
 from dmoe.node.checkpoint import CheckpointStore
 store = CheckpointStore(sys.argv[1])
+pause_in_save = sys.argv[2] == "pause"
+real_fsync = os.fsync
+
+def fsync_then_report(fd):
+    # the temporary file is written but not yet renamed: announce it and linger, so the test's
+    # SIGKILL lands inside the save whatever the machine's speed
+    real_fsync(fd)
+    if pause_in_save and saving[0] >= 2:
+        print("in-save", flush=True)
+        time.sleep(5)
+
+saving = [0]
+os.fsync = fsync_then_report
 for i in range(10**6):
-    big = torch.full((2_000_000,), float(i))  # 8 MB: a save takes long enough to be interrupted
+    saving[0] = i
+    big = torch.full((2_000_000,), float(i))  # 8 MB
     store.save({"e.0": {"step": i, "weights": big}})
     print(i, flush=True)
 """
 
 
+def _check_latest(tmp_path) -> int:
+    found = CheckpointStore(tmp_path).load_latest()
+    assert found is not None
+    _, payload = found
+    state = payload["experts"]["e.0"]
+    assert torch.equal(state["weights"], torch.full((2_000_000,), float(state["step"]))), "complete, not torn"
+    assert len(CheckpointStore(tmp_path).files()) <= 3
+    return int(state["step"])
+
+
 def test_sigkill_in_the_middle_of_saving_leaves_a_loadable_checkpoint(tmp_path):
-    last_step, interrupted = -1, 0
+    # 1) a kill that certainly lands between writing the temporary file and renaming it
+    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path), "pause"], stdout=subprocess.PIPE, text=True)
+    lines = [proc.stdout.readline().strip() for _ in range(3)]
+    assert lines == ["0", "1", "in-save"], lines
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(tmp_path.glob(".checkpoint-*.tmp")), "the kill landed inside a save"
+    assert _check_latest(tmp_path) == 1, "the interrupted save is ignored, the last complete one restores"
+    # 2) kills at arbitrary points of later saves (the store also cleans the stale temporary file)
     for round_ in range(2):
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-        for _ in range(2 + round_):  # let it finish a few saves, then kill it at a random point of the next
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path), "free"], stdout=subprocess.PIPE, text=True)
+        for _ in range(2 + round_):
             assert proc.stdout.readline(), "saver died"
         time.sleep(0.013 * round_)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        interrupted += bool(list(tmp_path.glob(".checkpoint-*.tmp")))
-        found = CheckpointStore(tmp_path).load_latest()
-        assert found is not None
-        _, payload = found
-        state = payload["experts"]["e.0"]
-        assert torch.equal(state["weights"], torch.full((2_000_000,), float(state["step"]))), "complete, not torn"
-        assert state["step"] >= 0
-        last_step = state["step"]
-        assert len(CheckpointStore(tmp_path).files()) <= 3
-    assert last_step >= 0
-    assert interrupted, "no kill landed inside a save: the test did not test anything"
+        assert _check_latest(tmp_path) >= 0
 
 
 def test_node_killed_during_training_restarts_from_its_last_checkpoint(launch, tmp_path):
