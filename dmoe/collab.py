@@ -104,7 +104,11 @@ class CollaborativeUpdater:
         """Catch up with the run before training: download state from peers if they are ahead."""
         tracker = self.opt.tracker
         deadline = time.monotonic() + self.options.join_timeout
-        while time.monotonic() < deadline and not tracker.fetched_global_progress_this_epoch.is_set():
+        # wait until the run's progress shows it ahead of us, or the deadline: the first progress
+        # fetch can come back before the other trainers' records are visible (seen on busy machines)
+        while time.monotonic() < deadline and not (
+            tracker.fetched_global_progress_this_epoch.is_set() and tracker.global_epoch > self.step_count
+        ):
             time.sleep(0.1)
         peers = tracker.global_progress.num_peers
         global_epoch = tracker.global_epoch
