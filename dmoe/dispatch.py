@@ -13,7 +13,9 @@ When to stop waiting
   dispatch -- for longer than ``timeout_after_k_min`` and than twice the latency it could be
   expected to have (the fastest answer of this dispatch, or the endpoint's recent RTT EWMA),
   counted from when the attempt began; and in any case once half the time to the deadline has
-  passed without progress, so that a fallback still has the other half. A node that works
+  passed without progress, so that a fallback still has the other half. A backward compares only
+  with this dispatch's answers (``rtt_reference=False``): the RTT EWMA mostly measures forwards,
+  which are several times faster than a backward with its recompute and optimizer step. A node that works
   through a queue keeps answering and is not stuck; a frozen or partitioned one is. A stuck job
   no longer holds anybody back; it keeps running in case it answers, and is cancelled when the
   dispatch ends.
@@ -118,6 +120,7 @@ class Dispatch:
         retry: bool,
         router: Router | None = None,
         detect_stuck: bool = True,
+        rtt_reference: bool = True,
     ) -> None:
         self.swarm = swarm
         self.method = method
@@ -127,6 +130,7 @@ class Dispatch:
         self.retry = retry
         self.router = router
         self.detect_stuck = detect_stuck
+        self.rtt_reference = rtt_reference  # the endpoint's RTT EWMA is a fair latency reference
         self.jobs: list[Job] = []
         self.slot_job = np.full((num_tokens, num_slots), -1, dtype=np.int64)  # (N, k)
         self.slot_ok = np.zeros((num_tokens, num_slots), dtype=bool)  # (N, k)
@@ -267,7 +271,8 @@ class Dispatch:
             return None
         since = max(job.progress.started, self._last_answer.get(endpoint, 0.0))
         halfway = self._started + 0.5 * (self.deadline - self._started)  # leave a fallback the other half
-        references = [r for r in (self.swarm.health.rtt(endpoint), self._fastest) if r is not None]
+        rtt = self.swarm.health.rtt(endpoint) if self.rtt_reference else None
+        references = [r for r in (rtt, self._fastest) if r is not None]
         if not references:
             return max(since, halfway)
         return max(since, min(halfway, since + max(self.timeout_after_k_min, 2.0 * min(references))))

@@ -21,7 +21,11 @@ gradient rows, to the endpoint that answered (a replica has different weights, s
 could not produce a consistent gradient); the node also applies its optimizer. An expert failing
 in backward is treated as a constant (its contribution to the input gradient is dropped) as long
 as every token keeps ``backward_k_min`` answers, with the same ``timeout_after_k_min`` rule,
-never past ``backward_timeout``. Gradients reach the gate locally through the mixing weights.
+never past ``backward_timeout``. Each token waits for at least one answer while one can still
+come, even with ``backward_k_min=0`` (which only means: never raise). A node frozen between
+its forward answer and the backward is noticed as stuck, as in forward, so it holds the step
+for about ``timeout_after_k_min``, not ``backward_timeout``. Gradients reach the gate locally
+through the mixing weights.
 
 Timeouts are all finite (defaults suit home links); ``None`` is refused, never "forever".
 """
@@ -178,10 +182,11 @@ class _RemoteExpertCalls(torch.autograd.Function):
         started = time.monotonic()
         assert plan.token_answers is not None
         need = np.minimum(plan.token_answers, layer.backward_k_min)  # tokens zeroed in forward need nothing
+        wait_for = np.minimum(plan.token_answers, max(layer.backward_k_min, 1))
         dispatch = Dispatch(
-            layer.swarm, method=BACKWARD, num_tokens=n, num_slots=layer.k_best, need=need,
+            layer.swarm, method=BACKWARD, num_tokens=n, num_slots=layer.k_best, need=wait_for,
             deadline=started + layer.backward_timeout, timeout_after_k_min=layer.timeout_after_k_min,
-            retry=False, router=None, detect_stuck=False,
+            retry=False, router=None, rtt_reference=False,
         )
         grad = grad_outputs.detach().to("cpu", torch.float32)  # (N, k, D)
         for uid, endpoint, rows, slots, used, forward_request in plan.answered:
