@@ -35,6 +35,7 @@ from dmoe.collab import CollabOptions, CollaborativeUpdater
 from dmoe.config import (
     make_parser,
     non_negative_float,
+    non_negative_int,
     port_number,
     positive_float,
     positive_int,
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid-size", type=_grid, default="4x4", help="expert grid per layer, e.g. 4x4")
     g.add_argument("--k-best", type=positive_int, default=2, help="experts per token")
     g.add_argument("--k-min", type=positive_int, default=1, help="fewest expert answers a token may use")
+    g.add_argument("--backward-k-min", type=non_negative_int, metavar="N", default=0,
+                   help="fewest backward answers a token needs, else the batch is skipped; 0 (default): an expert "
+                        "whose node failed after its forward answer just counts as a constant in that backward")
     g.add_argument("--uid-prefix", default="layer{layer}.ffn", help="expert uid prefix per block ({layer} = index)")
     g.add_argument("--expert-cls", default="ffn", help="expert class the nodes must serve (ffn: residual FFN)")
 
@@ -164,6 +168,8 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         raise ConfigError(f"--k-best {args.k_best} is more than the {num_experts} experts of a {args.grid_size} grid")
     if args.k_min > args.k_best:
         raise ConfigError(f"--k-min {args.k_min} is more than --k-best {args.k_best}")
+    if args.backward_k_min > args.k_best:
+        raise ConfigError(f"--backward-k-min {args.backward_k_min} is more than --k-best {args.k_best}")
     try:
         prefixes = [args.uid_prefix.format(layer=i) for i in range(args.n_layer)]
     except (KeyError, IndexError, ValueError) as e:
@@ -414,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                     in_features=config.n_embd, grid_size=config.grid_size, uid_prefix=prefix, swarm=swarm,
                     k_best=config.k_best, k_min=args.k_min, forward_timeout=args.forward_timeout,
                     backward_timeout=args.backward_timeout, timeout_after_k_min=args.timeout_after_k_min,
-                    allow_zero_outputs=False, compression=args.compression,
+                    allow_zero_outputs=False, compression=args.compression, backward_k_min=args.backward_k_min,
                 )
         else:
             factory = local_moe_factory(config, seed=args.seed)
