@@ -1,11 +1,11 @@
 """What churn costs, and how big a swarm this machine can simulate.
 
-1. **Baseline vs churn.** Runs ``dmoe simulate`` on ``scenarios/baseline.toml`` (fast links, no
-   faults), ``scenarios/home-broadband.toml`` (home links, no faults) and ``scenarios/churn.toml``
-   (the same home links plus heavy-tailed churn), with the same seed, model and duration, and prints
-   tokens/s and validation loss side by side. The bar: churn keeps at least 90 % of baseline
-   tokens/s. Because home links alone change the step time, churn is also compared with
-   home-broadband (same links, no churn), which isolates the cost of churn itself.
+1. **Baseline vs churn.** Runs ``dmoe simulate`` with the same seed, model and duration on
+   ``scenarios/baseline.toml`` (fast links, no faults) and ``scenarios/churn.toml`` (the same fast
+   links plus heavy-tailed churn: crashes, leaves, freezes), and prints tokens/s and validation
+   loss side by side. The bar: churn keeps at least 90 % of baseline tokens/s. The same pair on
+   home links, ``home-broadband.toml`` (no faults) and ``home-churn.toml`` (the same churn), shows
+   what churn costs a swarm of home lines, where latency and upload rate already slow each step.
 2. **Ramp.** One swarm (coordinator + nodes behind emulated links, like ``dmoe simulate``) grows by
    ``--ramp-step`` nodes at a time; after each step every node must serve, the coordinator must see
    all of them in the DHT, and a trainer must complete a few steps through them. The largest size
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ("baseline", "home-broadband", "churn")
+SCENARIOS = ("baseline", "churn", "home-broadband", "home-churn")
 
 
 def load_average() -> float:
@@ -104,6 +104,7 @@ def compare(results: list[dict[str, Any]]) -> dict[str, Any]:
     base = by["baseline"]["tokens_per_s"] or float("nan")
     home = by["home-broadband"]["tokens_per_s"] or float("nan")
     churn = by["churn"]["tokens_per_s"]
+    home_churn = by["home-churn"]["tokens_per_s"]
     print()
     header = ["scenario", "steps", "skipped", "tokens/s", "vs baseline", "final val loss (step)",
               f"val loss @ step {common_step}", "failed calls", "departures", "step p50 (s)"]
@@ -123,16 +124,18 @@ def compare(results: list[dict[str, Any]]) -> dict[str, Any]:
                                                                                           strict=True))))
     verdict = {
         "churn_vs_baseline_tokens": churn / base,
-        "churn_vs_home_broadband_tokens": churn / home,
+        "home_churn_vs_home_broadband_tokens": home_churn / home,
+        "home_broadband_vs_baseline_tokens": home / base,
         "bar": 0.90,
-        "passes_vs_baseline": churn / base >= 0.90,
-        "passes_vs_same_links": churn / home >= 0.90,
+        "passes": churn / base >= 0.90,
+        "passes_on_home_links": home_churn / home >= 0.90,
         "common_eval_step": common_step,
     }
     print(f"\nchurn keeps {100 * verdict['churn_vs_baseline_tokens']:.0f} % of baseline tokens/s "
-          f"({'PASS' if verdict['passes_vs_baseline'] else 'FAIL'} at 90 %); "
-          f"{100 * verdict['churn_vs_home_broadband_tokens']:.0f} % of the same home links without churn "
-          f"({'PASS' if verdict['passes_vs_same_links'] else 'FAIL'})")
+          f"({'PASS' if verdict['passes'] else 'FAIL'} at 90 %); on home links, home-churn keeps "
+          f"{100 * verdict['home_churn_vs_home_broadband_tokens']:.0f} % of home-broadband "
+          f"({'PASS' if verdict['passes_on_home_links'] else 'FAIL'}); home links alone: "
+          f"{100 * verdict['home_broadband_vs_baseline_tokens']:.0f} % of baseline")
     return verdict
 
 

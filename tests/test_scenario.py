@@ -17,7 +17,7 @@ from dmoe.errors import ConfigError
 from dmoe.scenario import Distribution, load_scenario, scenario_from_dict
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
-SHIPPED = ["baseline", "home-broadband", "churn", "mass-failure", "freeze"]
+SHIPPED = ["baseline", "home-broadband", "churn", "home-churn", "mass-failure", "freeze"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
