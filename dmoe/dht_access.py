@@ -27,6 +27,8 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils import ValueWithExpiration
 from hivemind.utils.crypto import RSAPrivateKey
 
+import dmoe.dht_storage_fix  # noqa: F401 - fixes hivemind's dictionary-record merge on import
+
 
 class DHTAccess(Protocol):
     owner_marker: bytes
@@ -149,7 +151,11 @@ class ProcessDHT:
 
     def __init__(self, dht: hivemind.DHT) -> None:
         self.dht = dht
-        validator = RSASignatureValidator(RSAPrivateKey())  # own key, not the process-wide one
+        # The process-wide key, unlike InLoopDHT: a hivemind.DHT keeps only the first
+        # RSASignatureValidator it is given, and hivemind's own users of it (the optimizer's progress
+        # tracker) sign with the process-wide key; with a key of our own, whichever came second had
+        # its protected records stored unsigned and rejected by every peer.
+        validator = RSASignatureValidator(RSAPrivateKey.process_wide())
         dht.add_validators([validator])
         self.owner_marker = validator.local_public_key
 
