@@ -36,12 +36,25 @@ Caching and time
 ----------------
 ``PrefixTable`` caches records for ``cache_ttl`` seconds (keep it below the nodes' announce TTL),
 empty prefixes for ``negative_ttl``, drops endpoints whose record expired, shares in-flight
-lookups, and caps every DHT call at ``lookup_timeout``. A search has a time budget (it counts
-against the layer's ``forward_timeout``): when it runs out, unanswered prefixes are served from
-stale cache entries if any (their records are still unexpired) or treated as empty, lookups keep
-running in the background to warm the cache for the next step, and the search finishes with what
-it knows. Experts whose endpoints are all banned are skipped, unless a sample finds fewer than
-``k_min`` others: then they are tried anyway.
+lookups, and caps every DHT call at ``lookup_timeout``.
+
+An empty answer is not always the truth: hivemind's ``get`` reports "not found" when the peers
+holding a key did not answer in time (frozen or overloaded peers), and a negative cache entry
+would then hide alive experts for ``negative_ttl``. So a child record that comes back empty while
+its parent record (cached, fresh) lists that very coordinate with unexpired endpoints is treated
+as *unanswered*: it is not cached, the parent's entry is dropped (the next search reads both
+again), and the fetch serves a stale entry of the child whose records are still unexpired if there
+is one, else reports the prefix unanswered -- the search then says it is incomplete
+(``budget_exhausted``), and a reroute retries shortly instead of giving its tokens up. When the
+parent was the stale one (a node that just left: its tombstones are read at the child first), the
+re-read parent no longer lists the coordinate and the next search is complete again. (Records
+that lose entries inside hivemind itself are fixed at the source: ``dmoe.dht_storage_fix``.)
+
+A search has a time budget (it counts against the layer's ``forward_timeout``): when it runs out,
+unanswered prefixes are served from stale cache entries if any (their records are still
+unexpired) or treated as empty, lookups keep running in the background to warm the cache for the
+next step, and the search finishes with what it knows. Experts whose endpoints are all banned are
+skipped, unless a sample finds fewer than ``k_min`` others: then they are tried anyway.
 """
 
 from __future__ import annotations
@@ -147,11 +160,49 @@ class PrefixTable:
         metrics.LOOKUP_SECONDS.observe(elapsed)
         if found is not None:
             done = time.monotonic()
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("lookup %.3fs: %s", elapsed, {p: sorted(found.get(p, {})) for p in prefixes})
             for p in prefixes:
-                self._cache[p] = _CacheEntry(done, found.get(p, {}))
+                children = found.get(p, {})
+                if not children and self._listed_by_parent(p, done):
+                    self._distrust(p)
+                    continue
+                self._cache[p] = _CacheEntry(done, children)
+
+    def _listed_by_parent(self, prefix: str, now: float) -> bool:
+        """True if the fresh cached parent of ``prefix`` lists its coordinate with an unexpired endpoint."""
+        parent = _parent_key(prefix)
+        if parent is None:
+            return False
+        key, coord = parent
+        entry = self._cache.get(key)
+        if entry is None or not entry.children or now - entry.fetched >= self.options.cache_ttl:
+            return False
+        return coord in _unexpired({coord: entry.children.get(coord, [])})
+
+    def _distrust(self, prefix: str) -> None:
+        """An empty answer that contradicts the parent: unanswered, and the parent is read again."""
+        parent = _parent_key(prefix)
+        assert parent is not None
+        self._cache.pop(parent[0], None)
+        stale = self._cache.get(prefix)
+        if stale is not None and not stale.children:
+            del self._cache[prefix]  # an old "empty" is no better than this one
+        self.stats.lookup_failures += 1
+        metrics.LOOKUP_FAILURES.inc()
+        logger.info("DHT lookup of %r came back empty although %r lists it: treated as unanswered", prefix, parent[0])
 
     def clear(self) -> None:
         self._cache.clear()
+
+
+def _parent_key(prefix: str) -> tuple[str, int] | None:
+    """``('ffn.3.', 5)`` for the key ``'ffn.3.5.'``; None for a key whose last part is not a coordinate."""
+    body = prefix[: -len(UID_DELIMITER)] if prefix.endswith(UID_DELIMITER) else prefix
+    head, sep, last = body.rpartition(UID_DELIMITER)
+    if not sep or not last.isdigit():
+        return None
+    return head + UID_DELIMITER, int(last)
 
 
 def _unexpired(children: Children) -> Children:

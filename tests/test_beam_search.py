@@ -195,6 +195,51 @@ def test_expired_records_are_not_returned(peers):
         client.shutdown()
 
 
+def test_an_older_copy_of_a_record_does_not_hide_the_newer(peers):
+    """hivemind 1.1 evicted a subkey at the expiration of an *older* copy merged after it (dmoe.dht_storage_fix)."""
+    a, _ = peers
+    announce(a, ["older.0.0"], ENDPOINT_A, ttl=60.0)
+    # a late, older copy of the same entries (a delayed replica, a peer's cached copy): rejected, and harmless
+    late = a.registry.announce(["older.0.0"], endpoint=ENDPOINT_A, node_id="older", load=0.0, ttl=1.0)
+    assert not a.host.run(late, timeout=30)
+    time.sleep(1.5)  # past the older copy's expiration, far from the newer one's
+    client = make_client(peers)
+    try:
+        search = BeamSearch(client, "older", (1, 1))
+        result = search.find_best_experts([np.zeros((1, 1)), np.zeros((1, 1))], 1, budget=30.0)
+        assert [e.uid for e in result.experts[0]] == ["older.0.0"]
+    finally:
+        client.shutdown()
+
+
+def test_an_empty_child_listed_by_its_parent_is_unanswered_not_empty(peers):
+    a, b = peers
+    announce(a, ["cons.1.1"], ENDPOINT_A)
+    assert b.host.run(b.registry.announce(["cons.0.0"], endpoint=ENDPOINT_B, node_id="cons-b", load=0.0, ttl=60.0),
+                      timeout=30)
+    client = make_client(peers, cache_ttl=30.0)  # the parent record stays cached throughout
+    try:
+        search = BeamSearch(client, "cons", (2, 2))
+        scores = [np.array([[0.0, 5.0]]), np.array([[0.0, 5.0]])]  # 1.1 first: "cons.0." is not read yet
+        first = search.find_best_experts(scores, 1, budget=30.0)
+        assert [e.uid for e in first.experts[0]] == ["cons.1.1"] and not first.budget_exhausted
+
+        # b's expert leaves; the cached root still lists coordinate 0, its child record is now empty
+        assert b.host.run(b.registry.withdraw(["cons.0.0"], node_id="cons-b", ttl=60.0), timeout=30)
+        failures = client.stats["lookup_failures"]
+        doubtful = search.find_best_experts(scores, 2, budget=30.0)
+        assert [e.uid for e in doubtful.experts[0]] == ["cons.1.1"]
+        assert doubtful.budget_exhausted  # incomplete: a reroute would retry, not give its tokens up
+        assert client.stats["lookup_failures"] == failures + 1
+
+        settled = search.find_best_experts(scores, 2, budget=30.0)  # root read again: 0 is gone there too
+        assert [e.uid for e in settled.experts[0]] == ["cons.1.1"]
+        assert not settled.budget_exhausted
+        assert client.stats["lookup_failures"] == failures + 1
+    finally:
+        client.shutdown()
+
+
 def test_banned_endpoints_are_skipped_unless_nothing_else(peers):
     a, b = peers
     announce(a, ["ban.0.0", "ban.0.1", "ban.1.0"], ENDPOINT_A)
