@@ -1,9 +1,16 @@
 """Launch ``dmoe`` subcommands as real OS processes and control them with real signals.
 
 Used by the simulator, tests and benchmarks. Each child runs in its own session (process group),
-so a signal reaches the dmoe process *and* its helpers (hivemind's p2pd daemon) the way a
-machine crash or freeze would. Children get SIGTERM if the launcher dies (``PR_SET_PDEATHSIG``),
-and ``ProcessGroup.stop_all`` is registered at exit, so nothing is left behind.
+so a signal to the group reaches the dmoe process and whatever it spawned there. Children get
+SIGTERM if the launcher dies (``PR_SET_PDEATHSIG``), and ``stop_all`` is registered at exit, so
+nothing is left behind.
+
+Freeze and resume act on the whole process *tree*, not only the group: hivemind's p2pd daemon
+(the node's DHT and libp2p endpoint) runs in a session of its own (see ``dmoe.dht_access``), so a
+group-only SIGSTOP left the "frozen" node's DHT answering, which a frozen machine never does.
+``freeze`` stops the group first (a stopped process spawns nothing new), then every descendant
+found through /proc that lives outside it; ``resume`` continues those helpers first (the node's
+first act may be to call them), then the group.
 """
 
 from __future__ import annotations
@@ -36,6 +43,49 @@ def _die_with_parent() -> None:
         pass
 
 
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc/<pid>/task/*/children; a full /proc scan where that is missing)."""
+    task_dir = Path(f"/proc/{pid}/task")
+    try:
+        tasks = list(task_dir.iterdir())
+    except OSError:
+        return []
+    out: list[int] = []
+    for task in tasks:
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:  # kernel without CONFIG_PROC_CHILDREN
+            return _children_by_scan(pid)
+        except (OSError, ValueError):
+            continue  # the thread exited meanwhile
+    return out
+
+
+def _children_by_scan(pid: int) -> list[int]:
+    out: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid:
+            out.append(int(entry))
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid``, parents before their children (empty where there is none)."""
+    out: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in children(stack.pop()):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
 class ProcessFailed(RuntimeError):
     """A launched process exited or did not become ready in time; message includes its log tail."""
 
@@ -64,6 +114,7 @@ class DmoeProcess:
         self._ready_event = threading.Event()
         self._reader: threading.Thread | None = None
         self.frozen = False
+        self.frozen_helpers: list[int] = []  # stopped descendants outside the group (resumed first)
 
     @property
     def pid(self) -> int:
@@ -77,6 +128,7 @@ class DmoeProcess:
         self.ready = None
         self._ready_event.clear()
         self.frozen = False
+        self.frozen_helpers = []
         self.proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
@@ -138,15 +190,38 @@ class DmoeProcess:
             pass
 
     def kill(self) -> None:
-        """Crash: SIGKILL, no chance to clean up."""
+        """Crash: SIGKILL, no chance to clean up (helpers in other sessions die by their PDEATHSIG)."""
         self.send_signal(signal.SIGKILL)
         self._reap(10.0)
+        self.frozen = False
+        self.frozen_helpers = []
 
-    def freeze(self) -> None:
+    def freeze(self) -> list[int]:
+        """SIGSTOP the whole process tree; returns the stopped helpers that live outside the group."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
         self.send_signal(signal.SIGSTOP)
         self.frozen = True
+        for pid in descendants(self.proc.pid):
+            if pid in self.frozen_helpers:
+                continue
+            try:
+                if os.getpgid(pid) == self.proc.pid:
+                    continue  # already stopped with the group
+                os.kill(pid, signal.SIGSTOP)
+            except (ProcessLookupError, PermissionError):
+                continue  # exited meanwhile
+            self.frozen_helpers.append(pid)
+        return list(self.frozen_helpers)
 
     def resume(self) -> None:
+        """SIGCONT the helpers stopped by ``freeze``, then the group."""
+        for pid in self.frozen_helpers:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.frozen_helpers = []
         self.send_signal(signal.SIGCONT)
         self.frozen = False
 

@@ -135,30 +135,6 @@ def assign_experts(swarm: SwarmSpec) -> list[list[str]]:
     return per_node
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc; empty where there is none)."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    out: list[int] = []
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            out.append(child)
-            stack.append(child)
-    return out
-
-
 def coordinator_available() -> bool:
     return importlib.util.find_spec("dmoe.coordinator.cli") is not None
 
@@ -184,7 +160,7 @@ class _Node:
     experts: list[str]
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     grpc: str | None = None
-    frozen_helpers: list[int] = field(default_factory=list)  # stopped processes outside the node's group
+    watched_helpers: list[int] = field(default_factory=list)  # frozen helpers in sessions of their own (reaper)
 
 
 class Reaper:
@@ -547,10 +523,12 @@ class Simulation:
         if action == "crash":
             self.record(**fields, pid=proc.pid if proc.proc else None)
             await asyncio.to_thread(proc.kill)
+            self._forget_helpers(node)
             link.set_target(None)
         elif action == "leave":
             self.record(**fields, pid=proc.pid if proc.proc else None)
             code = await asyncio.to_thread(proc.stop, self.options.stop_timeout_s)
+            self._forget_helpers(node)
             link.set_target(None)
             if code not in (0, None):
                 logger.info("node%d left with exit code %s", node.index, code)
@@ -563,6 +541,7 @@ class Simulation:
         elif action == "rejoin":
             if proc.alive():  # e.g. a leave that had not finished: make sure the old one is gone
                 await asyncio.to_thread(proc.kill)
+            self._forget_helpers(node)
             if not event.keep_checkpoint:
                 await asyncio.to_thread(shutil.rmtree, node.checkpoint_dir, True)
             self.record(**fields)
@@ -586,35 +565,27 @@ class Simulation:
             raise ValueError(f"unknown action {action!r}")
 
     def _freeze(self, node: _Node) -> None:
-        """SIGSTOP the node's process group, then its helpers that live in groups of their own.
+        """SIGSTOP the node's whole process tree (``DmoeProcess.freeze``: its p2pd too).
 
-        hivemind's p2pd runs in its own session (it must outlive a terminal's Ctrl-C long enough
-        for a clean shutdown), so stopping the group alone would leave the node's DHT daemon
-        answering: a frozen machine answers nothing.
+        Helpers that lead sessions of their own are handed to the reaper, which resumes and kills
+        them should the simulator die while they are stopped.
         """
-        proc = node.proc
-        proc.freeze()  # the node first: a stopped process spawns nothing new
-        if proc.proc is None:
-            return
-        for pid in descendants(proc.pid):
-            try:
-                if os.getpgid(pid) == proc.pid:
-                    continue  # already stopped with the group
-                os.kill(pid, signal.SIGSTOP)
-            except (ProcessLookupError, PermissionError):
-                continue
-            node.frozen_helpers.append(pid)
-            if self.reaper is not None and os.getpgid(pid) == pid:
-                self.reaper.watch(pid)
+        for pid in node.proc.freeze():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if self.reaper is not None and os.getpgid(pid) == pid:
+                    self.reaper.watch(pid)
+                    node.watched_helpers.append(pid)
 
     def _resume(self, node: _Node) -> None:
-        for pid in node.frozen_helpers:  # helpers first: the node's first act may be to call them
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGCONT)
-            if self.reaper is not None:
-                self.reaper.forget(pid)
-        node.frozen_helpers.clear()
         node.proc.resume()
+        self._forget_helpers(node)
+
+    def _forget_helpers(self, node: _Node) -> None:
+        """The node's frozen helpers were resumed or died with it: the reaper need not watch them."""
+        if self.reaper is not None:
+            for pid in node.watched_helpers:
+                self.reaper.forget(pid)
+        node.watched_helpers.clear()
 
     async def _monitor(self, bar: Any) -> None:
         """Progress bar and a log line for processes that exit on their own."""
@@ -684,7 +655,7 @@ class Simulation:
         tr = self.scenario.trainer
         trainer_wait = max(stop_t, tr.forward_timeout_s + tr.backward_timeout_s + 15)
         for node in self.nodes:  # a frozen node would hold trainers' calls until their deadlines
-            if node.proc.frozen or node.frozen_helpers:
+            if node.proc.frozen:
                 self._resume(node)
             node.link.heal()
         with contextlib.suppress(Exception):
