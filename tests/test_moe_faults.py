@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,6 +102,24 @@ def assert_matches_healthy_half(layer: RemoteMixtureOfExperts, prefix: str, x: t
     torch.testing.assert_close(x_remote.grad, x_local.grad, rtol=1e-3, atol=1e-4)
 
 
+def process_state(pid: int) -> str | None:
+    """The /proc state letter of ``pid`` ('T' = stopped), None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def all_stopped(pids: list[int], timeout: float = 10.0) -> bool:
+    """SIGSTOP takes effect once each target is scheduled: poll until all are stopped."""
+    deadline = time.monotonic() + timeout
+    while not all(process_state(pid) == "T" for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def test_node_killed_between_steps(swarm, victims):
     victim = victims["kb"]
     endpoint = victim.ready["grpc"]
@@ -152,7 +171,8 @@ def test_frozen_node_is_bounded_by_the_deadline_and_banned(swarm, victims):
     step(layer, x)
     assert swarm.health.rtt(endpoint) is not None
 
-    victim.freeze()
+    helpers = victim.freeze()
+    assert helpers and all_stopped(helpers)  # its DHT daemon (p2pd) answers nothing either
     answered = dict(layer.choices.answered)
     started = time.monotonic()
     y = layer(x)
