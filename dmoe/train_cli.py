@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds an averaging round may take")
     g.add_argument("--average-state-every", type=positive_int, default=1,
                    help="collaborative steps between parameter-averaging rounds")
+    g.add_argument("--final-sync-timeout", type=non_negative_float, default=60.0,
+                   help="seconds the trainers that reach --steps may wait for each other to end with identical "
+                        "parameters (a trainer alone in its run does not wait)")
     return p
 
 
@@ -439,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                 options=CollabOptions(run_id=args.run_id, target_batch_size=args.target_batch_size,
                                       matchmaking_time=args.matchmaking_time,
                                       averaging_timeout=args.averaging_timeout,
-                                      average_state_every=args.average_state_every),
+                                      average_state_every=args.average_state_every,
+                                      final_sync_timeout=args.final_sync_timeout),
             )
             # each trainer of a run must see different batches
             peer = str(dht.peer_id).encode()

@@ -9,7 +9,8 @@ may take several local batches. Every attempted batch writes one JSON line to ``
      "failures": {"deadline": 1}, "failures_total": {...}, "experts_alive": 31, "experts_reached": 9}
 
 plus ``eval`` records (validation loss every ``--eval-every`` steps), ``checkpoint``, ``start``
-and ``stop`` records. The simulator and plots read this file.
+and ``stop`` records, and with ``--run-id`` a ``final_sync`` record (the trainers' agreement at
+``--steps``, see ``dmoe.collab``). The simulator and plots read this file.
 
 Failure handling: a batch whose forward or backward raises ``NotEnoughExperts`` (some sample got
 fewer than ``k_min`` answers) is *skipped*: gradients are dropped, the record says
@@ -88,7 +89,10 @@ class Updater(Protocol):
 
     def status(self) -> dict[str, Any]: ...  # extra fields for the step record
 
-    def flush(self) -> None: ...  # finish background work before a final checkpoint
+    def flush(self, *, final: bool = False, should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
+        """Finish background work before a checkpoint; ``final``: the run reached ``--steps``, so agree with
+        other trainers of the run (if any) before the last checkpoint. Returns a record for the log, or None."""
+        ...
 
     def shutdown(self) -> None: ...
 
@@ -122,8 +126,8 @@ class LocalUpdater:
     def status(self) -> dict[str, Any]:
         return {}
 
-    def flush(self) -> None:
-        pass
+    def flush(self, *, final: bool = False, should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
+        return None
 
     def shutdown(self) -> None:
         pass
@@ -534,6 +538,8 @@ class Trainer:
                     self.save()
             if self.stop_requested:
                 stopped_by = "signal"
+            if stopped_by == "steps" and self.step >= opts.steps:
+                self._final_sync()
             if self.step >= opts.steps and opts.eval_every > 0:
                 self._maybe_evaluate(force=True)
         finally:
@@ -550,6 +556,12 @@ class Trainer:
             self.log.write({"type": "stop", "time": time.time(), **{k: v for k, v in asdict(result).items()
                                                                      if k != "evals"}})
         return result
+
+    def _final_sync(self) -> None:
+        """Let the updater agree with the run's other trainers before the final evaluation and checkpoint."""
+        sync = self.updater.flush(final=True, should_stop=lambda: self.stop_requested is not None)
+        if sync is not None:
+            self.log.write({"type": "final_sync", "time": time.time(), **sync})
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
