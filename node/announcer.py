@@ -10,6 +10,13 @@ p2pd to withdraw its records; a crash of the node still takes p2pd down with it.
 documented there) with expiration ``ttl`` and refreshes them every ``ttl / 3`` with the current
 load, so a node that dies disappears from lookups within one ttl while a live one never blinks
 out even if one refresh is lost. ``stop(withdraw=True)`` overwrites them with tombstones.
+
+Rounds start on a fixed schedule and each may take up to ``ttl`` (its records are worthless
+after that): a store waits for hivemind's RPC timeout on every DHT peer that is frozen (several
+seconds, once to find the nearest peers and once to store), and rounds cut short at the next
+refresh never landed while any peer was frozen -- every node's records then expired together
+and whole layers vanished from lookups. A slow round does not delay the next one; at most three
+(one ttl's worth) run at once.
 """
 
 from __future__ import annotations
@@ -59,7 +66,10 @@ class Announcer:
         self.load = load
         self.node_info = node_info or dict
         self.interval = ttl / 3
+        self.round_timeout = ttl  # a round may land until the records it carries would expire
+        self.max_rounds = 3
         self._task: asyncio.Task | None = None
+        self._rounds: set[asyncio.Task[bool]] = set()
         self.on_result: Callable[[bool], None] | None = None
         self._failures = 0
 
@@ -73,7 +83,8 @@ class Announcer:
                 timeout or self.interval,
             )
         except (TimeoutError, OSError, RuntimeError) as e:
-            log.warning("announce failed: %s: %s", type(e).__name__, e)
+            log.warning("announce failed: %s", f"{type(e).__name__}: {e}" if str(e) else
+                        f"no answer within {timeout or self.interval:.1f}s")
             ok = False
         if self.on_result is not None:
             self.on_result(ok)
@@ -95,16 +106,32 @@ class Announcer:
         return ok
 
     async def _refresh_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + self.interval
         while True:
-            await asyncio.sleep(self.interval)
-            ok = await self.announce_once()
-            if ok and self._failures:
-                log.info("announce works again after %d failed round(s)", self._failures)
-                self._failures = 0
-            elif not ok:
-                self._failures += 1
-                if self._failures in (1, 10) or self._failures % 100 == 0:
-                    log.warning("announce round failed (%d in a row)", self._failures)
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            next_at = max(next_at + self.interval, loop.time())
+            if len(self._rounds) >= self.max_rounds:
+                log.debug("announce: %d rounds still running, skipping one", len(self._rounds))
+                continue
+            task = asyncio.create_task(self._round(), name="dmoe-announce-round")
+            self._rounds.add(task)
+            task.add_done_callback(self._rounds.discard)
+
+    async def _round(self) -> bool:
+        started = asyncio.get_running_loop().time()
+        ok = await self.announce_once(self.round_timeout)
+        took = asyncio.get_running_loop().time() - started
+        if ok and took > self.interval:
+            log.info("announce round took %.1fs (a DHT peer is slow or gone)", took)
+        if ok and self._failures:
+            log.info("announce works again after %d failed round(s)", self._failures)
+            self._failures = 0
+        elif not ok:
+            self._failures += 1
+            if self._failures in (1, 10) or self._failures % 100 == 0:
+                log.warning("announce round failed (%d in a row)", self._failures)
+        return ok
 
     async def stop(self, *, withdraw: bool = True, timeout: float = 5.0) -> None:
         if self._task is not None:
@@ -112,6 +139,10 @@ class Announcer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for task in list(self._rounds):
+            task.cancel()
+        if self._rounds:
+            await asyncio.gather(*self._rounds, return_exceptions=True)
         if withdraw:
             try:
                 ok = await asyncio.wait_for(
