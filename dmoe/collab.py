@@ -21,7 +21,7 @@ An all-reduce round is best effort: matchmaking can miss a peer on a busy machin
 fall back to local gradients, and a peer that finishes first and exits can cut off the results
 the others were still receiving from it. So the run ends with a **final agreement**
 (``CollaborativeUpdater.agree``): every trainer that reaches the last epoch publishes a
-fingerprint of its parameters in the DHT and waits (bounded by ``final_sync_timeout``) for the
+fingerprint of its parameters in the DHT and waits (bounded by ``final_sync_budget``) for the
 run's other trainers at or one epoch before that epoch. If the fingerprints differ, all adopt one
 of them (the most common, ties to the smallest peer id): the others download that trainer's
 parameters and optimizer state through hivemind's state sharing, which copies them bit for bit.
@@ -59,8 +59,20 @@ class CollabOptions:
     load_state_timeout: float = 60.0  # seconds to download state from a peer
     average_state_every: int = 1  # epochs between parameter/optimizer-state averaging rounds
     join_timeout: float = 10.0  # seconds to wait for the swarm's progress before deciding to download
-    final_sync_timeout: float = 60.0  # seconds the trainers of a run may take to agree at the last epoch
+    final_sync_timeout: float | None = None  # seconds to agree at the last epoch; None: see final_sync_budget
     poll_interval: float = 0.5  # seconds between DHT reads while agreeing
+
+    @property
+    def final_sync_budget(self) -> float:
+        """How long the trainers of a run may take to agree at the last epoch.
+
+        A trainer one epoch behind may still have to wait for hivemind's pending background state
+        round, run its last gradient round and wait for its last state round, each bounded by
+        ``averaging_timeout``; hence three of those plus time to notice the run's new epoch.
+        """
+        if self.final_sync_timeout is not None:
+            return self.final_sync_timeout
+        return 3 * self.averaging_timeout + 15.0
 
 
 @dataclass
@@ -219,9 +231,7 @@ class CollaborativeUpdater:
         opts = self.options
         epoch = self.step_count
         t0 = time.monotonic()
-        deadline = t0 + opts.final_sync_timeout
-        # a trainer still training can be blocked in one averaging round (matchmaking + all-reduce)
-        stale_after = opts.averaging_timeout + 2 * opts.matchmaking_time + 5.0
+        deadline = t0 + opts.final_sync_budget
         mine = params_fingerprint(self.params)
         self._publish(epoch, mine)
         downloaded = False
@@ -234,7 +244,7 @@ class CollaborativeUpdater:
             finals = {peer: r.params for peer, r in records.items() if r.epoch == epoch}
             finals[self._me] = mine
             finished_elsewhere = {peer for peer, r in records.items() if r.epoch != epoch}
-            waiting = self._training_peers(epoch, stale_after) - finals.keys() - finished_elsewhere - {self._me}
+            waiting = self._training_peers(epoch) - finals.keys() - finished_elsewhere - {self._me}
             chosen = _choose(finals)
             if not waiting and all(fp == chosen for fp in finals.values()):
                 agreed = True
@@ -282,7 +292,7 @@ class CollaborativeUpdater:
         return after, after != before
 
     def _publish(self, epoch: int, fingerprint: str) -> None:
-        expiration = get_dht_time() + self.options.final_sync_timeout + 60.0
+        expiration = get_dht_time() + self.options.final_sync_budget + 60.0
         ok = self.dht.store(self._final_key, subkey=self._me, value={"epoch": epoch, "params": fingerprint},
                             expiration_time=expiration)
         if not ok:
@@ -297,16 +307,19 @@ class CollaborativeUpdater:
                 records[peer] = _FinalRecord(epoch=value["epoch"], params=value["params"])
         return records
 
-    def _training_peers(self, epoch: int, stale_after: float) -> set[bytes]:
-        """Peers whose recent progress says they are at ``epoch`` or one before it (and so should arrive)."""
+    def _training_peers(self, epoch: int) -> set[bytes]:
+        """Peers whose progress record says they are at ``epoch`` or one before it (and so should arrive).
+
+        A live trainer's tracker refreshes its record even while blocked in an averaging round; a
+        trainer that exits withdraws it, and one that died drops out when the record expires.
+        """
         found = self.dht.get(f"{self.options.run_id}_progress", latest=True)
-        now = get_dht_time()
         peers: set[bytes] = set()
         for entry in _subkeys(found).values():
             value = entry.value if isinstance(entry, ValueWithExpiration) else None
             if not isinstance(value, dict) or value.get("client_mode"):
                 continue
-            if epoch - 1 <= int(value.get("epoch", -1)) <= epoch and now - float(value.get("time", 0.0)) < stale_after:
+            if epoch - 1 <= value.get("epoch", -1) <= epoch:
                 peers.add(bytes(value["peer_id"]))
         return peers
 

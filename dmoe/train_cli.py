@@ -155,9 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds an averaging round may take")
     g.add_argument("--average-state-every", type=positive_int, default=1,
                    help="collaborative steps between parameter-averaging rounds")
-    g.add_argument("--final-sync-timeout", type=non_negative_float, default=60.0,
+    g.add_argument("--final-sync-timeout", type=non_negative_float, default=None,
                    help="seconds the trainers that reach --steps may wait for each other to end with identical "
-                        "parameters (a trainer alone in its run does not wait)")
+                        "parameters; default 3 x --averaging-timeout + 15 (a trainer alone in its run does not wait)")
     return p
 
 
