@@ -45,6 +45,7 @@ from typing import Any
 
 import hivemind
 import torch
+from hivemind.optim.grad_averager import GradientAverager
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class CollaborativeUpdater:
         self.options = options
         self.dht = dht
         self.params = list(params)
+        request_timeout = min(3.0, options.matchmaking_time / 2)
         self.opt = hivemind.Optimizer(
             dht=dht,
             run_id=options.run_id,
@@ -110,8 +112,11 @@ class CollaborativeUpdater:
             load_state_timeout=options.load_state_timeout,
             average_state_every=options.average_state_every,
             verbose=False,
-            # hivemind warns (deadlock risk) unless its request timeout is below the matchmaking time
-            averager_opts={"request_timeout": min(3.0, options.matchmaking_time / 2)},
+            # matchmaking can deadlock unless a request times out before the matchmaking time is over;
+            # hivemind 1.1 passes averager_opts to the state averager only, so the gradient averager
+            # gets the same limit through its factory
+            averager_opts={"request_timeout": request_timeout},
+            grad_averager_factory=partial(GradientAverager, request_timeout=request_timeout),
         )
         self.loaded_from_peers = 0  # state downloads: at join, when out of sync, at the final agreement
         self.local_only_steps = 0  # epochs applied with local gradients although other trainers were seen
