@@ -13,31 +13,33 @@ answers only after hivemind's ``wait_timeout`` -- the merged record comes back w
 subkey: a healthy node's experts vanish from a lookup (seen in tests/test_moe_faults.py: a 4x4
 grid's root record came back as ``[2, 3]`` while every answering peer listed ``0..3``).
 
-``DictionaryDHTValue.store`` is wrapped to reject an older or equal copy before hivemind touches
-its index. Importing ``dmoe.dht_access`` applies it (every dmoe process that talks to the DHT).
+``TimedStorage.store`` (the base of both a peer's storage and ``DictionaryDHTValue``) is wrapped
+to reject an older or equal copy before hivemind touches its index, so plain records (which
+hivemind's averager uses) keep their newest copy too. Importing ``dmoe.dht_access`` applies it
+(every dmoe process that talks to the DHT); a ``hivemind.DHT`` started afterwards is a forked
+child and inherits it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from hivemind.dht.storage import DictionaryDHTValue
+from hivemind.utils.timed_storage import TimedStorage
 
 
 def apply() -> None:
-    """Idempotent: wrap ``DictionaryDHTValue.store`` once per process."""
-    original = DictionaryDHTValue.store
+    """Idempotent: wrap ``TimedStorage.store`` once per process."""
+    original = TimedStorage.store
     if getattr(original, "_dmoe_keeps_newest", False):
         return
 
-    def store(self: DictionaryDHTValue, key: Any, value: Any, expiration_time: float) -> bool:
+    def store(self: TimedStorage, key: Any, value: Any, expiration_time: float) -> bool:
         held = self.data.get(key)
         if held is not None and held.expiration_time >= expiration_time:
             return False  # what hivemind answers too, minus re-indexing the key under the older time
         return original(self, key, value, expiration_time)
 
     store._dmoe_keeps_newest = True  # type: ignore[attr-defined]
-    DictionaryDHTValue.store = store  # type: ignore[method-assign]
-
+    TimedStorage.store = store  # type: ignore[method-assign]
 
 apply()
