@@ -38,6 +38,15 @@ Caching and time
 empty prefixes for ``negative_ttl``, drops endpoints whose record expired, shares in-flight
 lookups, and caps every DHT call at ``lookup_timeout``.
 
+Lookups slow down exactly when the swarm is in trouble: while a DHT peer is frozen, every
+hivemind ``get`` waits out its RPC timeout (3 s). So a search that holds an older entry with
+records still alive waits only ``stale_wait`` for its refresh and goes on with the older entry
+(the refresh lands in the cache for the next step); it waits longer only for what it knows
+nothing about. And *alive* means: the record is unexpired, or its endpoint answered this client
+within ``vouch_window`` and has not failed since -- the client's own observation outranks a
+DHT that serves late copies of records (a node whose refresh did not reach the peers we asked is
+not dead). An entry whose records are all dead is not "empty" but unknown until it is read again.
+
 An empty answer is not always the truth: hivemind's ``get`` reports "not found" when the peers
 holding a key did not answer in time (frozen or overloaded peers), and a negative cache entry
 would then hide alive experts for ``negative_ttl``. So a child record that comes back empty while
@@ -87,6 +96,8 @@ class LookupOptions:
     cache_ttl: float = 5.0  # seconds a fetched prefix record is reused (keep below the announce TTL)
     negative_ttl: float = 2.0  # seconds an empty prefix is remembered as empty
     lookup_timeout: float = 10.0  # hard cap of one DHT lookup, seconds (finishes in the background)
+    stale_wait: float = 0.3  # seconds a search waits for a refresh when it holds an older, still alive entry
+    vouch_window: float = 10.0  # seconds: an endpoint that answered this recently is alive, record expired or not
 
 
 @dataclass
@@ -98,32 +109,50 @@ class _CacheEntry:
 class PrefixTable:
     """Cached, deduplicated DHT prefix lookups. Lives in (and is only touched from) the swarm's loop."""
 
-    def __init__(self, registry: ExpertRegistry, options: LookupOptions, stats: Any) -> None:
+    def __init__(
+        self, registry: ExpertRegistry, options: LookupOptions, stats: Any, *,
+        vouch: Callable[[str, float], bool] | None = None,
+    ) -> None:
         self.registry = registry
         self.options = options
         self.stats = stats
+        self.vouch = vouch  # (endpoint, window) -> it answered within the window and has not failed since
         self._cache: dict[str, _CacheEntry] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
 
-    def _fresh(self, prefix: str, now: float) -> Children | None:
-        entry = self._cache.get(prefix)
-        if entry is None:
-            return None
-        ttl = self.options.cache_ttl if entry.children else self.options.negative_ttl
-        return _unexpired(entry.children) if now - entry.fetched < ttl else None
+    def _alive(self, children: Children) -> Children:
+        """The endpoints of ``children`` whose record is unexpired or whose endpoint answered us lately."""
+        now = get_dht_time()
+        window = self.options.vouch_window
+        out: Children = {}
+        for coord, endpoints in children.items():
+            alive = [e for e in endpoints
+                     if e.expiration > now or (self.vouch is not None and self.vouch(e.endpoint, window))]
+            if alive:
+                out[coord] = alive
+        return out
+
+    def _known(self, entry: _CacheEntry) -> Children | None:
+        """What an entry says now: its alive children, or None if it had children and all are dead."""
+        alive = self._alive(entry.children)
+        return alive if alive or not entry.children else None
 
     async def fetch(self, prefixes: Sequence[str], timeout: float) -> dict[str, Children | None]:
         """Children of each prefix; ``None`` when a lookup did not finish in ``timeout`` and nothing is cached."""
         now = time.monotonic()
         result: dict[str, Children | None] = {}
         missing: list[str] = []
+        stale_alive = True  # every missing prefix has an older entry with alive records to fall back on
         for prefix in dict.fromkeys(prefixes):
-            fresh = self._fresh(prefix, now)
-            if fresh is not None:
-                result[prefix] = fresh
+            entry = self._cache.get(prefix)
+            known = self._known(entry) if entry is not None else None
+            ttl = self.options.cache_ttl if entry is not None and entry.children else self.options.negative_ttl
+            if entry is not None and known is not None and now - entry.fetched < ttl:
+                result[prefix] = known
                 self.stats.cache_hits += 1
             else:
                 missing.append(prefix)
+                stale_alive = stale_alive and bool(known)
         if not missing:
             return result
         new = [p for p in missing if p not in self._inflight]
@@ -132,12 +161,13 @@ class PrefixTable:
             for p in new:
                 self._inflight[p] = task
         tasks = {self._inflight[p] for p in missing if p in self._inflight}
-        if tasks and timeout > 0:
-            await asyncio.wait(tasks, timeout=timeout)  # never cancels them: they warm the cache
+        wait = min(timeout, self.options.stale_wait) if stale_alive else timeout
+        if tasks and wait > 0:
+            await asyncio.wait(tasks, timeout=wait)  # never cancels them: they warm the cache
         for prefix in missing:
             entry = self._cache.get(prefix)
-            # fresh if the lookup finished; else a stale entry whose records have not expired yet
-            result[prefix] = _unexpired(entry.children) if entry is not None else None
+            # fresh if the lookup finished; else an older entry whose records are still alive
+            result[prefix] = self._known(entry) if entry is not None else None
         return result
 
     async def _lookup(self, prefixes: list[str]) -> None:
@@ -178,7 +208,7 @@ class PrefixTable:
         entry = self._cache.get(key)
         if entry is None or not entry.children or now - entry.fetched >= self.options.cache_ttl:
             return False
-        return coord in _unexpired({coord: entry.children.get(coord, [])})
+        return coord in self._alive({coord: entry.children.get(coord, [])})
 
     def _distrust(self, prefix: str) -> None:
         """An empty answer that contradicts the parent: unanswered, and the parent is read again."""
@@ -203,16 +233,6 @@ def _parent_key(prefix: str) -> tuple[str, int] | None:
     if not sep or not last.isdigit():
         return None
     return head + UID_DELIMITER, int(last)
-
-
-def _unexpired(children: Children) -> Children:
-    now = get_dht_time()
-    out: Children = {}
-    for coord, endpoints in children.items():
-        alive = [e for e in endpoints if e.expiration > now]
-        if alive:
-            out[coord] = alive
-    return out
 
 
 @dataclass(frozen=True)

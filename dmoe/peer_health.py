@@ -12,6 +12,10 @@
   concurrent calls at once: that is one failure, not eight). Callers skip banned endpoints when
   they have a choice and try them anyway when they do not (see ``order``).
 
+* **Seen alive.** The time of the last answer is kept: an endpoint that answered a moment ago is
+  alive whatever the DHT says, which lets expert lookups ride out a DHT that briefly serves
+  stale or late records (see ``dmoe.beam_search``).
+
 Written from the asyncio loop thread, read from torch threads (beam search): a lock keeps the
 small state consistent.
 """
@@ -38,6 +42,7 @@ class _Peer:
     banned_until: float = 0.0
     banned_since: float = float("-inf")  # when the current ban (incident) began
     last_failure_kind: str = ""
+    last_success: float = float("-inf")  # when it last answered (same clock)
 
 
 class PeerHealth:
@@ -54,6 +59,7 @@ class PeerHealth:
             peer.rtt = latency if peer.rtt is None else (1 - alpha) * peer.rtt + alpha * latency
             peer.failures = 0
             peer.banned_until = 0.0
+            peer.last_success = self._clock()
 
     def record_failure(self, endpoint: str, kind: str, *, started: float | None = None) -> float:
         """Ban ``endpoint``; returns the new ban's duration in seconds, 0.0 if the ban is unchanged.
@@ -77,6 +83,15 @@ class PeerHealth:
         with self._lock:
             peer = self._peers.get(endpoint)
             return peer is not None and peer.banned_until > self._clock()
+
+    def answered_within(self, endpoint: str, seconds: float) -> bool:
+        """True if ``endpoint`` answered in the last ``seconds`` and is not banned since."""
+        with self._lock:
+            peer = self._peers.get(endpoint)
+            if peer is None:
+                return False
+            now = self._clock()
+            return now - peer.last_success <= seconds and peer.banned_until <= now
 
     def rtt(self, endpoint: str) -> float | None:
         with self._lock:

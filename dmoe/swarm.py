@@ -131,7 +131,8 @@ class Swarm:
             raise
         self.dht = dht
         self.registry = ExpertRegistry(dht)
-        self.prefixes = PrefixTable(self.registry, self.lookup_options, self.stats_counters)
+        self.prefixes = PrefixTable(self.registry, self.lookup_options, self.stats_counters,
+                                    vouch=self.health.answered_within)
 
     @classmethod
     def from_dht(cls, dht: hivemind.DHT, **kwargs: Any) -> Swarm:
