@@ -132,17 +132,18 @@ def test_every_node_gone_for_a_while_skips_steps_then_training_resumes(launch, t
 @pytest.mark.timeout(600)
 def test_two_trainers_with_one_run_id_end_with_equal_parameters(launch, tmp_path):
     node = launch("node", node_args("layer0.ffn.[0:4].[0:4],layer1.ffn.[0:4].[0:4]"), name="node", **PROC)
-    # alone, A needs 8 batches per collaborative step: B joins while A is still far from step 12
     common = ["--initial-peers", *node.ready["dht"], *MODEL, "--run-id", "shared", "--steps", "12",
               "--eval-every", "0", "--target-batch-size", "64", "--matchmaking-time", "2", "--averaging-timeout", "10",
               "--dht-host-maddrs", "/ip4/127.0.0.1/tcp/0"]
     log_a, log_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a = launch("train", [*common, "--seed", "0", "--log-file", str(log_a), "--checkpoint-dir", str(tmp_path / "ca")],
                name="trainer_a", **PROC)
-    wait_for(lambda: steps_done(log_a) >= 1, timeout=120, what="trainer A at step 1", proc=a)
-    # B starts late, with other initial weights and other data: it must download A's state first
+    # B starts while A trains alone (8 batches per step): B's start-up takes several of A's steps, so B joins
+    # late, far from step 12, and must first download A's state (B has other initial weights and other data)
     b = launch("train", [*common, "--seed", "5", "--log-file", str(log_b), "--checkpoint-dir", str(tmp_path / "cb")],
-               name="trainer_b", **PROC)
+               name="trainer_b", wait=False, **PROC)
+    wait_for(lambda: steps_done(log_a) >= 1, timeout=120, what="trainer A at step 1", proc=a)
+    b.wait_ready(PROC["timeout"])
     finish(a)
     finish(b)
 
