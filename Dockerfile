@@ -48,8 +48,8 @@ COPY dmoe /src/dmoe
 COPY node /src/node
 COPY coordinator /src/coordinator
 RUN pip install -q --no-index --no-deps --no-build-isolation /src && rm -rf /src/build /src/*.egg-info \
-    && env -u PYTHONDONTWRITEBYTECODE python3 -c 'import dmoe.node.cli, dmoe.train_cli, dmoe.coordinator.cli, \
-dmoe.coordinator.chaos_cli, dmoe.links, dmoe.trainer, dmoe.model'
+    && env -u PYTHONDONTWRITEBYTECODE python3 -c 'import dmoe.node.cli, dmoe.train.cli, dmoe.coordinator.cli, \
+dmoe.sim.chaos_cli, dmoe.sim.links, dmoe.train.trainer, dmoe.train.model'
 
 COPY scenarios /opt/dmoe-scenarios
 COPY docker/scenarios /opt/dmoe-scenarios/docker

@@ -23,13 +23,13 @@ demo: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m dmoe.protogen --check
+	$(PY) -m dmoe.wire.protogen --check
 
 test: setup system-deps lint
 	$(VENV)/bin/pytest -q
 
 proto: setup
-	$(PY) -m dmoe.protogen
+	$(PY) -m dmoe.wire.protogen
 
 compose-demo: setup system-deps
 	$(PY) scripts/compose_demo.py

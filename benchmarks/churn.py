@@ -144,9 +144,8 @@ async def ramp(*, out: Path, step: int, maximum: int, min_free_gb: float, timeou
                train_steps: int) -> dict[str, Any]:
     import concurrent.futures
 
-    from dmoe.coordinator.launcher import DmoeProcess, ProcessFailed
-
-    from dmoe.links import LinkEmulator, LinkModel
+    from dmoe.sim.launcher import DmoeProcess, ProcessFailed
+    from dmoe.sim.links import LinkEmulator, LinkModel
 
     # every process start/stop blocks a worker thread: enough of them that stops never queue behind starts
     asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(2 * maximum + 16))

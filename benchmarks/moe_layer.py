@@ -62,9 +62,8 @@ def _median(values: list[float]) -> float:
 
 
 def run_dmoe(*, hidden: int, batches: list[int], warmup: int, repeats: int, logs: Path) -> dict[str, Any]:
-    from dmoe.coordinator.launcher import DmoeProcess
-
     from dmoe import RemoteMixtureOfExperts, Swarm
+    from dmoe.sim.launcher import DmoeProcess
 
     def node(experts: str, name: str, peers: list[str]) -> DmoeProcess:
         args = ["--experts", experts, "--hidden-dim", str(hidden), "--host", "127.0.0.1", "--port", "0",
@@ -200,7 +199,7 @@ def run_hivemind(*, hidden: int, batches: list[int], warmup: int, repeats: int, 
     from hivemind.moe.client.moe import RemoteMixtureOfExperts as HivemindMoE
     from hivemind.moe.server.dht_handler import get_experts
 
-    from dmoe.uids import parse_expert_pattern
+    from dmoe.dht.uids import parse_expert_pattern
 
     servers = [HivemindServer(parse_expert_pattern(HALVES[0]), hidden, [], logs / "hivemind_a.log")]
     dht = None

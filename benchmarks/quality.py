@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dmoe.coordinator.launcher import DmoeProcess
+from dmoe.sim.launcher import DmoeProcess
 
 MODES = ("local", "nodes", "nodes_kill")
 

@@ -70,9 +70,9 @@ def _make_step(kind: str, params: dict[str, Any], index: int) -> Any:
     if kind == "dmoe":
         import grpc
 
-        from dmoe.proto import expert_pb2 as pb
-        from dmoe.proto import expert_pb2_grpc as pb_grpc
-        from dmoe.wire import GRPC_OPTIONS, deserialize_tensors, serialize_tensors
+        from dmoe.wire.codec import GRPC_OPTIONS, deserialize_tensors, serialize_tensors
+        from dmoe.wire.proto import expert_pb2 as pb
+        from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
 
         torch.set_num_threads(1)
         stub = pb_grpc.ExpertServiceStub(grpc.insecure_channel(params["endpoint"], options=GRPC_OPTIONS))
@@ -234,7 +234,7 @@ def _interleave(stack: ExitStack, groups: list[WorkerGroup], *, duration: float,
 # ---- servers ----
 
 def _start_dmoe_node(stack: ExitStack, uids: list[str], hidden: int, tmp: Path, extra: list[str]) -> tuple[str, int]:
-    from dmoe.coordinator.launcher import DmoeProcess
+    from dmoe.sim.launcher import DmoeProcess
 
     args = ["--experts", ",".join(uids), "--hidden-dim", str(hidden), "--host", "127.0.0.1", *extra]
     proc = DmoeProcess("node", args, name="node", log_path=tmp / f"node-{time.time():.0f}.log").start()

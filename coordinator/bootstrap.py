@@ -38,7 +38,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
-from dmoe.dht_access import InLoopDHT
+from dmoe.dht.access import InLoopDHT
 from dmoe.errors import DmoeError
 
 logger = logging.getLogger(__name__)

@@ -27,9 +27,9 @@ from dmoe.coordinator.view import PrefixSpec, SwarmView, parse_prefixes
 from hivemind.utils.multiaddr import Multiaddr
 
 from dmoe.config import make_parser, port_number, positive_float, setup_logging
+from dmoe.dht.registry import ExpertRegistry
 from dmoe.errors import ConfigError
 from dmoe.ready import print_ready
-from dmoe.registry import ExpertRegistry
 
 logger = logging.getLogger("dmoe.coordinator")
 

@@ -36,9 +36,9 @@ from typing import Any
 
 from hivemind.utils import get_dht_time
 
+from dmoe.dht.registry import ExpertEndpoint, ExpertRegistry, NodeRecord
+from dmoe.dht.uids import UID_DELIMITER, split_uid
 from dmoe.errors import ConfigError
-from dmoe.registry import ExpertEndpoint, ExpertRegistry, NodeRecord
-from dmoe.uids import UID_DELIMITER, split_uid
 
 logger = logging.getLogger(__name__)
 

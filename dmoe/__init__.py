@@ -28,16 +28,16 @@ from dmoe.errors import (
 )
 
 if TYPE_CHECKING:
-    from dmoe.gating import LocalMixtureOfExperts
-    from dmoe.moe import RemoteMixtureOfExperts
-    from dmoe.remote_expert import RemoteExpert
-    from dmoe.swarm import Swarm
+    from dmoe.client.gating import LocalMixtureOfExperts
+    from dmoe.client.moe import RemoteMixtureOfExperts
+    from dmoe.client.remote_expert import RemoteExpert
+    from dmoe.client.swarm import Swarm
 
 _LAZY = {
-    "Swarm": "dmoe.swarm",
-    "RemoteExpert": "dmoe.remote_expert",
-    "RemoteMixtureOfExperts": "dmoe.moe",
-    "LocalMixtureOfExperts": "dmoe.gating",
+    "Swarm": "dmoe.client.swarm",
+    "RemoteExpert": "dmoe.client.remote_expert",
+    "RemoteMixtureOfExperts": "dmoe.client.moe",
+    "LocalMixtureOfExperts": "dmoe.client.gating",
 }
 
 __all__ = [

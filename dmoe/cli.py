@@ -14,10 +14,10 @@ from dmoe.errors import DmoeError
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "node": ("dmoe.node.cli", "serve experts over gRPC and announce them in the DHT"),
-    "train": ("dmoe.train_cli", "join a swarm and train a language model through remote experts"),
+    "train": ("dmoe.train.cli", "join a swarm and train a language model through remote experts"),
     "coordinator": ("dmoe.coordinator.cli", "stable bootstrap peer and live view of a swarm"),
-    "simulate": ("dmoe.coordinator.simulate_cli", "run a swarm under churn and home links, write a report"),
-    "chaos": ("dmoe.coordinator.chaos_cli", "inject churn into a docker-compose swarm through the Docker API"),
+    "simulate": ("dmoe.sim.cli", "run a swarm under churn and home links, write a report"),
+    "chaos": ("dmoe.sim.chaos_cli", "inject churn into a docker-compose swarm through the Docker API"),
 }
 
 USAGE = "usage: dmoe {" + ",".join(SUBCOMMANDS) + "} [--help] ...\n\n" + "\n".join(

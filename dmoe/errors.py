@@ -1,7 +1,7 @@
 """dmoe's failure kinds: one small tree, so a caller catches ``DmoeError`` and a log names the kind.
 
 Lower-level exceptions (grpc.aio.AioRpcError, asyncio.TimeoutError, bad payloads) are mapped to
-these at the client boundary by ``dmoe.remote_call``.
+these at the client boundary by ``dmoe.client.remote_call``.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ from dmoe.errors import ConfigError
 
 @dataclass(frozen=True)
 class TensorSchema:
-    """dtype name (see dmoe.wire.DTYPES) and shape with -1 for free dimensions; dim 0 is the batch."""
+    """dtype name (see dmoe.wire.codec.DTYPES) and shape with -1 for free dimensions; dim 0 is the batch."""
 
     dtype: str
     shape: tuple[int, ...]

@@ -4,7 +4,7 @@ Roles:
 
 * ``coordinator`` — ``dmoe coordinator`` on a fixed DHT port, announcing the container's address.
 * ``node`` — shapes its own interface like a home line (``tc``, see home_link.py), starts the
-  ``dmoe.links`` emulator in front of its gRPC port for latency (and download rate when the kernel
+  ``dmoe.sim.links`` emulator in front of its gRPC port for latency (and download rate when the kernel
   cannot police ingress), finds the coordinator's DHT address from its ``/status`` page, and runs
   ``dmoe node`` announcing the emulator's address. Which experts it serves follows from its replica
   number (the ``N`` in the compose container name ``<project>-node-N``, found by reverse DNS).
@@ -41,10 +41,10 @@ for _sig in (signal.SIGUSR1, signal.SIGUSR2):
     signal.signal(_sig, lambda sig, _frame: _link_signal.append(sig))
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dmoe.coordinator.swarm_layout import node_args, node_link, trainer_args  # noqa: E402
 from home_link import apply_home_link  # noqa: E402
 
-from dmoe.scenario import Scenario, load_scenario  # noqa: E402
+from dmoe.sim.placement import node_args, node_link, trainer_args  # noqa: E402
+from dmoe.sim.scenario import Scenario, load_scenario  # noqa: E402
 
 SCENARIO_DIRS = ("/opt/dmoe-scenarios/docker", "/opt/dmoe-scenarios")
 
@@ -206,7 +206,7 @@ def run_node(extra: list[str]) -> int:
         wipe.unlink(missing_ok=True)
     peers = coordinator_peers(env_float("SWARM_WAIT_S", 180))
     # The emulator adds latency, jitter and drops, and shapes the rates tc could not (inf = tc does it).
-    emulator = [sys.executable, "-m", "dmoe.links", "--listen", str(NODE_GRPC_PORT),
+    emulator = [sys.executable, "-m", "dmoe.sim.links", "--listen", str(NODE_GRPC_PORT),
                 "--target", f"127.0.0.1:{NODE_INNER_PORT}",
                 "--up-mbit", "inf" if shaped.up_mbit else str(link.up_mbit),
                 "--down-mbit", "inf" if shaped.down_mbit else str(link.down_mbit),

@@ -3,9 +3,9 @@
 * **Upload** (bytes leaving the container): a ``tbf`` qdisc at the root of the interface.
 * **Download** (bytes arriving): an ``ingress`` qdisc with a ``police`` filter that drops what exceeds
   the rate (TCP then settles at about that rate). Kernels without ``act_police`` get none; the
-  caller then leaves download shaping to the user-space link emulator (``dmoe.links``).
+  caller then leaves download shaping to the user-space link emulator (``dmoe.sim.links``).
 * **Latency** is not done here: ``netem`` is missing on many kernels (ours included), so the
-  entrypoint puts ``dmoe.links`` in front of the node's gRPC port for it.
+  entrypoint puts ``dmoe.sim.links`` in front of the node's gRPC port for it.
 
 Run standalone: ``python3 home_link.py --dev eth0 --up-mbit 20 --down-mbit 100`` (prints what it did).
 """

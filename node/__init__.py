@@ -6,7 +6,7 @@
 * ``validation`` request checks against an expert's schema (``RpcFailure``).
 * ``batching``   per-expert queues, fair oldest-first batching, admission limits, deadline drops, worker threads.
 * ``backend``    one expert + its optimizer: forward, backward with recompute, clip, step; snapshots.
-* ``announcer``  joins hivemind's DHT and keeps the node's signed records fresh (``dmoe.registry`` layout).
+* ``announcer``  joins hivemind's DHT and keeps the node's signed records fresh (``dmoe.dht.registry`` layout).
 * ``checkpoint`` crash-safe checkpoint files (write, fsync, rename, fsync dir; keep the newest few).
 * ``metrics``    Prometheus counters and histograms, served on ``--metrics-port``.
 """

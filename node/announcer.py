@@ -1,12 +1,12 @@
 """Joining the DHT and keeping this node's expert records alive in it.
 
-``start_dht`` starts hivemind's DHTNode in the node's own event loop (``dmoe.dht_access.InLoopDHT``,
+``start_dht`` starts hivemind's DHTNode in the node's own event loop (``dmoe.dht.access.InLoopDHT``,
 records signed by hivemind's ``RSASignatureValidator``). Its p2pd daemon is started in a session
 of its own with ``PR_SET_PDEATHSIG=SIGKILL``: a SIGTERM sent to the node's process group (what
 the launcher does for a graceful leave) then reaches only the node, whose shutdown still needs
 p2pd to withdraw its records; a crash of the node still takes p2pd down with it.
 
-``Announcer`` stores every expert's records through ``dmoe.registry.ExpertRegistry`` (key layout
+``Announcer`` stores every expert's records through ``dmoe.dht.registry.ExpertRegistry`` (key layout
 documented there) with expiration ``ttl`` and refreshes them every ``ttl / 3`` with the current
 load, so a node that dies disappears from lookups within one ttl while a live one never blinks
 out even if one refresh is lost. ``stop(withdraw=True)`` overwrites them with tombstones.
@@ -27,8 +27,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dmoe.dht_access import InLoopDHT
-from dmoe.registry import ExpertRegistry
+from dmoe.dht.access import InLoopDHT
+from dmoe.dht.registry import ExpertRegistry
 
 log = logging.getLogger(__name__)
 

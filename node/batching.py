@@ -39,8 +39,8 @@ from dmoe.node.backend import ExpertBackend
 from dmoe.node.metrics import NodeMetrics
 from dmoe.node.validation import RpcFailure
 
-from dmoe.proto import expert_pb2 as pb
-from dmoe.wire import serialize_tensor
+from dmoe.wire.codec import serialize_tensor
+from dmoe.wire.proto import expert_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from dmoe.config import (
     positive_int,
     setup_logging,
 )
+from dmoe.dht.uids import parse_expert_pattern
 from dmoe.errors import ConfigError
 from dmoe.ready import print_ready
-from dmoe.uids import parse_expert_pattern
 
 if TYPE_CHECKING:  # torch, grpc and hivemind load only after the flags parsed (fast errors, fast --help)
     from dmoe.node.runtime import NodeConfig

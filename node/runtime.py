@@ -28,11 +28,11 @@ from dmoe.node.checkpoint import CheckpointStore
 from dmoe.node.metrics import NodeMetrics
 from dmoe.node.server import ExpertServicer
 
-from dmoe.dht_access import InLoopDHT
+from dmoe.dht.access import InLoopDHT
+from dmoe.dht.registry import ExpertRegistry
 from dmoe.experts import create_expert, expert_schema
-from dmoe.proto import expert_pb2_grpc as pb_grpc
-from dmoe.registry import ExpertRegistry
-from dmoe.wire import GRPC_OPTIONS
+from dmoe.wire.codec import GRPC_OPTIONS
+from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ deadline passed while queued           DEADLINE_EXCEEDED (dropped without comput
 node shutting down                     UNAVAILABLE
 =====================================  ====================
 
-Payloads over ``dmoe.wire.MAX_UNARY_BYTES`` come through the ``*Stream`` RPCs: the client cuts a
+Payloads over ``dmoe.wire.codec.MAX_UNARY_BYTES`` come through the ``*Stream`` RPCs: the client cuts a
 serialized ``ExpertRequest`` into ``Chunk`` messages, the reply comes back the same way.
 """
 
@@ -32,9 +32,9 @@ from dmoe.node.validation import RpcFailure, batch_signature, check_request, inv
 from google.protobuf.message import DecodeError
 
 from dmoe.errors import WireFormatError
-from dmoe.proto import expert_pb2 as pb
-from dmoe.proto import expert_pb2_grpc as pb_grpc
-from dmoe.wire import check_compression, deserialize_tensor, iter_chunks, payload_bytes
+from dmoe.wire.codec import check_compression, deserialize_tensor, iter_chunks, payload_bytes
+from dmoe.wire.proto import expert_pb2 as pb
+from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import grpc
 import torch
 
 from dmoe.experts import ExpertSchema, TensorSchema
-from dmoe.wire import DTYPES
+from dmoe.wire.codec import DTYPES
 
 # dtype names the schema may use, mapped to torch dtypes
 _SCHEMA_DTYPES = DTYPES

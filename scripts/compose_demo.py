@@ -26,11 +26,11 @@ from typing import Any
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dmoe.coordinator.docker_api import DockerAPI, DockerAPIError  # noqa: E402
-from dmoe.coordinator.report import format_table, write_report  # noqa: E402
 from docker_env import REPO, DockerEnv, DockerEnvError, log  # noqa: E402
 
-from dmoe.scenario import load_scenario  # noqa: E402
+from dmoe.sim.docker_api import DockerAPI, DockerAPIError  # noqa: E402
+from dmoe.sim.report import format_table, write_report  # noqa: E402
+from dmoe.sim.scenario import load_scenario  # noqa: E402
 
 PROJECT_LABEL = "com.docker.compose.project"
 
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="compose_demo.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--scenario", default=str(REPO / "docker" / "scenarios" / "compose.toml"),
-                   help="scenario TOML (dmoe.scenario) the swarm and the chaos service follow")
+                   help="scenario TOML (dmoe.sim.scenario) the swarm and the chaos service follow")
     p.add_argument("--out", default=str(REPO / "runs" / "compose-demo"), help="run directory (emptied first)")
     p.add_argument("--nodes", type=int, default=None, help="node containers; default: the scenario's swarm.nodes")
     p.add_argument("--project", default="dmoedemo", help="compose project name")

@@ -58,7 +58,7 @@ from typing import IO
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from a checkout: import the repository's dmoe
 
-from dmoe.coordinator.docker_api import DockerAPI, DockerAPIError  # noqa: E402
+from dmoe.sim.docker_api import DockerAPI, DockerAPIError  # noqa: E402
 
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "iproute2")
 APT_PACKAGES = {"dockerd": "docker.io", "docker": "docker.io", "debootstrap": "debootstrap"}

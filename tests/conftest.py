@@ -7,7 +7,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from dmoe.coordinator.launcher import DmoeProcess
+
+from dmoe.sim.launcher import DmoeProcess
 
 TESTS_DIR = Path(__file__).resolve().parent
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")

@@ -12,11 +12,11 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from dmoe.coordinator.launcher import DmoeProcess
 from torch import nn
 
+from dmoe.dht.uids import parse_expert_pattern
 from dmoe.experts import create_expert
-from dmoe.uids import parse_expert_pattern
+from dmoe.sim.launcher import DmoeProcess
 
 TESTS_DIR = Path(__file__).resolve().parent
 HIDDEN = 16

@@ -1,6 +1,6 @@
 """Test helpers that talk to a real node the way any client would: raw gRPC stubs and a DHT peer.
 
-Deliberately independent of the library's client (``dmoe.remote_call``) so node tests check the
+Deliberately independent of the library's client (``dmoe.client.remote_call``) so node tests check the
 node against the wire contract itself.
 """
 
@@ -12,11 +12,18 @@ from collections.abc import Sequence
 import grpc
 import torch
 
-from dmoe.dht_access import InLoopDHT
-from dmoe.proto import expert_pb2 as pb
-from dmoe.proto import expert_pb2_grpc as pb_grpc
-from dmoe.registry import ExpertEndpoint, ExpertRegistry
-from dmoe.wire import GRPC_OPTIONS, MAX_UNARY_BYTES, deserialize_tensors, iter_chunks, payload_bytes, serialize_tensors
+from dmoe.dht.access import InLoopDHT
+from dmoe.dht.registry import ExpertEndpoint, ExpertRegistry
+from dmoe.wire.codec import (
+    GRPC_OPTIONS,
+    MAX_UNARY_BYTES,
+    deserialize_tensors,
+    iter_chunks,
+    payload_bytes,
+    serialize_tensors,
+)
+from dmoe.wire.proto import expert_pb2 as pb
+from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
 
 _CHANNELS: dict[str, grpc.Channel] = {}
 

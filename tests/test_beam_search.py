@@ -18,11 +18,11 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
 from hivemind.utils.crypto import RSAPrivateKey
 
-from dmoe.beam_search import BeamSearch, LookupOptions, exhaustive_top_k
-from dmoe.dht_access import InLoopDHT
-from dmoe.registry import ExpertRegistry
-from dmoe.swarm import Swarm
-from dmoe.uids import make_uid
+from dmoe.client.beam_search import BeamSearch, LookupOptions, exhaustive_top_k
+from dmoe.client.swarm import Swarm
+from dmoe.dht.access import InLoopDHT
+from dmoe.dht.registry import ExpertRegistry
+from dmoe.dht.uids import make_uid
 
 ENDPOINT_A = "127.0.0.1:1"  # never called: beam search only reads DHT records
 ENDPOINT_B = "127.0.0.1:2"
@@ -250,7 +250,7 @@ def test_an_endpoint_that_answered_lately_outlives_its_expired_record(peers):
 
 
 def test_an_older_copy_of_a_record_does_not_hide_the_newer(peers):
-    """hivemind 1.1 evicted a subkey at the expiration of an *older* copy merged after it (dmoe.dht_storage_fix)."""
+    """hivemind 1.1 evicted a subkey at the expiration of an *older* copy merged after it (dmoe.dht.patches)."""
     a, _ = peers
     announce(a, ["older.0.0"], ENDPOINT_A, ttl=60.0)
     # a late, older copy of the same entries (a delayed replica, a peer's cached copy): rejected, and harmless

@@ -11,8 +11,8 @@ from collections import Counter
 import pytest
 from scipy import stats
 
-from dmoe.churn import ChurnEvent, ChurnModel, node_states, serving_intervals
-from dmoe.scenario import scenario_from_dict
+from dmoe.sim.churn import ChurnEvent, ChurnModel, node_states, serving_intervals
+from dmoe.sim.scenario import scenario_from_dict
 
 
 def make(churn: dict | None = None, *, nodes: int = 8, duration: float = 600, events: list | None = None,

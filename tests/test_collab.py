@@ -1,4 +1,4 @@
-"""The final agreement of ``dmoe.collab``: trainers of one run that reach the last epoch with different
+"""The final agreement of ``dmoe.train.collab``: trainers of one run that reach the last epoch with different
 parameters end bit-identical, and a trainer alone in its run does not wait.
 
 Each trainer is a real OS process (a fresh interpreter) with its own hivemind DHT and
@@ -21,7 +21,7 @@ import hivemind
 import pytest
 import torch
 
-from dmoe.collab import CollabOptions, CollaborativeUpdater, params_fingerprint
+from dmoe.train.collab import CollabOptions, CollaborativeUpdater, params_fingerprint
 
 TESTS_DIR = Path(__file__).resolve().parent
 

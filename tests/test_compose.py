@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dmoe.coordinator.docker_api import DockerAPI, DockerAPIError
+
+from dmoe.sim.docker_api import DockerAPI, DockerAPIError
 
 REPO = Path(__file__).resolve().parent.parent
 PROJECT_LABEL = "com.docker.compose.project"

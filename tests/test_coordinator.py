@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dmoe.coordinator.launcher import DmoeProcess
 from prometheus_client.parser import text_string_to_metric_families
+
+from dmoe.sim.launcher import DmoeProcess
 
 TTL = 6.0  # --announce-ttl of the nodes (s)
 REFRESH = 0.5  # --refresh-period of the coordinators (s)

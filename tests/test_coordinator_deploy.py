@@ -25,7 +25,7 @@ def exported_series() -> set[str]:
     from dmoe.node.metrics import NodeMetrics
 
     from dmoe import client_metrics
-    from dmoe.trainer import TrainerMetrics
+    from dmoe.train.trainer import TrainerMetrics
 
     swarm = CollectorRegistry()
     swarm.register(SwarmCollector(SwarmView(registry=None), dht_peers=lambda: 0))  # type: ignore[arg-type]

@@ -28,9 +28,9 @@ from hivemind.utils.crypto import RSAPrivateKey
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dmoe.dht_access import InLoopDHT
+from dmoe.dht.access import InLoopDHT
+from dmoe.dht.registry import ExpertRegistry
 from dmoe.errors import ConfigError
-from dmoe.registry import ExpertRegistry
 
 
 async def _peer(initial_peers: list[str] | None = None) -> InLoopDHT:

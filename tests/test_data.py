@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dmoe.data import ByteCorpus, _is_validation, default_corpus_root
 from dmoe.errors import ConfigError
+from dmoe.train.data import ByteCorpus, _is_validation, default_corpus_root
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ import pytest
 import uvloop
 
 from dmoe.errors import ConfigError
-from dmoe.links import LinkEmulator, LinkModel, TokenBucket
 from dmoe.ready import parse_ready
+from dmoe.sim.links import LinkEmulator, LinkModel, TokenBucket
 
 MB = 1_000_000
 
@@ -373,7 +373,7 @@ def test_token_bucket_serializes_in_fifo_order():
 def test_standalone_runner_forwards_and_rejects_bad_flags(tmp_path):
     server = Server(_echo)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dmoe.links", "--listen", "0", "--listen-host", "127.0.0.1",
+    proc = subprocess.Popen([sys.executable, "-m", "dmoe.sim.links", "--listen", "0", "--listen-host", "127.0.0.1",
                              "--target", f"127.0.0.1:{server.port}", "--latency-ms", "10", "--up-mbit", "50"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:
@@ -391,9 +391,9 @@ def test_standalone_runner_forwards_and_rejects_bad_flags(tmp_path):
         proc.terminate()
         assert proc.wait(10) == 0
         server.close()
-    bad = subprocess.run([sys.executable, "-m", "dmoe.links", "--listen", "0", "--target", "nowhere"],
+    bad = subprocess.run([sys.executable, "-m", "dmoe.sim.links", "--listen", "0", "--target", "nowhere"],
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
-    bad = subprocess.run([sys.executable, "-m", "dmoe.links", "--listen", "0", "--target", "h:1", "--up-mbit", "0"],
+    bad = subprocess.run([sys.executable, "-m", "dmoe.sim.links", "--listen", "0", "--target", "h:1", "--up-mbit", "0"],
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "up-mbit" in bad.stderr

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from dmoe.client.gating import LocalMixtureOfExperts
 from dmoe.experts import create_expert
-from dmoe.gating import LocalMixtureOfExperts
-from dmoe.model import GPT, ExpertOptimizer, ModelConfig, local_moe_factory
+from dmoe.train.model import GPT, ExpertOptimizer, ModelConfig, local_moe_factory
 
 CFG = ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, grid_size=(2, 3), k_best=2)
 

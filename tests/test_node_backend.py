@@ -20,7 +20,7 @@ from torch import nn
 
 from dmoe.errors import ConfigError
 from dmoe.experts import ExpertSchema, TensorSchema, create_expert, default_schema, expert_schema, load_expert_class
-from dmoe.wire import deserialize_tensors
+from dmoe.wire.codec import deserialize_tensors
 
 H = 16
 

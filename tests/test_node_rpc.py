@@ -14,12 +14,12 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from dmoe.coordinator.launcher import DmoeProcess
 from node_rpc import call, call_request, close_channels, find_experts, status_of, stub, updates
 
 from dmoe.experts import create_expert
-from dmoe.proto import expert_pb2 as pb
-from dmoe.wire import serialize_tensor, serialize_tensors
+from dmoe.sim.launcher import DmoeProcess
+from dmoe.wire.codec import serialize_tensor, serialize_tensors
+from dmoe.wire.proto import expert_pb2 as pb
 
 TESTS_DIR = Path(__file__).resolve().parent
 H = 32

@@ -14,9 +14,9 @@ from dmoe.node.checkpoint import CheckpointStore
 from hivemind.utils import get_dht_time
 from node_rpc import call, close_channels, find_experts
 
-from dmoe.dht_access import InLoopDHT
+from dmoe.dht.access import InLoopDHT
+from dmoe.dht.registry import ExpertRegistry
 from dmoe.experts import create_expert
-from dmoe.registry import ExpertRegistry
 
 H = 16
 UIDS = ["ffn.0.0", "ffn.0.1", "ffn.0.2"]

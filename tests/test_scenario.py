@@ -10,11 +10,11 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from dmoe.coordinator.simulate import assign_experts, builtin_scenario
 
-from dmoe.churn import ChurnModel
 from dmoe.errors import ConfigError
-from dmoe.scenario import Distribution, load_scenario, scenario_from_dict
+from dmoe.sim.churn import ChurnModel
+from dmoe.sim.scenario import Distribution, load_scenario, scenario_from_dict
+from dmoe.sim.simulate import assign_experts, builtin_scenario
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 SHIPPED = ["baseline", "home-broadband", "churn", "home-churn", "mass-failure", "freeze"]

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from dmoe.coordinator.report import read_jsonl
+
+from dmoe.sim.report import read_jsonl
 
 SMALL_SWARM = """
 name = "{name}"

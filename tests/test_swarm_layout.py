@@ -8,11 +8,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from dmoe.coordinator.docker_api import demultiplex
-from dmoe.coordinator.swarm_layout import layer_uids, node_args, node_experts, node_link, trainer_args
 
-from dmoe.churn import ChurnModel
-from dmoe.scenario import load_scenario, scenario_from_dict
+from dmoe.sim.churn import ChurnModel
+from dmoe.sim.docker_api import demultiplex
+from dmoe.sim.placement import layer_uids, node_args, node_experts, node_link, trainer_args
+from dmoe.sim.scenario import load_scenario, scenario_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,7 +54,7 @@ def test_node_link_matches_the_churn_timeline_links() -> None:
 def test_role_flags_parse_with_the_real_parsers() -> None:
     from dmoe.node.cli import build_parser as node_parser
 
-    from dmoe.train_cli import build_parser as train_parser
+    from dmoe.train.cli import build_parser as train_parser
 
     sc = load_scenario(REPO / "docker" / "scenarios" / "compose.toml")
     node = node_parser().parse_args(node_args(sc, 1))

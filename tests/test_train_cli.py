@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from dmoe.cli import main as dmoe_main
-from dmoe.trainer import load_checkpoint
-from dmoe.uids import parse_expert_pattern
+from dmoe.dht.uids import parse_expert_pattern
+from dmoe.train.trainer import load_checkpoint
 
 SMALL = ["--batch-size", "4", "--block-size", "32", "--eval-batches", "1", "--no-progress", "--torch-threads", "1"]
 

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from dmoe.data import ByteCorpus
 from dmoe.errors import ConfigError
-from dmoe.model import GPT, ExpertOptimizer, ModelConfig, local_moe_factory
-from dmoe.trainer import LocalUpdater, Trainer, TrainOptions, load_checkpoint
+from dmoe.train.data import ByteCorpus
+from dmoe.train.model import GPT, ExpertOptimizer, ModelConfig, local_moe_factory
+from dmoe.train.trainer import LocalUpdater, Trainer, TrainOptions, load_checkpoint
 
 CFG = ModelConfig(block_size=32, n_layer=1, n_head=2, n_embd=32, grid_size=(2, 2), k_best=2)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmoe.trainer import load_checkpoint
+from dmoe.train.trainer import load_checkpoint
 
 H = "64"
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from dmoe.dht.uids import make_uid, parse_expert_pattern, split_uid, uid_prefixes
 from dmoe.errors import ConfigError
-from dmoe.uids import make_uid, parse_expert_pattern, split_uid, uid_prefixes
 
 
 def test_grid_patterns_expand_in_grid_order():

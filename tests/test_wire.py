@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from dmoe.errors import WireFormatError
-from dmoe.proto import expert_pb2 as pb
-from dmoe.wire import (
+from dmoe.wire.codec import (
     CHUNK_BYTES,
     check_compression,
     deserialize_tensor,
@@ -17,6 +16,7 @@ from dmoe.wire import (
     serialize_tensor,
     serialize_tensors,
 )
+from dmoe.wire.proto import expert_pb2 as pb
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.float64,

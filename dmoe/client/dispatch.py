@@ -1,0 +1,377 @@
+"""Concurrent expert calls of one MoE forward or backward: the k_min rule, stuck calls, rerouting.
+
+Every token has ``k`` slots, each assigned to one expert; the tokens routed to one expert travel
+in one request (a *job*), and all jobs run at once in the swarm's loop. A slot is *answered* when
+its job returns a valid answer while the slot still points at that job.
+
+When to stop waiting
+--------------------
+* A token is *settled* when it has ``need`` answers, or when nothing it still waits for can
+  arrive. Once every token is settled the dispatch waits at most ``timeout_after_k_min`` more
+  for the remaining jobs, and never past ``deadline``.
+* A job is *stuck* when its endpoint has made no progress -- no answer to any job of this
+  dispatch -- for longer than ``timeout_after_k_min`` and than twice the latency it could be
+  expected to have (the fastest answer of this dispatch, or the endpoint's recent RTT EWMA),
+  counted from when the attempt began; and in any case once half the time to the deadline has
+  passed without progress, so that a fallback still has the other half. A backward compares only
+  with this dispatch's answers (``rtt_reference=False``): the RTT EWMA mostly measures forwards,
+  which are several times faster than a backward with its recompute and optimizer step. A node that works
+  through a queue keeps answering and is not stuck; a frozen or partitioned one is. A stuck job
+  no longer holds anybody back; it keeps running in case it answers, and is cancelled when the
+  dispatch ends.
+* Cancelled at the end: a stuck job, or any job still running at the deadline, bans its
+  endpoint (``Swarm.penalize``); a job cancelled only because enough answers arrived is
+  counted as ``late`` and not banned. This is what keeps a SIGSTOPped node from stalling a step
+  until the deadline, and from being called again in the next step.
+
+Rerouting (forward only)
+------------------------
+A token left short of ``need`` whose remaining slots have all failed or are stuck gets its
+unanswered slots reassigned to its next-best alive experts (a new exact search that excludes
+every expert the token already tried and every endpoint currently failing), as long as time is
+left; when the lookups that search needs have not answered yet (slow DHT), it tries again
+shortly instead of giving the token up. Only new jobs are created; the stuck ones are not
+touched, and an answer arriving later for a reassigned slot is ignored. Backward never reroutes:
+gradients must come from the very experts (and endpoints) that produced the forward outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from dmoe.client.beam_search import FoundExpert
+from dmoe.client.remote_call import TensorSpec
+from dmoe.client.swarm import CallProgress, Swarm
+from dmoe.errors import DeadlineExceeded, ExpertCallError
+from dmoe.wire.proto import expert_pb2 as pb
+
+_MAX_NAP = 0.5  # seconds: re-evaluate at least this often (a replica retry changes the endpoint tried)
+_REROUTE_RETRY = 0.25  # seconds between reroute attempts while DHT lookups have not answered
+
+
+@dataclass(eq=False)
+class Job:
+    """One request to one expert, answering the (token, slot) pairs it is assigned to."""
+
+    index: int
+    uid: str
+    endpoints: tuple[str, ...]
+    rows: np.ndarray  # (r,) token index of each request row
+    slots: np.ndarray  # (r,) slot of that token this row answers
+    request: pb.ExpertRequest
+    expected: tuple[TensorSpec, ...]
+    started: float = 0.0
+    finished: float | None = None
+    progress: CallProgress = field(default_factory=CallProgress)  # endpoint being tried, since when
+    task: asyncio.Task[Any] | None = None
+    endpoint: str | None = None  # the endpoint that answered
+    tensors: list[torch.Tensor] | None = None
+    error: ExpertCallError | None = None
+    stuck: bool = False
+    late: bool = False  # cancelled only because every token had enough answers (not a failure)
+
+    @property
+    def open(self) -> bool:
+        return self.finished is None
+
+
+class Router(Protocol):
+    """What a forward dispatch needs to reroute tokens (implemented by the MoE layer)."""
+
+    def alternatives(
+        self,
+        tokens: np.ndarray,
+        need: Sequence[int],
+        exclude: Sequence[set[tuple[int, ...]]],
+        is_banned: Callable[[str], bool],
+        deadline: float,
+    ) -> Awaitable[tuple[list[list[FoundExpert]], bool]]:
+        """Next-best experts per token, and whether the search was complete (all lookups answered)."""
+        ...
+
+    def build(self, uid: str, rows: np.ndarray) -> tuple[pb.ExpertRequest, tuple[TensorSpec, ...]]: ...
+
+
+@dataclass
+class DispatchStats:
+    reroutes: int = 0  # tokens rerouted
+    stuck: int = 0  # jobs declared stuck
+    abandoned: int = 0  # jobs cancelled when the dispatch ended
+
+
+class Dispatch:
+    def __init__(
+        self,
+        swarm: Swarm,
+        *,
+        method: str,
+        num_tokens: int,
+        num_slots: int,
+        need: np.ndarray,
+        deadline: float,
+        timeout_after_k_min: float,
+        retry: bool,
+        router: Router | None = None,
+        detect_stuck: bool = True,
+        rtt_reference: bool = True,
+    ) -> None:
+        self.swarm = swarm
+        self.method = method
+        self.need = need  # (N,) answers each token needs
+        self.deadline = deadline
+        self.timeout_after_k_min = timeout_after_k_min
+        self.retry = retry
+        self.router = router
+        self.detect_stuck = detect_stuck
+        self.rtt_reference = rtt_reference  # the endpoint's RTT EWMA is a fair latency reference
+        self.jobs: list[Job] = []
+        self.slot_job = np.full((num_tokens, num_slots), -1, dtype=np.int64)  # (N, k)
+        self.slot_ok = np.zeros((num_tokens, num_slots), dtype=bool)  # (N, k)
+        self.slot_expert: list[list[FoundExpert | None]] = [[None] * num_slots for _ in range(num_tokens)]
+        self.tried: list[set[tuple[int, ...]]] = [set() for _ in range(num_tokens)]
+        self.exhausted = np.zeros(num_tokens, dtype=bool)  # rerouting found nothing more
+        self.suspects: set[str] = set()  # endpoints of stuck jobs: avoided when rerouting
+        self.stats = DispatchStats()
+        self._fastest: float | None = None
+        self._last_answer: dict[str, float] = {}  # endpoint -> when it last answered in this dispatch
+        self._started = time.monotonic()
+        self._retry_at = 0.0  # no reroute before this (after a search that could not finish its lookups)
+
+    # ---- jobs ----
+
+    def add_job(
+        self,
+        uid: str,
+        endpoints: Sequence[str],
+        rows: np.ndarray,
+        slots: np.ndarray,
+        request: pb.ExpertRequest,
+        expected: tuple[TensorSpec, ...],
+        *,
+        assign: np.ndarray | None = None,
+    ) -> Job:
+        """Register a job; ``assign`` (bool per row, default all) says which rows' slots it answers."""
+        job = Job(len(self.jobs), uid, tuple(endpoints), rows, slots, request, expected)
+        self.jobs.append(job)
+        chosen = slice(None) if assign is None else assign
+        self.slot_job[rows[chosen], slots[chosen]] = job.index
+        return job
+
+    def assign_expert(self, token: int, slot: int, expert: FoundExpert) -> None:
+        self.slot_expert[token][slot] = expert
+        self.tried[token].add(expert.coords)
+
+    def _start(self, job: Job) -> None:
+        job.started = time.monotonic()
+        job.task = asyncio.get_running_loop().create_task(
+            self.swarm.call(job.endpoints, job.request, method=self.method, deadline=self.deadline,
+                            expected=job.expected, retry=self.retry, progress=job.progress)
+        )
+
+    def _finish(self, job: Job) -> None:
+        assert job.task is not None
+        job.finished = time.monotonic()
+        try:
+            job.endpoint, job.tensors = job.task.result()
+        except ExpertCallError as e:
+            job.error = e
+            return
+        latency = job.finished - job.progress.started
+        self._fastest = latency if self._fastest is None else min(self._fastest, latency)
+        self._last_answer[job.endpoint] = job.finished
+        mine = self.used(job.index)
+        self.slot_ok[job.rows[mine], job.slots[mine]] = True
+
+    def used(self, index: int) -> np.ndarray:
+        """Bool per request row of job ``index``: its slot is still assigned to this job."""
+        job = self.jobs[index]
+        return self.slot_job[job.rows, job.slots] == index
+
+    # ---- the loop ----
+
+    def _live(self) -> np.ndarray:
+        """(N,) slots per token whose job is still running and not stuck."""
+        live = np.zeros(self.slot_job.shape[0], dtype=np.int64)
+        for index, job in enumerate(self.jobs):
+            if job.open and not job.stuck:
+                mine = self.used(index)
+                np.add.at(live, job.rows[mine], 1)
+        return live
+
+    async def run(self) -> None:
+        self._started = time.monotonic()
+        for job in self.jobs:
+            self._start(job)
+        settle_at: float | None = None
+        while True:
+            await asyncio.sleep(0)  # let new calls start, so each shows which endpoint it tries
+            now = time.monotonic()
+            if now >= self.deadline:
+                break
+            answers = self.slot_ok.sum(axis=1)
+            live = self._live()
+            waiting = np.zeros_like(self.exhausted)  # short tokens a reroute may still help
+            if self.router is not None:
+                hopeless = (answers < self.need) & (live == 0) & ~self.exhausted
+                if hopeless.any() and now >= self._retry_at:
+                    await self._reroute(np.nonzero(hopeless)[0])
+                    live = self._live()
+                waiting = (answers < self.need) & (live == 0) & ~self.exhausted
+            settled = (answers >= self.need) | ((live == 0) & ~waiting)
+            open_jobs = [j for j in self.jobs if j.open]
+            if not open_jobs and not waiting.any():
+                break
+            end_at = self.deadline
+            if settled.all():
+                settle_at = settle_at if settle_at is not None else now
+                end_at = min(self.deadline, settle_at + self.timeout_after_k_min)
+                if not any(not j.stuck for j in open_jobs):
+                    break  # only stuck calls left: nobody waits for them
+            else:
+                settle_at = None  # a reroute re-opened some tokens
+            wake = end_at
+            for job in open_jobs:
+                stuck_at = self._stuck_at(job)
+                if stuck_at is not None and not job.stuck:
+                    wake = min(wake, stuck_at)
+            if waiting.any():
+                wake = min(wake, self._retry_at)
+            now = time.monotonic()
+            if wake <= now:
+                if end_at <= now:
+                    break
+                wake = now
+            timeout = min(max(wake - now, 0.0), _MAX_NAP)
+            pending = {j.task for j in open_jobs if j.task is not None}
+            if not pending:
+                await asyncio.sleep(timeout)
+                continue
+            done, _ = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            for job in open_jobs:
+                if job.task in done:
+                    self._finish(job)
+            self._mark_stuck()
+        await self._cancel_open()
+
+    def _stuck_at(self, job: Job) -> float | None:
+        """When ``job`` will be presumed stuck (``time.monotonic()``); None: no reference, never.
+
+        Its endpoint must have made no progress (no answer in this dispatch) for longer than
+        ``timeout_after_k_min`` and than twice the expected latency, since the attempt began.
+        """
+        endpoint = job.progress.endpoint
+        if not self.detect_stuck or endpoint is None:
+            return None
+        since = max(job.progress.started, self._last_answer.get(endpoint, 0.0))
+        halfway = self._started + 0.5 * (self.deadline - self._started)  # leave a fallback the other half
+        rtt = self.swarm.health.rtt(endpoint) if self.rtt_reference else None
+        references = [r for r in (rtt, self._fastest) if r is not None]
+        if not references:
+            return max(since, halfway)
+        return max(since, min(halfway, since + max(self.timeout_after_k_min, 2.0 * min(references))))
+
+    def _mark_stuck(self) -> None:
+        now = time.monotonic()
+        for job in self.jobs:
+            if not job.open or job.stuck:
+                continue
+            stuck_at = self._stuck_at(job)
+            if stuck_at is not None and now >= stuck_at:
+                job.stuck = True
+                assert job.progress.endpoint is not None
+                self.suspects.add(job.progress.endpoint)
+                self.stats.stuck += 1
+
+    async def _cancel_open(self) -> None:
+        """Cancel what still runs: stuck calls and calls past the deadline ban their endpoint, late ones don't."""
+        open_jobs = [j for j in self.jobs if j.open and j.task is not None]
+        for job in open_jobs:
+            assert job.task is not None
+            job.task.cancel()
+        if open_jobs:
+            await asyncio.gather(*(j.task for j in open_jobs if j.task is not None), return_exceptions=True)
+        past_deadline = time.monotonic() >= self.deadline - 0.01
+        for job in open_jobs:
+            job.finished = time.monotonic()
+            endpoint = job.progress.endpoint
+            why = "stuck" if job.stuck else "deadline" if past_deadline else "late"
+            message = f"{self.method} of {job.uid} at {endpoint} abandoned ({why})"
+            if why == "late" or endpoint is None:
+                self.swarm.note_late(self.method)
+            else:
+                self.swarm.penalize(endpoint, self.method, why, message, started=job.progress.started)
+            job.error = DeadlineExceeded(message, uid=job.uid, endpoint=endpoint or "")
+            job.late = why == "late"
+            self.stats.abandoned += 1
+
+    async def _reroute(self, tokens: np.ndarray) -> None:
+        assert self.router is not None
+        free: list[list[int]] = []
+        for t in tokens.tolist():
+            slots = [
+                s for s in range(self.slot_job.shape[1])
+                if not self.slot_ok[t, s] and (self.slot_job[t, s] < 0 or not self._slot_live(t, s))
+            ]
+            free.append(slots)
+        suspects = set(self.suspects)
+        health = self.swarm.health
+        alternatives, complete = await self.router.alternatives(
+            tokens,
+            [len(f) for f in free],
+            [self.tried[t] for t in tokens.tolist()],
+            lambda endpoint: endpoint in suspects or health.is_banned(endpoint),
+            self.deadline,
+        )
+        groups: dict[str, tuple[FoundExpert, list[int], list[int]]] = {}
+        for t, slots, found in zip(tokens.tolist(), free, alternatives, strict=True):
+            found = [e for e in found if e.coords not in self.tried[t]]
+            if not found:
+                if complete:
+                    self.exhausted[t] = True  # nothing else is alive
+                else:  # lookups still running (slow DHT): try again shortly, they warm the cache
+                    self._retry_at = time.monotonic() + _REROUTE_RETRY
+                continue
+            self.stats.reroutes += 1
+            for slot, expert in zip(slots, found, strict=False):
+                self.assign_expert(t, slot, expert)
+                entry = groups.setdefault(expert.uid, (expert, [], []))
+                entry[1].append(t)
+                entry[2].append(slot)
+        for uid, (expert, rows, slots) in groups.items():
+            rows_np, slots_np = np.asarray(rows, dtype=np.int64), np.asarray(slots, dtype=np.int64)
+            request, expected = self.router.build(uid, rows_np)
+            job = self.add_job(uid, expert.endpoints, rows_np, slots_np, request, expected)
+            self._start(job)
+
+    def _slot_live(self, token: int, slot: int) -> bool:
+        job = self.jobs[self.slot_job[token, slot]]
+        return job.open and not job.stuck
+
+
+@dataclass
+class CallSummary:
+    """What the layer records about one dispatch."""
+
+    answered: int = 0
+    late: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, dispatch: Dispatch) -> CallSummary:
+        summary = cls()
+        for job in dispatch.jobs:
+            if job.tensors is not None:
+                summary.answered += 1
+            elif job.late:
+                summary.late += 1
+            else:
+                kind = job.error.kind if job.error is not None else "unknown"
+                summary.failures[kind] = summary.failures.get(kind, 0) + 1
+        return summary

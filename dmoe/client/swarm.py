@@ -1,0 +1,347 @@
+"""``Swarm``: the client's handle on a dmoe swarm, shared by every layer of a model and the trainer.
+
+One background thread runs one uvloop asyncio loop that owns everything networked:
+
+* the DHT access: by default an in-loop ``hivemind.dht.DHTNode`` joined through
+  ``initial_peers`` (client mode when joining, so a trainer behind NAT needs no open port), or an
+  existing ``hivemind.DHT`` wrapped with ``Swarm.from_dht`` (shared with e.g. an averager);
+* the ``ExpertRegistry`` and the ``PrefixTable`` cache of DHT lookups used by beam search;
+* one gRPC aio channel per expert endpoint (reused by every call; least recently used are closed
+  past ``max_channels``);
+* ``PeerHealth``: RTT EWMA and bans per endpoint.
+
+Torch code (autograd functions, beam search bookkeeping) runs in the caller's thread and hands
+coroutines to the loop with ``run(coro, timeout)``: a blocking bridge that always has a finite
+timeout and cancels the coroutine when it expires. Serialization happens in the caller's thread
+too, so the loop only moves bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import logging
+import threading
+import time
+import weakref
+from collections import Counter, OrderedDict
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import hivemind
+import torch
+import uvloop
+
+from dmoe.client import metrics
+from dmoe.client.beam_search import LookupOptions, PrefixTable
+from dmoe.client.peer_health import HealthOptions, PeerHealth
+from dmoe.client.remote_call import TensorSpec, call_expert
+from dmoe.dht.access import DHTAccess, InLoopDHT, ProcessDHT
+from dmoe.dht.registry import ExpertRegistry
+from dmoe.errors import DeadlineExceeded, DmoeError, ExpertCallError
+from dmoe.wire.codec import GRPC_OPTIONS
+from dmoe.wire.proto import expert_pb2 as pb
+from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_MIN_ATTEMPT = 0.005  # seconds: below this there is no point starting another replica attempt
+_NO_BAN_STATUSES = ("INVALID_ARGUMENT",)  # our request was bad: another node would say the same
+_LIVE_SWARMS: weakref.WeakSet[Swarm] = weakref.WeakSet()
+
+
+@dataclass
+class CallProgress:
+    """Which endpoint a running ``Swarm.call`` is trying, since when (``time.monotonic()``)."""
+
+    endpoint: str | None = None
+    started: float = 0.0
+
+
+@dataclass
+class SwarmStats:
+    """Counters of one Swarm (all layers using it); ``Swarm.stats`` returns a snapshot dict."""
+
+    calls: Counter[str] = field(default_factory=Counter)  # by method, one per endpoint attempt
+    answers: Counter[str] = field(default_factory=Counter)  # successful calls by method
+    failures: Counter[str] = field(default_factory=Counter)  # by failure kind
+    late: Counter[str] = field(default_factory=Counter)  # by method: cancelled once enough answers were in
+    retries: int = 0
+    bans: int = 0
+    lookups: int = 0  # DHT prefix keys fetched
+    lookup_batches: int = 0
+    lookup_failures: int = 0
+    lookup_seconds: float = 0.0
+    cache_hits: int = 0
+    searches: int = 0
+
+
+class Swarm:
+    """Client handle on a swarm. ``Swarm(initial_peers=[...])`` joins; ``Swarm.from_dht(dht)`` reuses a DHT.
+
+    ``use_dht=False`` gives a handle with gRPC only (for ``RemoteExpert`` with known endpoints).
+    Always ``shutdown()`` (or use ``with Swarm(...) as swarm``); it is also done at exit.
+    """
+
+    def __init__(
+        self,
+        initial_peers: Sequence[str] = (),
+        *,
+        client_mode: bool | None = None,
+        host_maddrs: Sequence[str] | None = None,
+        use_dht: bool = True,
+        dht_kwargs: dict[str, Any] | None = None,
+        health: HealthOptions | None = None,
+        lookup: LookupOptions | None = None,
+        max_channels: int = 256,
+        start_timeout: float = 60.0,
+        _dht: hivemind.DHT | None = None,
+    ) -> None:
+        self.health = PeerHealth(health)
+        self.stats_counters = SwarmStats()
+        self.lookup_options = lookup or LookupOptions()
+        self.max_channels = max_channels
+        self.dht: DHTAccess | None = None
+        self.registry: ExpertRegistry | None = None
+        self.prefixes: PrefixTable | None = None
+        self._channels: OrderedDict[str, tuple[grpc.aio.Channel, pb_grpc.ExpertServiceStub]] = OrderedDict()
+        self._closed = False
+        self._loop = uvloop.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="dmoe-swarm", daemon=True)
+        self._thread.start()
+        _LIVE_SWARMS.add(self)
+        if not use_dht:
+            return
+        try:
+            if _dht is not None:
+                dht: DHTAccess = ProcessDHT(_dht)
+            else:
+                peers = list(initial_peers)
+                mode = bool(peers) if client_mode is None else client_mode
+                kwargs: dict[str, Any] = {"initial_peers": peers, "client_mode": mode, **(dht_kwargs or {})}
+                if host_maddrs is not None:
+                    kwargs["host_maddrs"] = list(host_maddrs)
+                dht = self.run(InLoopDHT.create(**kwargs), timeout=start_timeout)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.dht = dht
+        self.registry = ExpertRegistry(dht)
+        self.prefixes = PrefixTable(self.registry, self.lookup_options, self.stats_counters,
+                                    vouch=self.health.answered_within)
+
+    @classmethod
+    def from_dht(cls, dht: hivemind.DHT, **kwargs: Any) -> Swarm:
+        """Use an existing ``hivemind.DHT`` (it stays running after ``shutdown``)."""
+        return cls(_dht=dht, **kwargs)
+
+    # ---- loop thread and sync bridge ----
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        """Run ``coro`` in the swarm's loop and wait at most ``timeout`` seconds for it (then cancel it)."""
+        if self._closed:
+            coro.close()
+            raise DmoeError("this Swarm was shut down")
+        if threading.get_ident() == self._thread.ident:
+            coro.close()
+            raise RuntimeError("Swarm.run called from the swarm's own loop thread; await the coroutine instead")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(max(timeout, 0.0))
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise DeadlineExceeded(f"swarm operation did not finish within {timeout:.2f}s") from None
+        except BaseException:
+            future.cancel()  # KeyboardInterrupt in the caller: do not leave the coroutine running
+            raise
+
+    # ---- gRPC channels and calls (loop thread only) ----
+
+    def stub(self, endpoint: str) -> pb_grpc.ExpertServiceStub:
+        entry = self._channels.get(endpoint)
+        if entry is not None:
+            self._channels.move_to_end(endpoint)
+            return entry[1]
+        channel = grpc.aio.insecure_channel(endpoint, options=GRPC_OPTIONS)
+        stub = pb_grpc.ExpertServiceStub(channel)
+        self._channels[endpoint] = (channel, stub)
+        while len(self._channels) > self.max_channels:
+            _, (old, _) = self._channels.popitem(last=False)
+            asyncio.get_running_loop().create_task(old.close(grace=None))
+        return stub
+
+    async def call(
+        self,
+        endpoints: Sequence[str],
+        request: pb.ExpertRequest,
+        *,
+        method: str,
+        deadline: float,
+        expected: Sequence[TensorSpec] | None = None,
+        retry: bool = True,
+        progress: CallProgress | None = None,
+    ) -> tuple[str, list[torch.Tensor]]:
+        """Call one expert; on failure retry its other replicas (lowest RTT first) until ``deadline``.
+
+        ``deadline`` is a ``time.monotonic()`` instant. Returns (endpoint that answered, tensors);
+        raises the last ``ExpertCallError`` if none answered. Each attempt gets an equal share of
+        the time left, so one frozen replica cannot eat the time of the others. ``progress``
+        shows the caller which endpoint is being tried (to judge a call it cancels).
+        """
+        order = self.health.order(endpoints) if retry else list(endpoints[:1])
+        last_error: ExpertCallError | None = None
+        for i, endpoint in enumerate(order):
+            remaining = deadline - time.monotonic()
+            if remaining < _MIN_ATTEMPT:
+                break
+            if progress is not None:
+                progress.endpoint, progress.started = endpoint, time.monotonic()
+            if i > 0:
+                self.stats_counters.retries += 1
+                metrics.RETRIES.labels(method).inc()
+            self.stats_counters.calls[method] += 1
+            metrics.CALLS.labels(method).inc()
+            started = time.monotonic()
+            try:
+                tensors = await call_expert(
+                    self.stub(endpoint),
+                    request,
+                    method=method,
+                    endpoint=endpoint,
+                    timeout=remaining / (len(order) - i),
+                    expected=expected,
+                )
+            except ExpertCallError as e:
+                self._failed(endpoint, method, e.kind, str(e), ban=getattr(e, "status", "") not in _NO_BAN_STATUSES,
+                             started=started)
+                last_error = e
+                continue
+            # asyncio.CancelledError propagates untouched: the caller stopped waiting and judges
+            # whether this endpoint was stuck (penalize) or merely later than needed
+            latency = time.monotonic() - started
+            self.health.record_success(endpoint, latency)
+            self.stats_counters.answers[method] += 1
+            metrics.CALL_SECONDS.labels(method).observe(latency)
+            return endpoint, tensors
+        if last_error is not None:
+            raise last_error
+        raise DeadlineExceeded(
+            f"no time left to call {request.uid} (endpoints: {', '.join(order) or 'none'})", uid=request.uid
+        )
+
+    def penalize(self, endpoint: str, method: str, kind: str, message: str, *, started: float | None = None) -> None:
+        """A call the caller gave up on was stuck (no progress while others answered): count and ban."""
+        self._failed(endpoint, method, kind, message, started=started)
+
+    def note_late(self, method: str) -> None:
+        """A call was cancelled only because enough answers had arrived: counted (not a failure), not banned."""
+        self.stats_counters.late[method] += 1
+        metrics.LATE.labels(method).inc()
+
+    def _failed(
+        self, endpoint: str, method: str, kind: str, message: str, *, ban: bool = True, started: float | None = None
+    ) -> None:
+        self.stats_counters.failures[kind] += 1
+        metrics.FAILURES.labels(method, kind).inc()
+        if not ban:
+            logger.info("%s", message)
+            return
+        duration = self.health.record_failure(endpoint, kind, started=started)
+        if duration > 0:  # one ban and one log line per incident, not per concurrent call
+            self.stats_counters.bans += 1
+            metrics.BANS.inc()
+            logger.info("%s; banning %s for %.1fs", message, endpoint, duration)
+        else:
+            logger.debug("%s (same incident, already banned)", message)
+
+    # ---- introspection ----
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        s = self.stats_counters
+        return {
+            "calls": dict(s.calls),
+            "answers": dict(s.answers),
+            "failures": dict(s.failures),
+            "late": dict(s.late),
+            "retries": s.retries,
+            "bans": s.bans,
+            "banned": self.health.banned(),
+            "lookups": s.lookups,
+            "lookup_batches": s.lookup_batches,
+            "lookup_failures": s.lookup_failures,
+            "lookup_seconds": s.lookup_seconds,
+            "cache_hits": s.cache_hits,
+            "searches": s.searches,
+            "channels": len(self._channels),
+        }
+
+    @property
+    def peer_id(self) -> str | None:
+        return self.dht.peer_id if self.dht is not None else None
+
+    def visible_maddrs(self, timeout: float = 10.0) -> list[str]:
+        if self.dht is None:
+            return []
+        return self.run(self.dht.visible_maddrs(), timeout=timeout)
+
+    # ---- shutdown ----
+
+    async def _close(self) -> None:
+        channels = [channel for channel, _ in self._channels.values()]
+        self._channels.clear()
+        await asyncio.gather(*(c.close(grace=None) for c in channels), return_exceptions=True)
+        if self.dht is not None:
+            await self.dht.shutdown()
+        # whatever is left (background lookups, library housekeeping) ends with the loop
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        if others:
+            await asyncio.wait(others, timeout=2.0)
+
+    def shutdown(self, timeout: float = 15.0) -> None:
+        """Close channels and the DHT node (a wrapped hivemind.DHT stays up) and stop the loop thread."""
+        if self._closed:
+            return
+        if self._thread.is_alive():
+            try:
+                self.run(self._close(), timeout=timeout)
+            except Exception as e:  # shutting down: report, never raise
+                logger.warning("swarm shutdown was not clean: %s", e)
+            self._closed = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout)
+        self._closed = True
+        if not self._thread.is_alive():
+            self._loop.close()
+        _LIVE_SWARMS.discard(self)
+
+    def __enter__(self) -> Swarm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        return f"Swarm(peer_id={self.peer_id}, closed={self._closed})"
+
+
+def _shutdown_all() -> None:
+    for swarm in list(_LIVE_SWARMS):
+        swarm.shutdown(timeout=5.0)
+
+
+atexit.register(_shutdown_all)

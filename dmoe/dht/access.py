@@ -1,0 +1,184 @@
+"""One async interface over the two ways dmoe reaches hivemind's DHT.
+
+* ``InLoopDHT`` wraps a ``hivemind.dht.DHTNode`` running in *our* asyncio loop (nodes, the
+  coordinator and the default client handle: one loop per process, no extra process).
+* ``ProcessDHT`` wraps a ``hivemind.DHT`` (which runs its DHTNode in a child process), so users
+  and the trainer's hivemind averager can share one DHT with the gating layer. Calls are shipped
+  with ``DHT.run_coroutine`` and awaited as futures.
+
+Both sign records with an ``RSASignatureValidator``: a subkey carrying our ``[owner:...]`` marker
+can only be overwritten by us, and values read back are stripped of signatures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+from collections.abc import Iterator, Sequence
+from functools import partial
+from typing import Any, Protocol
+
+import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.node import DHTNode
+from hivemind.utils import ValueWithExpiration
+from hivemind.utils.crypto import RSAPrivateKey
+
+import dmoe.dht.patches  # noqa: F401 - fixes hivemind's dictionary-record merge on import
+
+
+class DHTAccess(Protocol):
+    owner_marker: bytes
+
+    @property
+    def peer_id(self) -> str: ...
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, ValueWithExpiration | None]: ...
+
+    async def store_many(
+        self, keys: Sequence[str], subkeys: Sequence[bytes], values: Sequence[Any], expirations: Sequence[float]
+    ) -> dict[tuple[str, bytes], bool]: ...
+
+    async def visible_maddrs(self) -> list[str]: ...
+
+    async def shutdown(self) -> None: ...
+
+
+async def _node_get_many(node: DHTNode, keys: Sequence[str]) -> dict[str, ValueWithExpiration | None]:
+    return await node.get_many(list(keys), sufficient_expiration_time=float("inf"))
+
+
+async def _node_store_many(
+    node: DHTNode, keys: Sequence[str], subkeys: Sequence[bytes], values: Sequence[Any], expirations: Sequence[float]
+) -> dict[tuple[str, bytes], bool]:
+    result = await node.store_many(list(keys), list(values), list(expirations), subkeys=list(subkeys))
+    return {(k, s): ok for (k, s), ok in result.items()} if result else {}
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _daemon_preexec() -> None:
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _daemons_in_own_session() -> Iterator[None]:
+    """While the DHT starts, spawn its p2pd daemon in a session of its own that dies with us.
+
+    hivemind would start p2pd in our process group, so a SIGTERM to the group (a graceful stop by
+    a launcher) killed p2pd before we could withdraw our records; PDEATHSIG keeps a crash of ours
+    from leaving it orphaned.
+    """
+    original = asyncio.subprocess.create_subprocess_exec
+
+    async def spawn(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        kwargs.setdefault("preexec_fn", _daemon_preexec)
+        return await original(*args, **kwargs)
+
+    asyncio.subprocess.create_subprocess_exec = spawn  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        asyncio.subprocess.create_subprocess_exec = original  # type: ignore[assignment]
+
+
+class InLoopDHT:
+    """A DHTNode living in the current event loop."""
+
+    def __init__(self, node: DHTNode, validator: RSASignatureValidator) -> None:
+        self.node = node
+        self.owner_marker = validator.local_public_key
+
+    @classmethod
+    async def create(
+        cls,
+        *,
+        initial_peers: Sequence[str] = (),
+        host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+        announce_maddrs: Sequence[str] | None = None,
+        identity_path: str | None = None,
+        client_mode: bool = False,
+        **kwargs: Any,
+    ) -> InLoopDHT:
+        validator = RSASignatureValidator(RSAPrivateKey())  # own key, not the process-wide one
+        with _daemons_in_own_session():
+            node = await DHTNode.create(
+                initial_peers=list(initial_peers) or None,
+                host_maddrs=list(host_maddrs),
+                announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
+                identity_path=identity_path,
+                client_mode=client_mode,
+                record_validator=validator,
+                **kwargs,
+            )
+        return cls(node, validator)
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.node.peer_id)
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, ValueWithExpiration | None]:
+        return await _node_get_many(self.node, keys)
+
+    async def store_many(
+        self, keys: Sequence[str], subkeys: Sequence[bytes], values: Sequence[Any], expirations: Sequence[float]
+    ) -> dict[tuple[str, bytes], bool]:
+        return await _node_store_many(self.node, keys, subkeys, values, expirations)
+
+    async def visible_maddrs(self) -> list[str]:
+        return [str(m) for m in await self.node.get_visible_maddrs()]
+
+    async def shutdown(self) -> None:
+        await self.node.shutdown()
+
+
+async def _remote_get_many(_dht: hivemind.DHT, node: DHTNode, keys: Sequence[str]) -> dict:
+    return await _node_get_many(node, keys)
+
+
+async def _remote_store_many(_dht: hivemind.DHT, node: DHTNode, args: tuple) -> dict:
+    return await _node_store_many(node, *args)
+
+
+class ProcessDHT:
+    """An existing ``hivemind.DHT`` (child-process DHT); adds our signature validator to it."""
+
+    def __init__(self, dht: hivemind.DHT) -> None:
+        self.dht = dht
+        # The process-wide key, unlike InLoopDHT: a hivemind.DHT keeps only the first
+        # RSASignatureValidator it is given, and hivemind's own users of it (the optimizer's progress
+        # tracker) sign with the process-wide key; with a key of our own, whichever came second had
+        # its protected records stored unsigned and rejected by every peer.
+        validator = RSASignatureValidator(RSAPrivateKey.process_wide())
+        dht.add_validators([validator])
+        self.owner_marker = validator.local_public_key
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.dht.peer_id)
+
+    async def _run(self, fn: Any) -> Any:
+        # MPFuture is a concurrent.futures.Future, so asyncio can await it from any loop
+        return await asyncio.wrap_future(self.dht.run_coroutine(fn, return_future=True))
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, ValueWithExpiration | None]:
+        return await self._run(partial(_remote_get_many, keys=list(keys)))
+
+    async def store_many(
+        self, keys: Sequence[str], subkeys: Sequence[bytes], values: Sequence[Any], expirations: Sequence[float]
+    ) -> dict[tuple[str, bytes], bool]:
+        args = (list(keys), list(subkeys), list(values), list(expirations))
+        return await self._run(partial(_remote_store_many, args=args))
+
+    async def visible_maddrs(self) -> list[str]:
+        return [str(m) for m in self.dht.get_visible_maddrs()]
+
+    async def shutdown(self) -> None:
+        """The wrapped DHT belongs to the caller; leave it running."""
+

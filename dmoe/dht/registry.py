@@ -1,0 +1,208 @@
+"""ExpertRegistry: how experts are announced in, and found through, hivemind's Kademlia DHT.
+
+Key layout
+----------
+An expert ``PREFIX.i.j`` on a 2-D grid is announced under one DHT key per grid level, each a
+*dictionary* record whose subkeys are the next coordinate, tagged with the announcing node's
+public key::
+
+    key "ffn."     subkey b"3[owner:<node A key>]"  -> (grpc endpoint, node id, load)
+    key "ffn.3."   subkey b"5[owner:<node A key>]"  -> (grpc endpoint, node id, load)
+
+* One ``get`` of ``ffn.3.`` returns every alive coordinate under it, i.e. all ``ffn.3.*``
+  experts of a 2-D grid, each with every node serving it (replicas are separate subkeys, one per
+  owner). A beam search over a d-dimensional grid therefore needs about beam x d lookups, never
+  one per expert.
+* Subkeys carry ``[owner:...]``: with hivemind's ``RSASignatureValidator`` only the owner can
+  overwrite or erase them; entries without an owner marker are ignored on read.
+* Records expire (``ttl``); owners re-announce well before expiry, so a dead node vanishes
+  within one TTL. A graceful leave overwrites its subkeys with a tombstone (``()``).
+* Every node also publishes itself under ``_dmoe.nodes`` (subkey: node id + owner) with its
+  endpoint, experts and load, which the coordinator reads to see the swarm.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hivemind.utils import get_dht_time
+
+from dmoe.dht.access import DHTAccess
+from dmoe.dht.uids import UID_DELIMITER, make_uid, split_uid
+
+NODES_KEY = "_dmoe.nodes"
+_OWNER = b"[owner:"
+
+
+@dataclass(frozen=True)
+class ExpertEndpoint:
+    """One node serving one expert (or, at an inner grid level, some expert below a prefix)."""
+
+    uid: str  # full uid at the last level; the prefix + coordinate at inner levels
+    endpoint: str  # "host:port" of the node's gRPC server
+    node_id: str
+    load: float
+    expiration: float
+
+
+@dataclass
+class NodeRecord:
+    node_id: str
+    endpoint: str
+    experts: list[str]
+    load: float
+    expiration: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _subkey_coord(subkey: bytes) -> str | None:
+    """Coordinate (or node id) part of an owner-tagged subkey; None for untagged/foreign subkeys."""
+    if not isinstance(subkey, bytes):
+        return None
+    head, sep, _ = subkey.partition(_OWNER)
+    if not sep:
+        return None
+    return head.decode("utf-8", errors="replace")
+
+
+class ExpertRegistry:
+    """Announce and look up experts; ``dht`` is any ``DHTAccess`` (in-loop node or hivemind.DHT)."""
+
+    def __init__(self, dht: DHTAccess) -> None:
+        self.dht = dht
+
+    # ---- announcing (nodes) ----
+
+    def _owned(self, text: str) -> bytes:
+        return text.encode() + self.dht.owner_marker
+
+    async def announce(
+        self,
+        uids: Iterable[str],
+        *,
+        endpoint: str,
+        node_id: str,
+        load: float,
+        ttl: float,
+        node_info: dict[str, Any] | None = None,
+    ) -> bool:
+        """Store (or refresh) this node's records for ``uids``; True if every store succeeded."""
+        uids = list(uids)
+        expiration = get_dht_time() + ttl
+        entries: dict[tuple[str, bytes], Any] = {}
+        for uid in uids:
+            prefix, coords = split_uid(uid)
+            for level, coord in enumerate(coords):
+                key = (make_uid(prefix, coords[:level]) if level else prefix) + UID_DELIMITER
+                entries[(key, self._owned(str(coord)))] = (endpoint, node_id, float(load))
+        info = {"endpoint": endpoint, "experts": uids, "load": float(load), **(node_info or {})}
+        entries[(NODES_KEY, self._owned(node_id))] = info
+        return await self._store(entries, expiration)
+
+    async def withdraw(self, uids: Iterable[str], *, node_id: str, ttl: float) -> bool:
+        """Overwrite this node's records with tombstones (graceful leave of the whole node).
+
+        Inner-level entries are shared by all of a node's experts under a prefix, so withdrawing a
+        subset would also hide its siblings: call this with every uid the node announced.
+        """
+        expiration = get_dht_time() + ttl + 1.0  # must outlive the record it replaces
+        entries: dict[tuple[str, bytes], Any] = {}
+        for uid in uids:
+            prefix, coords = split_uid(uid)
+            for level, coord in enumerate(coords):
+                key = (make_uid(prefix, coords[:level]) if level else prefix) + UID_DELIMITER
+                entries[(key, self._owned(str(coord)))] = ()
+        entries[(NODES_KEY, self._owned(node_id))] = ()
+        return await self._store(entries, expiration)
+
+    async def _store(self, entries: dict[tuple[str, bytes], Any], expiration: float) -> bool:
+        keys = [k for k, _ in entries]
+        subkeys = [s for _, s in entries]
+        result = await self.dht.store_many(keys, subkeys, list(entries.values()), [expiration] * len(entries))
+        return bool(result) and all(result.values())
+
+    # ---- looking up (clients, coordinator) ----
+
+    async def get_prefixes(self, prefixes: Sequence[str]) -> dict[str, dict[int, list[ExpertEndpoint]]]:
+        """For each prefix key (``'ffn.'``, ``'ffn.3.'``): alive coordinate -> endpoints serving it.
+
+        One DHT lookup per prefix, all issued together.
+        """
+        prefixes = list(dict.fromkeys(prefixes))
+        found = await self.dht.get_many(prefixes) if prefixes else {}
+        now = get_dht_time()
+        result: dict[str, dict[int, list[ExpertEndpoint]]] = {}
+        for prefix in prefixes:
+            by_coord: dict[int, list[ExpertEndpoint]] = defaultdict(list)
+            record = found.get(prefix)
+            if record is not None and isinstance(record.value, dict):
+                for subkey, item in record.value.items():
+                    coord = _subkey_coord(subkey)
+                    entry = _parse_entry(item, now)
+                    if coord is None or entry is None or not coord.isdigit():
+                        continue
+                    endpoint, node_id, load, expiration = entry
+                    uid = prefix + coord
+                    by_coord[int(coord)].append(ExpertEndpoint(uid, endpoint, node_id, load, expiration))
+            result[prefix] = {c: _dedupe(eps) for c, eps in sorted(by_coord.items())}
+        return result
+
+    async def find_experts(self, uids: Sequence[str]) -> dict[str, list[ExpertEndpoint]]:
+        """Endpoints serving each full uid (empty list when none is alive)."""
+        parents = {}
+        for uid in uids:
+            prefix, coords = split_uid(uid)
+            parents[uid] = ((make_uid(prefix, coords[:-1]) if len(coords) > 1 else prefix) + UID_DELIMITER, coords[-1])
+        table = await self.get_prefixes([p for p, _ in parents.values()])
+        return {uid: table[p].get(c, []) for uid, (p, c) in parents.items()}
+
+    async def list_nodes(self) -> list[NodeRecord]:
+        """Every node currently announced under ``_dmoe.nodes``."""
+        record = (await self.dht.get_many([NODES_KEY])).get(NODES_KEY)
+        nodes = []
+        now = get_dht_time()
+        if record is not None and isinstance(record.value, dict):
+            for subkey, item in record.value.items():
+                node_id = _subkey_coord(subkey)
+                value = getattr(item, "value", None)
+                if node_id is None or not isinstance(value, dict) or item.expiration_time < now:
+                    continue
+                try:
+                    nodes.append(
+                        NodeRecord(
+                            node_id=node_id,
+                            endpoint=str(value["endpoint"]),
+                            experts=[str(u) for u in value["experts"]],
+                            load=float(value["load"]),
+                            expiration=float(item.expiration_time),
+                            info=value,
+                        )
+                    )
+                except (KeyError, TypeError, ValueError):
+                    continue
+        return sorted(nodes, key=lambda n: n.endpoint)
+
+
+def _parse_entry(item: Any, now: float) -> tuple[str, str, float, float] | None:
+    value = getattr(item, "value", None)
+    expiration = getattr(item, "expiration_time", 0.0)
+    if expiration < now or not isinstance(value, list | tuple) or len(value) != 3:
+        return None  # expired, tombstone or garbage
+    endpoint, node_id, load = value
+    if not isinstance(endpoint, str) or not isinstance(node_id, str) or not isinstance(load, int | float):
+        return None
+    return endpoint, node_id, float(load), float(expiration)
+
+
+def _dedupe(endpoints: list[ExpertEndpoint]) -> list[ExpertEndpoint]:
+    """Keep the freshest record per endpoint (a restarted node may briefly appear twice)."""
+    best: dict[str, ExpertEndpoint] = {}
+    for ep in endpoints:
+        if ep.endpoint not in best or ep.expiration > best[ep.endpoint].expiration:
+            best[ep.endpoint] = ep
+    return sorted(best.values(), key=lambda e: e.endpoint)
+
+

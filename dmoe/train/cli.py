@@ -1,0 +1,508 @@
+"""``dmoe train``: join a swarm and train a byte-level language model whose MoE layers live on nodes.
+
+Order of work:
+
+1. Parse flags (also ``DMOE_<FLAG>`` / ``--config``); ``--print-node-command`` prints the
+   ``dmoe node`` command that hosts every expert this model needs, and exits.
+2. Load the corpus (default: this interpreter's standard library sources).
+3. Join the swarm: an in-loop DHT node through ``Swarm``; with ``--run-id`` a ``hivemind.DHT``
+   shared by the gating layers (``Swarm.from_dht``) and hivemind's collaborative optimizer.
+4. Start-up check: under every layer prefix, find announced experts (within
+   ``--startup-timeout``) and ask each node through the ``Info`` RPC whether its experts take
+   ``[rows, hidden]`` float32 with our hidden size and are of the expected class. Any mismatch,
+   or no experts in time, ends the command with one line naming the cause.
+5. Build the model (``--local-experts``: experts in-process, no network at all), resume from
+   ``--checkpoint-dir`` if a checkpoint is there, with ``--run-id`` download the current state
+   from peers that are ahead, print ``dmoe-ready {json}``, then run ``dmoe.train.trainer.Trainer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import hashlib
+import logging
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from dmoe.config import (
+    make_parser,
+    non_negative_float,
+    non_negative_int,
+    port_number,
+    positive_float,
+    positive_int,
+    setup_logging,
+)
+from dmoe.dht.uids import split_uid
+from dmoe.errors import ConfigError, DmoeError
+from dmoe.ready import print_ready
+from dmoe.train.collab import CollabOptions, CollaborativeUpdater
+from dmoe.train.data import ByteCorpus
+from dmoe.train.model import GPT, ExpertOptimizer, ModelConfig, local_moe_factory
+from dmoe.train.trainer import LocalUpdater, SwarmSnapshot, Trainer, TrainOptions, Updater
+
+log = logging.getLogger("dmoe.train")
+
+EPILOG = """examples:
+  dmoe train --print-node-command                     # the node command matching these flags
+  dmoe train --initial-peers /ip4/127.0.0.1/tcp/PORT/p2p/PEER --steps 500 --log-file train.jsonl
+  dmoe train --local-experts --steps 500              # same model, experts in-process (baseline)
+  dmoe train --initial-peers ... --run-id demo         # several trainers, one model
+"""
+
+
+def _grid(text: str) -> tuple[int, ...]:
+    parts = [p for p in re.split(r"[x,]", text.strip()) if p]
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"grid size must look like 4x4 or 4,4, got {text!r}") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"grid size must be positive integers like 4x4, got {text!r}")
+    return dims
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser("dmoe train", "Train a byte-level language model whose MoE layers live on dmoe nodes.", EPILOG)
+    g = p.add_argument_group("swarm")
+    g.add_argument("--initial-peers", nargs="*", default=[],
+                   help="DHT multiaddrs of any swarm member (a node's or coordinator's `dht` address)")
+    g.add_argument("--local-experts", action="store_true",
+                   help="run every expert in-process instead (no network; the baseline for comparisons)")
+    g.add_argument("--startup-timeout", type=positive_float, default=60.0,
+                   help="seconds to wait for experts under every layer prefix before giving up")
+    g.add_argument("--dht-host-maddrs", nargs="*", default=None,
+                   help="multiaddrs our DHT listens on (with --run-id); default /ip4/0.0.0.0/tcp/0")
+    g.add_argument("--print-node-command", action="store_true",
+                   help="print the `dmoe node` command that hosts every expert this model needs, then exit")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--n-layer", type=positive_int, default=2, help="transformer blocks (one MoE layer each)")
+    g.add_argument("--n-head", type=positive_int, default=4, help="attention heads")
+    g.add_argument("--hidden-dim", type=positive_int, default=128, help="hidden size; experts must match it")
+    g.add_argument("--block-size", type=positive_int, default=128, help="context length, bytes")
+    g.add_argument("--grid-size", type=_grid, default="4x4", help="expert grid per layer, e.g. 4x4")
+    g.add_argument("--k-best", type=positive_int, default=2, help="experts per token")
+    g.add_argument("--k-min", type=positive_int, default=1, help="fewest expert answers a token may use")
+    g.add_argument("--backward-k-min", type=non_negative_int, metavar="N", default=0,
+                   help="fewest backward answers a token needs, else the batch is skipped; 0 (default): an expert "
+                        "whose node failed after its forward answer just counts as a constant in that backward")
+    g.add_argument("--uid-prefix", default="layer{layer}.ffn", help="expert uid prefix per block ({layer} = index)")
+    g.add_argument("--expert-cls", default="ffn", help="expert class the nodes must serve (ffn: residual FFN)")
+
+    g = p.add_argument_group("remote experts")
+    g.add_argument("--forward-timeout", type=positive_float, default=10.0,
+                   help="seconds a MoE forward (search + calls) may take")
+    g.add_argument("--backward-timeout", type=positive_float, default=20.0, help="seconds a MoE backward may take")
+    g.add_argument("--timeout-after-k-min", type=positive_float, default=1.0,
+                   help="seconds to wait for slower experts once every token has --k-min answers")
+    g.add_argument("--compression", choices=["none", "float16", "bfloat16"], default="none",
+                   help="how activations and gradients travel")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=positive_int, default=500,
+                   help="optimizer steps to reach (with --run-id: collaborative steps of --target-batch-size)")
+    g.add_argument("--batch-size", type=positive_int, default=16, help="sequences per batch")
+    g.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate of local parameters")
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--aux-loss-weight", type=non_negative_float, default=0.01,
+                   help="weight of the load-balancing loss added to the LM loss")
+    g.add_argument("--clip-grad-norm", type=non_negative_float, default=1.0,
+                   help="max L2 norm of the local parameters' gradient; 0 disables")
+    g.add_argument("--expert-lr", type=positive_float, default=1e-3,
+                   help="Adam learning rate of in-process experts (--local-experts; nodes use their --lr)")
+    g.add_argument("--expert-clip-grad-norm", type=non_negative_float, default=1.0,
+                   help="per-expert gradient clipping of in-process experts (nodes use their --clip-grad-norm)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of local weights and data order; the printed node command uses it for experts")
+    g.add_argument("--device", default=None, help="torch device; default: cuda when available, else cpu")
+    g.add_argument("--torch-threads", type=int, default=0,
+                   help="CPU threads for torch ops; 0 keeps torch's default (1 is faster for small models on "
+                        "a machine shared with nodes)")
+
+    g = p.add_argument_group("data and evaluation")
+    g.add_argument("--data", default=None,
+                   help="text file or folder of text files; default: this Python's standard library sources")
+    g.add_argument("--val-percent", type=positive_float, default=10.0, help="share of files held out, percent")
+    g.add_argument("--max-data-mb", type=positive_float, default=None, help="read at most this many MiB of text")
+    g.add_argument("--eval-every", type=int, default=50, help="steps between validation evaluations; 0 disables")
+    g.add_argument("--eval-batches", type=positive_int, default=8, help="validation batches per evaluation")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--log-file", default=None, help="JSON-lines metrics log: one record per batch, plus evals")
+    g.add_argument("--checkpoint-dir", default=None, help="save and resume local parameters here; none disables")
+    g.add_argument("--checkpoint-interval", type=positive_float, default=120.0,
+                   help="seconds between checkpoints (one is also saved on exit)")
+    g.add_argument("--metrics-port", type=port_number, default=None,
+                   help="serve Prometheus /metrics on this port (0 picks one); none disables")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    g = p.add_argument_group("several trainers (--run-id)")
+    g.add_argument("--run-id", default=None,
+                   help="trainers with the same run id average their local parameters (hivemind.Optimizer)")
+    g.add_argument("--target-batch-size", type=positive_int, default=256,
+                   help="sequences all trainers together process per collaborative step")
+    g.add_argument("--matchmaking-time", type=positive_float, default=3.0,
+                   help="seconds to wait for peers before an averaging round")
+    g.add_argument("--averaging-timeout", type=positive_float, default=30.0,
+                   help="seconds an averaging round may take")
+    g.add_argument("--average-state-every", type=positive_int, default=1,
+                   help="collaborative steps between parameter-averaging rounds")
+    g.add_argument("--final-sync-timeout", type=non_negative_float, default=None,
+                   help="seconds the trainers that reach --steps may wait for each other to end with identical "
+                        "parameters; default 3 x --averaging-timeout + 15 (a trainer alone in its run does not wait)")
+    return p
+
+
+def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
+    if args.hidden_dim % args.n_head:
+        raise ConfigError(f"--hidden-dim {args.hidden_dim} is not divisible by --n-head {args.n_head}")
+    num_experts = 1
+    for g in args.grid_size:
+        num_experts *= g
+    if args.k_best > num_experts:
+        raise ConfigError(f"--k-best {args.k_best} is more than the {num_experts} experts of a {args.grid_size} grid")
+    if args.k_min > args.k_best:
+        raise ConfigError(f"--k-min {args.k_min} is more than --k-best {args.k_best}")
+    if args.backward_k_min > args.k_best:
+        raise ConfigError(f"--backward-k-min {args.backward_k_min} is more than --k-best {args.k_best}")
+    try:
+        prefixes = [args.uid_prefix.format(layer=i) for i in range(args.n_layer)]
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"--uid-prefix {args.uid_prefix!r} is not a valid template ({e})") from None
+    for prefix in prefixes:
+        split_uid(prefix + ".0")  # validates the name
+    if len(set(prefixes)) != len(prefixes):
+        raise ConfigError(f"--uid-prefix {args.uid_prefix!r} gives every layer the same prefix; include {{layer}}")
+    return ModelConfig(
+        block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.hidden_dim,
+        grid_size=tuple(args.grid_size), k_best=args.k_best, uid_prefix=args.uid_prefix, expert_cls=args.expert_cls,
+    )
+
+
+def node_command(config: ModelConfig, *, seed: int, initial_peers: Sequence[str] = ()) -> str:
+    """The ``dmoe node`` command that serves every expert of ``config`` (one node; split the
+    ranges over several nodes as you like)."""
+    grid = ".".join(f"[0:{g}]" for g in config.grid_size)
+    pattern = ",".join(f"{prefix}.{grid}" for prefix in config.prefixes)
+    cmd = f"dmoe node --experts '{pattern}' --expert-cls {config.expert_cls} --hidden-dim {config.n_embd} --seed {seed}"
+    if initial_peers:
+        cmd += " --initial-peers " + " ".join(initial_peers)
+    return cmd
+
+
+# ---- start-up check through the DHT and the Info RPC ----
+
+
+async def discover_experts(swarm: Any, prefix: str, grid_size: Sequence[int]) -> dict[str, list[str]]:
+    """Announced experts under ``prefix`` on a grid: uid -> endpoints (one DHT get per prefix per level)."""
+    keys = [prefix + "."]
+    for _ in range(len(grid_size) - 1):
+        table = await swarm.registry.get_prefixes(keys)
+        keys = [f"{key}{coord}." for key in keys for coord in table[key]]
+        if not keys:
+            return {}
+    table = await swarm.registry.get_prefixes(keys)
+    return {f"{key}{coord}": [e.endpoint for e in endpoints]
+            for key in keys for coord, endpoints in table[key].items() if endpoints}
+
+
+def _in_grid(uid: str, grid_size: Sequence[int]) -> bool:
+    _, coords = split_uid(uid)
+    return len(coords) == len(grid_size) and all(0 <= c < g for c, g in zip(coords, grid_size, strict=True))
+
+
+async def _info(swarm: Any, endpoint: str, uid: str, timeout: float) -> Any:
+    from dmoe.wire.proto import expert_pb2 as pb
+
+    reply = await swarm.stub(endpoint).Info(pb.InfoRequest(uid=uid), timeout=timeout)
+    for info in reply.experts:
+        if info.uid == uid:
+            return info
+    raise ConfigError(f"node {endpoint} announced {uid} but its Info does not list it")
+
+
+def _check_info(info: Any, *, uid: str, endpoint: str, config: ModelConfig) -> None:
+    hint = f"expert {uid} at {endpoint}"
+    if info.expert_cls != config.expert_cls:
+        raise ConfigError(f"{hint} is of class {info.expert_cls!r}, but this model expects {config.expert_cls!r} "
+                          "(--expert-cls)")
+    if info.hidden_dim != config.n_embd:
+        raise ConfigError(f"{hint} has hidden size {info.hidden_dim}, but this model's is {config.n_embd}: start "
+                          f"nodes with --hidden-dim {config.n_embd} or train with --hidden-dim {info.hidden_dim}")
+    want = [-1, config.n_embd]
+    for kind, specs in (("input", info.inputs), ("output", info.outputs)):
+        if len(specs) != 1:
+            raise ConfigError(f"{hint} has {len(specs)} {kind}s; MoE layers need exactly one [rows, hidden] tensor")
+        spec = specs[0]
+        if spec.dtype != "float32":
+            raise ConfigError(f"{hint} takes {kind} dtype {spec.dtype}, but this model sends float32")
+        if list(spec.shape) != want:
+            raise ConfigError(f"{hint} has {kind} shape {list(spec.shape)}, but this model needs {want} "
+                              "(rows, hidden)")
+
+
+def check_swarm(swarm: Any, config: ModelConfig, *, timeout: float, need: int, seed: int) -> dict[str, int]:
+    """Wait until every layer prefix has ``need`` experts whose node confirms a matching schema.
+
+    Returns experts found per prefix; raises ConfigError (one line) on a mismatch or at the deadline.
+    """
+    deadline = time.monotonic() + timeout
+    verified_endpoints: set[str] = set()
+    found: dict[str, int] = {}
+    warned_outside: set[str] = set()
+    while True:
+        missing = []
+        for prefix in config.prefixes:
+            left = max(0.5, deadline - time.monotonic())
+            try:
+                experts = swarm.run(discover_experts(swarm, prefix, config.grid_size), timeout=min(left, 10.0))
+            except DmoeError as e:
+                log.debug("lookup of %s. failed: %s", prefix, e)
+                experts = {}
+            usable: dict[str, list[str]] = {}
+            for uid, endpoints in experts.items():
+                if _in_grid(uid, config.grid_size):
+                    usable[uid] = endpoints
+                elif uid not in warned_outside:
+                    warned_outside.add(uid)
+                    log.warning("expert %s lies outside the %s grid of this model; ignored", uid, config.grid_size)
+            for uid, endpoints in usable.items():
+                for endpoint in endpoints:
+                    if endpoint in verified_endpoints:
+                        continue
+                    try:
+                        info = swarm.run(_info(swarm, endpoint, uid, 5.0), timeout=6.0)
+                    except ConfigError:
+                        raise
+                    except Exception as e:  # node gone since it announced: the gating layer will skip it
+                        log.info("node %s did not answer Info (%s); skipping it in the check", endpoint, e)
+                        continue
+                    _check_info(info, uid=uid, endpoint=endpoint, config=config)
+                    verified_endpoints.add(endpoint)
+            confirmed = sum(1 for eps in usable.values() if any(e in verified_endpoints for e in eps))
+            found[prefix] = confirmed
+            if confirmed < need:
+                missing.append(f"{prefix}. ({confirmed} found)")
+        if not missing:
+            return found
+        if time.monotonic() >= deadline:
+            raise ConfigError(
+                f"fewer than {need} expert(s) with a matching schema under {', '.join(missing)} within {timeout:g}s; "
+                f"start nodes with: {node_command(config, seed=seed)} --initial-peers ..."
+            )
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+class SwarmWatcher:
+    """``SwarmProbe`` for remote experts: call counters from the Swarm and the layers, and the number of
+    announced experts, refreshed in the swarm's loop every ``refresh`` seconds without blocking training."""
+
+    def __init__(self, swarm: Any, model: GPT, *, refresh: float = 5.0) -> None:
+        self.swarm = swarm
+        self.model = model
+        self.refresh = refresh
+        self.alive: int | None = None
+        self._future: concurrent.futures.Future[int] | None = None
+        self._last = 0.0
+
+    async def _count(self) -> int:
+        config = self.model.config
+        total = 0
+        for prefix in config.prefixes:
+            experts = await asyncio.wait_for(discover_experts(self.swarm, prefix, config.grid_size), timeout=10.0)
+            total += sum(1 for uid in experts if _in_grid(uid, config.grid_size))
+        return total
+
+    def __call__(self) -> SwarmSnapshot:
+        if self._future is not None and self._future.done():
+            try:
+                self.alive = self._future.result()
+            except Exception as e:
+                log.debug("expert count failed: %s", e)
+            self._future = None
+        if self._future is None and time.monotonic() - self._last >= self.refresh:
+            self._last = time.monotonic()
+            self._future = asyncio.run_coroutine_threadsafe(self._count(), self.swarm.loop)
+        stats = self.swarm.stats
+        reached = sum(int(m.stats.get("experts_reached", 0)) for m in self.model.moe_layers())
+        return SwarmSnapshot(
+            failures={k: int(v) for k, v in stats.get("failures", {}).items()},
+            answers=int(sum(stats.get("answers", {}).values())),
+            experts_alive=self.alive,
+            experts_reached=reached,
+        )
+
+
+    def close(self) -> None:
+        """Cancel a count still running in the swarm's loop (before the swarm shuts down)."""
+        if self._future is not None:
+            self._future.cancel()
+            try:
+                self._future.result(timeout=2.0)
+            except BaseException:  # cancelled, timed out or failed: nothing to keep
+                pass
+            self._future = None
+
+
+class LocalWatcher:
+    """``SwarmProbe`` for in-process experts: every expert is alive; reached = distinct experts used."""
+
+    def __init__(self, model: GPT) -> None:
+        self.model = model
+        self.num_experts = sum(len(m.experts) for m in model.moe_layers())
+
+    def __call__(self) -> SwarmSnapshot:
+        return SwarmSnapshot(experts_alive=self.num_experts, experts_reached=None)
+
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        try:
+            return torch.device(name)
+        except RuntimeError as e:
+            raise ConfigError(f"--device {name!r}: {e}") from None
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(args.log_level)
+    config = model_config_from_args(args)
+    if args.print_node_command:
+        print(node_command(config, seed=args.seed, initial_peers=args.initial_peers))
+        return 0
+    if args.local_experts and args.run_id:
+        raise ConfigError("--run-id trains one model with other trainers through shared remote experts; "
+                          "it cannot be combined with --local-experts")
+    if not args.local_experts and not args.initial_peers:
+        raise ConfigError("pass --initial-peers (the `dht` multiaddr a node prints) or --local-experts; "
+                          "`dmoe train --print-node-command` prints a node command for this model")
+    device = _device(args.device)
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+    corpus = ByteCorpus.load(
+        args.data, val_percent=args.val_percent,
+        max_bytes=int(args.max_data_mb * 2**20) if args.max_data_mb else None,
+    )
+    corpus.check_block_size(config.block_size)
+    log.info("corpus: %d files from %s (%.1f MB train, %.1f MB validation, split %s)", corpus.info.num_files,
+             corpus.info.root, corpus.info.train_bytes / 1e6, corpus.info.val_bytes / 1e6, corpus.info.split)
+
+    dht = None
+    swarm = None
+    updater: Updater | None = None
+    trainer: Trainer | None = None
+    watcher: SwarmWatcher | None = None
+    try:
+        if not args.local_experts:
+            from dmoe.client.moe import RemoteMixtureOfExperts
+            from dmoe.client.swarm import Swarm
+
+            if args.run_id:
+                import hivemind
+
+                dht = hivemind.DHT(initial_peers=args.initial_peers, start=True,
+                                   host_maddrs=args.dht_host_maddrs or ["/ip4/0.0.0.0/tcp/0"])
+                swarm = Swarm.from_dht(dht)
+            else:
+                swarm = Swarm(initial_peers=args.initial_peers)
+            found = check_swarm(swarm, config, timeout=args.startup_timeout, need=args.k_min, seed=args.seed)
+            log.info("experts found: %s", ", ".join(f"{p}.: {n}" for p, n in found.items()))
+
+            def factory(layer: int, prefix: str) -> torch.nn.Module:
+                return RemoteMixtureOfExperts(
+                    in_features=config.n_embd, grid_size=config.grid_size, uid_prefix=prefix, swarm=swarm,
+                    k_best=config.k_best, k_min=args.k_min, forward_timeout=args.forward_timeout,
+                    backward_timeout=args.backward_timeout, timeout_after_k_min=args.timeout_after_k_min,
+                    allow_zero_outputs=False, compression=args.compression, backward_k_min=args.backward_k_min,
+                )
+        else:
+            factory = local_moe_factory(config, seed=args.seed)
+
+        torch.manual_seed(args.seed)
+        model = GPT(config, factory).to(device)
+        expert_optimizer = (
+            ExpertOptimizer(model, lr=args.expert_lr, clip_grad_norm=args.expert_clip_grad_norm)
+            if args.local_experts else None
+        )
+        data_seed = args.seed
+        if args.run_id:
+            updater = CollaborativeUpdater(
+                dht=dht, params=model.local_parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                batch_size=args.batch_size,
+                options=CollabOptions(run_id=args.run_id, target_batch_size=args.target_batch_size,
+                                      matchmaking_time=args.matchmaking_time,
+                                      averaging_timeout=args.averaging_timeout,
+                                      average_state_every=args.average_state_every,
+                                      final_sync_timeout=args.final_sync_timeout),
+            )
+            # each trainer of a run must see different batches
+            peer = str(dht.peer_id).encode()
+            data_seed = int.from_bytes(hashlib.sha256(b"%d:" % args.seed + peer).digest()[:8], "little")
+        else:
+            updater = LocalUpdater(model.local_parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+        options = TrainOptions(
+            steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+            aux_loss_weight=args.aux_loss_weight, clip_grad_norm=args.clip_grad_norm, eval_every=args.eval_every,
+            eval_batches=args.eval_batches, seed=args.seed, log_file=args.log_file,
+            checkpoint_dir=args.checkpoint_dir, checkpoint_interval=args.checkpoint_interval,
+            metrics_port=args.metrics_port, progress=not args.no_progress,
+            extra_log_fields={"run_id": args.run_id} if args.run_id else {},
+        )
+        watcher = SwarmWatcher(swarm, model) if swarm is not None else None
+        trainer = Trainer(model=model, corpus=corpus, options=options, updater=updater,
+                          expert_optimizer=expert_optimizer, probe=watcher or LocalWatcher(model), device=device,
+                          data_seed=data_seed)
+        trainer.resume()
+        ready: dict[str, Any] = {"step": trainer.step, "steps": args.steps, "experts": "local" if args.local_experts
+                                 else "remote", "log_file": args.log_file}
+        if isinstance(updater, CollaborativeUpdater):
+            before = _fingerprint(model)
+            joined = updater.join()
+            trainer.log.write({"type": "join", "time": time.time(), **joined, "params_before": before,
+                               "params": _fingerprint(model)})
+            ready.update(run_id=args.run_id, joined=joined)
+        if dht is not None:
+            ready["dht"] = [str(m) for m in dht.get_visible_maddrs()]
+        ready["metrics_port"] = trainer.start_metrics()
+        print_ready("trainer", **ready)
+        trainer.install_signal_handlers()
+        result = trainer.run()
+        summary = (f"dmoe train: {result.steps} steps, {result.batches} batches ({result.skipped} skipped) in "
+                   f"{result.elapsed:.1f}s, {result.tokens_per_s:,.0f} tokens/s")
+        if result.val_loss is not None:
+            summary += f", validation loss {result.val_loss:.4f}"
+        if result.stopped_by == "signal":
+            summary += " (stopped by signal)"
+        print(summary, flush=True)
+        if isinstance(updater, CollaborativeUpdater):
+            trainer.log.write({"type": "final", "time": time.time(), "step": trainer.step,
+                               "params": _fingerprint(model)})
+        return 0
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if updater is not None:
+            updater.shutdown()
+        if watcher is not None:
+            watcher.close()
+        if swarm is not None:
+            swarm.shutdown()
+        if dht is not None:
+            dht.shutdown()
+
+
+def _fingerprint(model: GPT) -> str:
+    from dmoe.train.collab import params_fingerprint
+
+    return params_fingerprint(model.local_parameters())
