@@ -105,8 +105,9 @@ def _make_step(kind: str, params: dict[str, Any], index: int) -> Any:
 
         return step
 
-    from dmoe.node.backend import ExpertBackend, OptimizerOptions
+    from dmoe.node.backend import ExpertBackend
 
+    from dmoe.config.node import OptimizerOptions
     from dmoe.experts import create_expert, expert_schema
 
     module = create_expert("ffn", hidden_dim=hidden, uid="bench.0")

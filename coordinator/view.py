@@ -8,12 +8,11 @@ One refresh is
 1. ``list_nodes()``: one lookup of ``_dmoe.nodes``, where every node publishes its endpoint, the
    experts it hosts and a load figure. The experts' uids also tell us which grid prefixes exist
    and how many dimensions each grid has (``ffn.3.5`` is prefix ``ffn``, 2-D).
-2. A level-by-level walk of every prefix's grid, exactly like a beam search with an unlimited
-   beam: level 0 asks ``ffn.`` for alive first coordinates, level 1 asks ``ffn.<i>.`` for every
-   alive ``i`` (all in one batched lookup), and so on. The last level gives, per expert, every
-   node serving it (replicas). Lookups grow with alive inner cells, not with grid size.
-   A prefix whose dimension count nobody told us (``--prefixes ffn`` with no node record
-   mentioning it) is probed one level deeper until a level comes back empty.
+2. ``ExpertRegistry.walk_grid`` of every prefix: level 0 asks ``ffn.`` for alive first
+   coordinates, level 1 asks ``ffn.<i>.`` for every alive ``i`` (all in one batched lookup), and
+   so on; the last level gives, per expert, every node serving it (replicas). A prefix whose
+   dimension count nobody told us (``--prefixes ffn`` with no node record mentioning it) is probed
+   one level deeper until a level comes back empty.
 
 Between refreshes the view remembers what it saw, so it can report *changes*: nodes and experts
 that vanished (kept for ``forget_after`` seconds), and when each node last re-announced (its record's
@@ -42,7 +41,6 @@ from dmoe.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-MAX_PROBE_DEPTH = 8  # grid dimensions we probe for when nobody told us the dimension count
 _RANGE = re.compile(r"^\[(\d+):(\d+)\]$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
@@ -220,7 +218,7 @@ class SwarmView:
         for node in nodes.values():
             self._learn_uids(node.experts)
         names = sorted({*self.declared, *self._dims, *self.snapshot.prefixes})
-        walked = await asyncio.gather(*(self._walk(name, self._dims.get(name)) for name in names))
+        walked = await asyncio.gather(*(self.registry.walk_grid(name, self._dims.get(name)) for name in names))
         prefixes = {}
         for name, experts in zip(names, walked, strict=True):
             self._learn_uids(experts)
@@ -262,27 +260,6 @@ class SwarmView:
             seen.extend([0] * (len(coords) - len(seen)))
             for i, c in enumerate(coords):
                 seen[i] = max(seen[i], c)
-
-    async def _walk(self, prefix: str, dims: int | None) -> dict[str, list[ExpertEndpoint]]:
-        """Alive experts under ``prefix`` and their replicas, one batched lookup per grid level."""
-        leaves: dict[str, list[ExpertEndpoint]] = {}
-        frontier: dict[str, list[ExpertEndpoint]] = {}  # inner cells found at the previous level
-        keys = [prefix + UID_DELIMITER]
-        for depth in range(1, (dims or MAX_PROBE_DEPTH) + 1):
-            table = await self.registry.get_prefixes(keys)
-            found = {eps[0].uid: eps for key in keys for eps in table[key].values() if eps}
-            if dims is None:  # probing: a cell without children at this level was a leaf
-                leaves.update({uid: eps for uid, eps in frontier.items() if not _has_children(uid, found)})
-            if dims is not None and depth == dims:
-                leaves.update(found)
-                break
-            if not found:
-                break
-            frontier = found
-            keys = [uid + UID_DELIMITER for uid in found]
-        else:
-            leaves.update(frontier if dims is None else {})
-        return leaves
 
     def _track_losses(self, previous: SwarmSnapshot, current: SwarmSnapshot, now: float) -> None:
         gone_nodes = {k: g for k, g in previous.gone_nodes.items()
@@ -335,11 +312,6 @@ class SwarmView:
                 "expert_disappearances": dict(self.counters.expert_disappearances),
             },
         }
-
-
-def _has_children(uid: str, found: dict[str, list[ExpertEndpoint]]) -> bool:
-    head = uid + UID_DELIMITER
-    return any(child.startswith(head) for child in found)
 
 
 def _in_grid(coords: tuple[int, ...], grid: tuple[tuple[int, int], ...]) -> bool:

@@ -12,30 +12,23 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from dmoe.config.node import OptimizerOptions
 from dmoe.experts import ExpertSchema
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class OptimizerOptions:
-    name: str = "adam"  # "adam" or "sgd"
-    lr: float = 1e-3
-    clip_grad_norm: float = 1.0  # 0 disables clipping
-
-
 def make_optimizer(params: list[nn.Parameter], options: OptimizerOptions) -> torch.optim.Optimizer:
-    if options.name == "adam":
+    if options.optimizer == "adam":
         return torch.optim.Adam(params, lr=options.lr)
-    if options.name == "sgd":
+    if options.optimizer == "sgd":
         return torch.optim.SGD(params, lr=options.lr)
-    raise ValueError(f"unknown optimizer {options.name!r} (expected adam or sgd)")
+    raise ValueError(f"unknown optimizer {options.optimizer!r} (expected adam or sgd)")
 
 
 class NonFiniteGradient(RuntimeError):

@@ -11,7 +11,7 @@ Design
   starve a quiet one) and takes requests oldest-first up to ``max_batch_size`` rows (a single
   larger request still runs, alone).
 * No added latency for a lone client: with an idle worker a batch starts at once. Requests that
-  arrive while the workers are busy pile up and form the next batch. ``max_batch_delay`` > 0
+  arrive while the workers are busy pile up and form the next batch. ``max_batch_delay_ms`` > 0
   lets an idle worker wait that long for a partial batch to fill (it bounds the wait of the
   oldest request, never more).
 * One expert is never computed by two workers at the same time (a forward must not read weights
@@ -39,6 +39,7 @@ from dmoe.node.backend import ExpertBackend
 from dmoe.node.metrics import NodeMetrics
 from dmoe.node.validation import RpcFailure
 
+from dmoe.config.node import BatchingOptions
 from dmoe.wire.codec import serialize_tensor
 from dmoe.wire.proto import expert_pb2 as pb
 
@@ -46,14 +47,6 @@ log = logging.getLogger(__name__)
 
 FORWARD = "forward"
 BACKWARD = "backward"
-
-
-@dataclass(frozen=True)
-class BatchingOptions:
-    max_batch_size: int = 1024  # rows per merged batch
-    max_batch_delay: float = 0.0  # seconds an idle worker may wait for a partial batch to fill
-    max_queued_rows: int = 16384  # admission limit over all queues
-    num_workers: int = 1
 
 
 @dataclass(eq=False)
@@ -168,7 +161,7 @@ class BatchScheduler:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        delay = self.options.max_batch_delay
+        delay = self.options.max_batch_delay_ms / 1000.0
         while self.idle_workers > 0:
             now = loop.time()
             best_key, best_time, wake_at = None, float("inf"), float("inf")

@@ -1,6 +1,7 @@
 """``dmoe node``: serve experts over gRPC, train them, checkpoint them, announce them in the DHT.
 
-Parses flags (also settable as ``DMOE_<FLAG>`` or in ``--config``), builds a ``NodeConfig`` and
+Parses flags (also settable as ``DMOE_<FLAG>`` or in ``--config``; all derived from
+``dmoe.config.NodeConfig``, where each default and its documentation live), builds a ``NodeConfig`` and
 runs an ``ExpertNode`` in one uvloop event loop until SIGTERM/SIGINT. Prints one
 ``dmoe-ready {json}`` line once the gRPC server listens and the experts are announced.
 """
@@ -19,22 +20,19 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import TYPE_CHECKING
 
 from dmoe.config import (
+    BatchingOptions,
+    NodeConfig,
+    OptimizerOptions,
+    add_options,
     make_parser,
-    non_negative_float,
-    port_number,
-    positive_float,
-    positive_int,
+    options_from,
     setup_logging,
 )
 from dmoe.dht.uids import parse_expert_pattern
 from dmoe.errors import ConfigError
 from dmoe.ready import print_ready
-
-if TYPE_CHECKING:  # torch, grpc and hivemind load only after the flags parsed (fast errors, fast --help)
-    from dmoe.node.runtime import NodeConfig
 
 log = logging.getLogger("dmoe.node")
 
@@ -45,62 +43,19 @@ EPILOG = """example:
 """
 
 
+def _expert_pattern(text: str) -> list[str]:
+    try:
+        return parse_expert_pattern(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Flags derived from ``NodeConfig`` and its parts (``dmoe.config.node``): each default lives there."""
     p = make_parser("dmoe node", "Serve experts over gRPC and announce them in the DHT.", EPILOG)
-    g = p.add_argument_group("experts")
-    g.add_argument("--experts", required=True,
-                   help="uid pattern: PREFIX.[a:b].[c:d] grids (half-open ranges) and/or comma-separated uids")
-    g.add_argument("--expert-cls", default="ffn", help="ffn, transformer, or package.module:Class")
-    g.add_argument("--hidden-dim", type=positive_int, default=1024, help="hidden size of every expert")
-    g.add_argument("--seed", type=int, default=0, help="initial weights of expert U come from seed (SEED, U)")
-    g.add_argument("--device", default=None, help="torch device; default: cuda when available, else cpu")
-
-    g = p.add_argument_group("network")
-    g.add_argument("--host", default="0.0.0.0", help="address the gRPC server binds")
-    g.add_argument("--port", type=port_number, default=0, help="gRPC port; 0 picks a free one")
-    g.add_argument("--announce-host", default=None,
-                   help="host announced in the DHT; default: --host, or this machine's outbound address "
-                        "when binding 0.0.0.0")
-    g.add_argument("--announce-port", type=port_number, default=None,
-                   help="port announced in the DHT (e.g. a proxy in front of the node); default: the bound port")
-    g.add_argument("--initial-peers", nargs="*", default=[],
-                   help="multiaddrs of peers in the swarm to join; none starts a new swarm")
-    g.add_argument("--dht-host-maddrs", nargs="*", default=None,
-                   help="multiaddrs the DHT listens on; default /ip4/<host>/tcp/0")
-    g.add_argument("--dht-announce-maddrs", nargs="*", default=None, help="multiaddrs the DHT tells peers to use")
-    g.add_argument("--announce-ttl", type=positive_float, default=30.0,
-                   help="expiration of DHT records, seconds (refreshed every ttl/3)")
-
-    g = p.add_argument_group("batching and limits")
-    g.add_argument("--max-batch-size", type=positive_int, default=1024,
-                   help="rows (dim 0) per merged batch")
-    g.add_argument("--max-batch-delay-ms", type=non_negative_float, default=0.0,
-                   help="ms an idle worker may wait for a partial batch to fill; 0 starts at once")
-    g.add_argument("--max-request-mb", type=positive_float, default=64.0,
-                   help="largest request tensor payload, MiB (bigger ones get RESOURCE_EXHAUSTED)")
-    g.add_argument("--max-queued-rows", type=positive_int, default=16384,
-                   help="rows that may wait in the queues before new requests get RESOURCE_EXHAUSTED")
-    g.add_argument("--num-workers", type=positive_int, default=1, help="compute threads")
-
-    g = p.add_argument_group("training")
-    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="optimizer of every expert")
-    g.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate")
-    g.add_argument("--clip-grad-norm", type=non_negative_float, default=1.0,
-                   help="max L2 norm of each expert's parameter gradient per step; 0 disables")
-
-    g = p.add_argument_group("checkpoints and metrics")
-    g.add_argument("--checkpoint-dir", default=None, help="directory for checkpoints; none disables them")
-    g.add_argument("--checkpoint-interval", type=positive_float, default=120.0,
-                   help="seconds between checkpoints (only saved when weights changed)")
-    g.add_argument("--checkpoint-keep", type=positive_int, default=3, help="newest checkpoints kept")
-    g.add_argument("--metrics-port", type=port_number, default=None,
-                   help="serve Prometheus /metrics on this port (0 picks one); none disables")
-
-    def one_line_error(message: str) -> None:
-        print(f"dmoe node: {message} (see dmoe node --help)", file=sys.stderr)
-        sys.exit(2)
-
-    p.error = one_line_error  # type: ignore[method-assign]
+    groups = add_options(p, NodeConfig, parse={"experts": _expert_pattern})
+    add_options(p, BatchingOptions, groups=groups)
+    add_options(p, OptimizerOptions, groups=groups)
     return p
 
 
@@ -115,43 +70,13 @@ def _check_maddrs(flag: str, values: list[str] | None) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
-    uids = parse_expert_pattern(args.experts)
-    from dmoe.node.backend import OptimizerOptions
-    from dmoe.node.batching import BatchingOptions
-    from dmoe.node.runtime import NodeConfig
-
     from dmoe.experts import load_expert_class
 
     load_expert_class(args.expert_cls)  # fail fast with a one-line reason
     for flag in ("initial_peers", "dht_host_maddrs", "dht_announce_maddrs"):
         _check_maddrs("--" + flag.replace("_", "-"), getattr(args, flag))
-    return NodeConfig(
-        experts=uids,
-        expert_cls=args.expert_cls,
-        hidden_dim=args.hidden_dim,
-        seed=args.seed,
-        device=args.device,
-        host=args.host,
-        port=args.port,
-        announce_host=args.announce_host,
-        announce_port=args.announce_port,
-        initial_peers=list(args.initial_peers or []),
-        dht_host_maddrs=args.dht_host_maddrs,
-        dht_announce_maddrs=args.dht_announce_maddrs,
-        announce_ttl=args.announce_ttl,
-        checkpoint_dir=args.checkpoint_dir,
-        checkpoint_interval=args.checkpoint_interval,
-        checkpoint_keep=args.checkpoint_keep,
-        metrics_port=args.metrics_port,
-        max_request_bytes=int(args.max_request_mb * 2**20),
-        batching=BatchingOptions(
-            max_batch_size=args.max_batch_size,
-            max_batch_delay=args.max_batch_delay_ms / 1000.0,
-            max_queued_rows=args.max_queued_rows,
-            num_workers=args.num_workers,
-        ),
-        optimizer=OptimizerOptions(name=args.optimizer, lr=args.lr, clip_grad_norm=args.clip_grad_norm),
-    )
+    return options_from(NodeConfig, args, batching=options_from(BatchingOptions, args),
+                        optimizer=options_from(OptimizerOptions, args))
 
 
 async def serve(config: NodeConfig) -> int:

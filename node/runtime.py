@@ -16,18 +16,18 @@ import contextlib
 import logging
 import socket
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import torch
 from dmoe.node.announcer import Announcer, start_dht
-from dmoe.node.backend import ExpertBackend, OptimizerOptions
-from dmoe.node.batching import BatchingOptions, BatchScheduler
+from dmoe.node.backend import ExpertBackend
+from dmoe.node.batching import BatchScheduler
 from dmoe.node.checkpoint import CheckpointStore
 from dmoe.node.metrics import NodeMetrics
 from dmoe.node.server import ExpertServicer
 
+from dmoe.config.node import NodeConfig
 from dmoe.dht.access import InLoopDHT
 from dmoe.dht.registry import ExpertRegistry
 from dmoe.experts import create_expert, expert_schema
@@ -35,31 +35,6 @@ from dmoe.wire.codec import GRPC_OPTIONS
 from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class NodeConfig:
-    experts: list[str]
-    expert_cls: str = "ffn"
-    hidden_dim: int = 1024
-    seed: int = 0
-    host: str = "0.0.0.0"
-    port: int = 0
-    announce_host: str | None = None
-    announce_port: int | None = None
-    initial_peers: list[str] = field(default_factory=list)
-    dht_host_maddrs: list[str] | None = None
-    dht_announce_maddrs: list[str] | None = None
-    checkpoint_dir: str | None = None
-    checkpoint_interval: float = 300.0  # seconds
-    checkpoint_keep: int = 3
-    metrics_port: int | None = None
-    announce_ttl: float = 30.0  # seconds
-    max_request_bytes: int = 64 * 2**20
-    shutdown_grace: float = 10.0  # seconds in-flight requests get to finish on shutdown
-    device: str | None = None  # None: cuda when available, else cpu
-    batching: BatchingOptions = field(default_factory=BatchingOptions)
-    optimizer: OptimizerOptions = field(default_factory=OptimizerOptions)
 
 
 def host_port(host: str, port: int) -> str:

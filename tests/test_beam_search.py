@@ -18,8 +18,9 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
 from hivemind.utils.crypto import RSAPrivateKey
 
-from dmoe.client.beam_search import BeamSearch, LookupOptions, exhaustive_top_k
+from dmoe.client.beam_search import BeamSearch, exhaustive_top_k
 from dmoe.client.swarm import Swarm
+from dmoe.config.client import LookupOptions
 from dmoe.dht.access import InLoopDHT
 from dmoe.dht.registry import ExpertRegistry
 from dmoe.dht.uids import make_uid

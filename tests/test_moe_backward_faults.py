@@ -2,7 +2,7 @@
 
 Backward must go to the very endpoints that answered the forward, so it cannot fall back to
 other experts: a failed expert becomes a constant (its share of the input gradient is dropped).
-With ``backward_k_min=0`` (what ``dmoe train`` uses) the step always completes; with the default
+With ``backward_k_min=0`` (the default) the step always completes; with
 ``backward_k_min=1`` a token left without any answer raises ``NotEnoughExperts`` naming the
 experts. A node frozen between forward and backward holds the backward for about
 ``timeout_after_k_min``, not for ``backward_timeout``, and is banned.
@@ -118,7 +118,7 @@ def test_node_frozen_before_backward_holds_it_briefly_and_is_banned(swarm, nodes
 
 def test_token_without_any_backward_answer_raises_by_default(swarm, nodes):
     _, victims = nodes
-    layer = layer_for(swarm, "bn", biased=True, timeout_after_k_min=1.0)  # backward_k_min=1
+    layer = layer_for(swarm, "bn", biased=True, backward_k_min=1, timeout_after_k_min=1.0)
     x = torch.randn(BATCH, HIDDEN, requires_grad=True)
     y = layer(x)
     assert set(layer.choices.answered) <= {f"bn.{i}.{j}" for i in (2, 3) for j in range(4)}  # all on the victim

@@ -12,12 +12,13 @@ import threading
 import grpc
 import pytest
 import torch
-from dmoe.node.backend import ExpertBackend, OptimizerOptions
-from dmoe.node.batching import BACKWARD, FORWARD, BatchingOptions, BatchScheduler
+from dmoe.node.backend import ExpertBackend
+from dmoe.node.batching import BACKWARD, FORWARD, BatchScheduler
 from dmoe.node.metrics import NodeMetrics
 from dmoe.node.validation import RpcFailure, batch_signature, check_request
 from torch import nn
 
+from dmoe.config.node import BatchingOptions, OptimizerOptions
 from dmoe.errors import ConfigError
 from dmoe.experts import ExpertSchema, TensorSchema, create_expert, default_schema, expert_schema, load_expert_class
 from dmoe.wire.codec import deserialize_tensors
@@ -29,7 +30,7 @@ def make_backend(uid: str, module: nn.Module | None = None, *, expert_cls: str =
                  optimizer: str = "adam", clip: float = 1.0) -> ExpertBackend:
     module = module if module is not None else create_expert(expert_cls, hidden_dim=H, seed=1, uid=uid)
     return ExpertBackend(uid, module, schema=expert_schema(module, H), expert_cls=expert_cls, hidden_dim=H,
-                         optimizer=OptimizerOptions(name=optimizer, lr=lr, clip_grad_norm=clip))
+                         optimizer=OptimizerOptions(optimizer=optimizer, lr=lr, clip_grad_norm=clip))
 
 
 def test_experts_are_reproducible_per_seed_and_uid():
@@ -201,7 +202,7 @@ def test_lone_request_starts_at_once_and_max_batch_size_caps_merging():
 
 def test_max_batch_delay_lets_an_idle_worker_wait_for_companions():
     async def main():
-        sched, log, gate, _ = make_scheduler(["a.0"], max_batch_size=64, max_batch_delay=0.3)
+        sched, log, gate, _ = make_scheduler(["a.0"], max_batch_size=64, max_batch_delay_ms=300)
         gate.set()
         tasks = [asyncio.create_task(_submit(sched, "a.0", 2))]
         await asyncio.sleep(0.05)

@@ -10,8 +10,9 @@ import torch
 from moe_swarm import HIDDEN, local_experts, node_process, start_all, stop_all
 
 from dmoe import BadAnswer, DeadlineExceeded, NodeUnreachable, RemoteExpert, RequestRejected, Swarm
-from dmoe.client.peer_health import HealthOptions, PeerHealth
+from dmoe.client.peer_health import PeerHealth
 from dmoe.client.remote_call import TensorSpec, check_answer
+from dmoe.config.client import HealthOptions
 from dmoe.wire.codec import MAX_UNARY_BYTES, serialize_tensor
 from dmoe.wire.proto import expert_pb2 as pb
 

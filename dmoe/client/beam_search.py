@@ -34,30 +34,8 @@ result is exact (the test suite compares it with an exhaustive scan).
 
 Caching and time
 ----------------
-``PrefixTable`` caches records for ``cache_ttl`` seconds (keep it below the nodes' announce TTL),
-empty prefixes for ``negative_ttl``, drops endpoints whose record expired, shares in-flight
-lookups, and caps every DHT call at ``lookup_timeout``.
-
-Lookups slow down exactly when the swarm is in trouble: while a DHT peer is frozen, every
-hivemind ``get`` waits out its RPC timeout (3 s). So a search that holds an older entry with
-records still alive waits only ``stale_wait`` for its refresh and goes on with the older entry
-(the refresh lands in the cache for the next step); it waits longer only for what it knows
-nothing about. And *alive* means: the record is unexpired, or its endpoint answered this client
-within ``vouch_window`` and has not failed since -- the client's own observation outranks a
-DHT that serves late copies of records (a node whose refresh did not reach the peers we asked is
-not dead). An entry whose records are all dead is not "empty" but unknown until it is read again.
-
-An empty answer is not always the truth: hivemind's ``get`` reports "not found" when the peers
-holding a key did not answer in time (frozen or overloaded peers), and a negative cache entry
-would then hide alive experts for ``negative_ttl``. So a child record that comes back empty while
-its parent record (cached, fresh) lists that very coordinate with unexpired endpoints is treated
-as *unanswered*: it is not cached, the parent's entry is dropped (the next search reads both
-again), and the fetch serves a stale entry of the child whose records are still unexpired if there
-is one, else reports the prefix unanswered -- the search then says it is incomplete
-(``budget_exhausted``), and a reroute retries shortly instead of giving its tokens up. When the
-parent was the stale one (a node that just left: its tombstones are read at the child first), the
-re-read parent no longer lists the coordinate and the next search is complete again. (Records
-that lose entries inside hivemind itself are fixed at the source: ``dmoe.dht.patches``.)
+Lookups go through the swarm's ``PrefixTable`` (``dmoe.client.prefix_table``): cached,
+deduplicated, bounded in time, and careful about what an empty or late answer means.
 
 A search has a time budget (it counts against the layer's ``forward_timeout``): when it runs out,
 unanswered prefixes are served from stale cache entries if any (their records are still
@@ -68,190 +46,21 @@ skipped, unless a sample finds fewer than ``k_min`` others: then they are tried 
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import logging
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from hivemind.utils import get_dht_time
 
 from dmoe.client import metrics
-from dmoe.dht.registry import ExpertEndpoint, ExpertRegistry
-from dmoe.dht.uids import UID_DELIMITER, make_uid
-
-if TYPE_CHECKING:
-    from dmoe.client.swarm import Swarm
+from dmoe.client.candidates import FoundExpert, SearchResult
+from dmoe.client.prefix_table import Children
+from dmoe.client.swarm import Swarm
+from dmoe.dht.uids import UID_DELIMITER, cell_key, make_uid
 
 logger = logging.getLogger(__name__)
-
-Children = dict[int, list[ExpertEndpoint]]  # coordinate -> endpoints (one prefix record)
-
-
-@dataclass(frozen=True)
-class LookupOptions:
-    cache_ttl: float = 5.0  # seconds a fetched prefix record is reused (keep below the announce TTL)
-    negative_ttl: float = 2.0  # seconds an empty prefix is remembered as empty
-    lookup_timeout: float = 10.0  # hard cap of one DHT lookup, seconds (finishes in the background)
-    stale_wait: float = 0.3  # seconds a search waits for a refresh when it holds an older, still alive entry
-    vouch_window: float = 10.0  # seconds: an endpoint that answered this recently is alive, record expired or not
-
-
-@dataclass
-class _CacheEntry:
-    fetched: float  # time.monotonic()
-    children: Children
-
-
-class PrefixTable:
-    """Cached, deduplicated DHT prefix lookups. Lives in (and is only touched from) the swarm's loop."""
-
-    def __init__(
-        self, registry: ExpertRegistry, options: LookupOptions, stats: Any, *,
-        vouch: Callable[[str, float], bool] | None = None,
-    ) -> None:
-        self.registry = registry
-        self.options = options
-        self.stats = stats
-        self.vouch = vouch  # (endpoint, window) -> it answered within the window and has not failed since
-        self._cache: dict[str, _CacheEntry] = {}
-        self._inflight: dict[str, asyncio.Task[None]] = {}
-
-    def _alive(self, children: Children) -> Children:
-        """The endpoints of ``children`` whose record is unexpired or whose endpoint answered us lately."""
-        now = get_dht_time()
-        window = self.options.vouch_window
-        out: Children = {}
-        for coord, endpoints in children.items():
-            alive = [e for e in endpoints
-                     if e.expiration > now or (self.vouch is not None and self.vouch(e.endpoint, window))]
-            if alive:
-                out[coord] = alive
-        return out
-
-    def _known(self, entry: _CacheEntry) -> Children | None:
-        """What an entry says now: its alive children, or None if it had children and all are dead."""
-        alive = self._alive(entry.children)
-        return alive if alive or not entry.children else None
-
-    async def fetch(self, prefixes: Sequence[str], timeout: float) -> dict[str, Children | None]:
-        """Children of each prefix; ``None`` when a lookup did not finish in ``timeout`` and nothing is cached."""
-        now = time.monotonic()
-        result: dict[str, Children | None] = {}
-        missing: list[str] = []
-        stale_alive = True  # every missing prefix has an older entry with alive records to fall back on
-        for prefix in dict.fromkeys(prefixes):
-            entry = self._cache.get(prefix)
-            known = self._known(entry) if entry is not None else None
-            ttl = self.options.cache_ttl if entry is not None and entry.children else self.options.negative_ttl
-            if entry is not None and known is not None and now - entry.fetched < ttl:
-                result[prefix] = known
-                self.stats.cache_hits += 1
-            else:
-                missing.append(prefix)
-                stale_alive = stale_alive and bool(known)
-        if not missing:
-            return result
-        new = [p for p in missing if p not in self._inflight]
-        if new:
-            task = asyncio.get_running_loop().create_task(self._lookup(new))
-            for p in new:
-                self._inflight[p] = task
-        tasks = {self._inflight[p] for p in missing if p in self._inflight}
-        wait = min(timeout, self.options.stale_wait) if stale_alive else timeout
-        if tasks and wait > 0:
-            await asyncio.wait(tasks, timeout=wait)  # never cancels them: they warm the cache
-        for prefix in missing:
-            entry = self._cache.get(prefix)
-            # fresh if the lookup finished; else an older entry whose records are still alive
-            result[prefix] = self._known(entry) if entry is not None else None
-        return result
-
-    async def _lookup(self, prefixes: list[str]) -> None:
-        started = time.monotonic()
-        try:
-            found = await asyncio.wait_for(self.registry.get_prefixes(prefixes), self.options.lookup_timeout)
-        except Exception as e:  # DHT trouble must not break a forward: stale cache / empty is the fallback
-            self.stats.lookup_failures += 1
-            metrics.LOOKUP_FAILURES.inc()
-            logger.info("DHT lookup of %d prefixes failed: %r", len(prefixes), e)
-            found = None
-        finally:
-            for p in prefixes:
-                self._inflight.pop(p, None)
-        elapsed = time.monotonic() - started
-        self.stats.lookups += len(prefixes)
-        self.stats.lookup_batches += 1
-        self.stats.lookup_seconds += elapsed
-        metrics.LOOKUPS.inc(len(prefixes))
-        metrics.LOOKUP_SECONDS.observe(elapsed)
-        if found is not None:
-            done = time.monotonic()
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug("lookup %.3fs: %s", elapsed, {p: sorted(found.get(p, {})) for p in prefixes})
-            for p in prefixes:
-                children = found.get(p, {})
-                if not children and self._listed_by_parent(p, done):
-                    self._distrust(p)
-                    continue
-                self._cache[p] = _CacheEntry(done, children)
-
-    def _listed_by_parent(self, prefix: str, now: float) -> bool:
-        """True if the fresh cached parent of ``prefix`` lists its coordinate with an unexpired endpoint."""
-        parent = _parent_key(prefix)
-        if parent is None:
-            return False
-        key, coord = parent
-        entry = self._cache.get(key)
-        if entry is None or not entry.children or now - entry.fetched >= self.options.cache_ttl:
-            return False
-        return coord in self._alive({coord: entry.children.get(coord, [])})
-
-    def _distrust(self, prefix: str) -> None:
-        """An empty answer that contradicts the parent: unanswered, and the parent is read again."""
-        parent = _parent_key(prefix)
-        assert parent is not None
-        self._cache.pop(parent[0], None)
-        stale = self._cache.get(prefix)
-        if stale is not None and not stale.children:
-            del self._cache[prefix]  # an old "empty" is no better than this one
-        self.stats.lookup_failures += 1
-        metrics.LOOKUP_FAILURES.inc()
-        logger.info("DHT lookup of %r came back empty although %r lists it: treated as unanswered", prefix, parent[0])
-
-    def clear(self) -> None:
-        self._cache.clear()
-
-
-def _parent_key(prefix: str) -> tuple[str, int] | None:
-    """``('ffn.3.', 5)`` for the key ``'ffn.3.5.'``; None for a key whose last part is not a coordinate."""
-    body = prefix[: -len(UID_DELIMITER)] if prefix.endswith(UID_DELIMITER) else prefix
-    head, sep, last = body.rpartition(UID_DELIMITER)
-    if not sep or not last.isdigit():
-        return None
-    return head + UID_DELIMITER, int(last)
-
-
-@dataclass(frozen=True)
-class FoundExpert:
-    uid: str
-    coords: tuple[int, ...]
-    score: float
-    endpoints: tuple[str, ...]  # every alive replica, unordered (the caller orders them by health)
-    banned: bool = False  # every endpoint banned: chosen only because too few others were found
-
-
-@dataclass
-class SearchResult:
-    experts: list[list[FoundExpert]]  # per sample, best first
-    rounds: int
-    prefixes_fetched: int  # distinct prefixes requested from the table (cached or not)
-    elapsed: float
-    budget_exhausted: bool
-
 
 # Heap entry: (-bound, coords, partial score of coords, endpoints at the last level). A plain tuple
 # so heap comparisons run in C; coords are unique per sample, so comparisons end there.
@@ -290,7 +99,7 @@ class BeamSearch:
     def prefix_key(self, coords: tuple[int, ...]) -> str:
         key = self._keys.get(coords)
         if key is None:
-            key = (make_uid(self.uid_prefix, coords) if coords else self.uid_prefix) + UID_DELIMITER
+            key = cell_key(self.uid_prefix, coords)
             self._keys[coords] = key
         return key
 

@@ -46,7 +46,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from dmoe.client.beam_search import FoundExpert
+from dmoe.client.candidates import FoundExpert
 from dmoe.client.remote_call import TensorSpec
 from dmoe.client.swarm import CallProgress, Swarm
 from dmoe.errors import DeadlineExceeded, ExpertCallError

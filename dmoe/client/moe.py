@@ -45,16 +45,19 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from dmoe.client import metrics
-from dmoe.client.beam_search import BeamSearch, FoundExpert, SearchResult
+from dmoe.client.beam_search import BeamSearch
+from dmoe.client.candidates import FoundExpert, SearchResult
 from dmoe.client.dispatch import CallSummary, Dispatch
 from dmoe.client.gating import ExpertChoiceCounter, GridGate, combine_outputs, expert_logits, load_balancing_loss
 from dmoe.client.remote_call import BACKWARD, FORWARD, TensorSpec, build_request
 from dmoe.client.swarm import Swarm
+from dmoe.config.client import MoEOptions
 from dmoe.errors import NotEnoughExperts
 from dmoe.wire.codec import check_compression, serialize_tensor
 from dmoe.wire.proto import expert_pb2 as pb
 
 logger = logging.getLogger(__name__)
+_DEFAULTS = MoEOptions()
 _BRIDGE_GRACE = 2.0  # seconds the caller thread waits beyond a deadline the loop enforces itself
 # an input that always requires grad, so backward (which trains the remote experts) runs even when
 # neither x nor the gate needs a gradient
@@ -253,10 +256,13 @@ def _finite_positive(name: str, value: float | None) -> float:
 class RemoteMixtureOfExperts(nn.Module):
     """Grid MoE over remote experts ``{uid_prefix}.{i}.{j}...``: ``(N, D)`` or ``(B, T, D)`` -> same shape.
 
-    ``forward_timeout`` covers search + calls (seconds); ``timeout_after_k_min``: extra wait once
-    every token has ``k_min`` answers; ``backward_timeout`` bounds a backward; ``compression``
-    ("", "float16", "bfloat16") applies to activations and gradients on the wire;
-    ``search_timeout``: budget of the expert search (at most half of ``forward_timeout``).
+    The keyword defaults are ``dmoe.config.MoEOptions`` (documented there, shared with
+    ``dmoe train``): ``forward_timeout`` covers search + calls (seconds); ``timeout_after_k_min``:
+    extra wait once every token has ``k_min`` answers; ``backward_timeout`` bounds a backward;
+    ``backward_k_min``: answers a token needs in backward (0: never raise, a failed expert is a
+    constant); ``compression`` ("none", "float16", "bfloat16") applies to activations and
+    gradients on the wire; ``search_timeout``: budget of the expert search (at most half of
+    ``forward_timeout``).
     """
 
     def __init__(
@@ -267,14 +273,14 @@ class RemoteMixtureOfExperts(nn.Module):
         uid_prefix: str,
         swarm: Swarm,
         k_best: int,
-        k_min: int = 1,
-        forward_timeout: float = 10.0,
-        backward_timeout: float = 20.0,
-        timeout_after_k_min: float = 1.0,
-        allow_zero_outputs: bool = False,
-        backward_k_min: int = 1,
-        compression: str = "",
-        search_timeout: float = 2.0,
+        k_min: int = _DEFAULTS.k_min,
+        forward_timeout: float = _DEFAULTS.forward_timeout,
+        backward_timeout: float = _DEFAULTS.backward_timeout,
+        timeout_after_k_min: float = _DEFAULTS.timeout_after_k_min,
+        allow_zero_outputs: bool = _DEFAULTS.allow_zero_outputs,
+        backward_k_min: int = _DEFAULTS.backward_k_min,
+        compression: str = _DEFAULTS.compression,
+        search_timeout: float = _DEFAULTS.search_timeout,
         beam_size: int | None = None,
     ) -> None:
         super().__init__()

@@ -27,12 +27,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class HealthOptions:
-    ban_base: float = 5.0  # seconds a first failure bans an endpoint
-    ban_max: float = 300.0  # cap of the doubling ban, seconds
-    rtt_alpha: float = 0.3  # EWMA weight of the newest latency sample
+from dmoe.config.client import HealthOptions
 
 
 @dataclass

@@ -36,9 +36,10 @@ import torch
 import uvloop
 
 from dmoe.client import metrics
-from dmoe.client.beam_search import LookupOptions, PrefixTable
-from dmoe.client.peer_health import HealthOptions, PeerHealth
+from dmoe.client.peer_health import PeerHealth
+from dmoe.client.prefix_table import PrefixTable
 from dmoe.client.remote_call import TensorSpec, call_expert
+from dmoe.config.client import HealthOptions, LookupOptions, SwarmOptions
 from dmoe.dht.access import DHTAccess, InLoopDHT, ProcessDHT
 from dmoe.dht.registry import ExpertRegistry
 from dmoe.errors import DeadlineExceeded, DmoeError, ExpertCallError
@@ -49,6 +50,7 @@ from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+_SWARM = SwarmOptions()
 _MIN_ATTEMPT = 0.005  # seconds: below this there is no point starting another replica attempt
 _NO_BAN_STATUSES = ("INVALID_ARGUMENT",)  # our request was bad: another node would say the same
 _LIVE_SWARMS: weakref.WeakSet[Swarm] = weakref.WeakSet()
@@ -97,8 +99,8 @@ class Swarm:
         dht_kwargs: dict[str, Any] | None = None,
         health: HealthOptions | None = None,
         lookup: LookupOptions | None = None,
-        max_channels: int = 256,
-        start_timeout: float = 60.0,
+        max_channels: int = _SWARM.max_channels,
+        start_timeout: float = _SWARM.start_timeout,
         _dht: hivemind.DHT | None = None,
     ) -> None:
         self.health = PeerHealth(health)

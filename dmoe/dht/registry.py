@@ -31,9 +31,10 @@ from typing import Any
 from hivemind.utils import get_dht_time
 
 from dmoe.dht.access import DHTAccess
-from dmoe.dht.uids import UID_DELIMITER, make_uid, split_uid
+from dmoe.dht.uids import UID_DELIMITER, cell_key, split_uid
 
 NODES_KEY = "_dmoe.nodes"
+MAX_PROBE_DEPTH = 8  # grid dimensions a walk probes for when nobody said how many there are
 _OWNER = b"[owner:"
 
 
@@ -96,7 +97,7 @@ class ExpertRegistry:
         for uid in uids:
             prefix, coords = split_uid(uid)
             for level, coord in enumerate(coords):
-                key = (make_uid(prefix, coords[:level]) if level else prefix) + UID_DELIMITER
+                key = cell_key(prefix, coords[:level])
                 entries[(key, self._owned(str(coord)))] = (endpoint, node_id, float(load))
         info = {"endpoint": endpoint, "experts": uids, "load": float(load), **(node_info or {})}
         entries[(NODES_KEY, self._owned(node_id))] = info
@@ -113,7 +114,7 @@ class ExpertRegistry:
         for uid in uids:
             prefix, coords = split_uid(uid)
             for level, coord in enumerate(coords):
-                key = (make_uid(prefix, coords[:level]) if level else prefix) + UID_DELIMITER
+                key = cell_key(prefix, coords[:level])
                 entries[(key, self._owned(str(coord)))] = ()
         entries[(NODES_KEY, self._owned(node_id))] = ()
         return await self._store(entries, expiration)
@@ -155,9 +156,39 @@ class ExpertRegistry:
         parents = {}
         for uid in uids:
             prefix, coords = split_uid(uid)
-            parents[uid] = ((make_uid(prefix, coords[:-1]) if len(coords) > 1 else prefix) + UID_DELIMITER, coords[-1])
+            parents[uid] = (cell_key(prefix, coords[:-1]), coords[-1])
         table = await self.get_prefixes([p for p, _ in parents.values()])
         return {uid: table[p].get(c, []) for uid, (p, c) in parents.items()}
+
+    async def walk_grid(self, prefix: str, dims: int | None) -> dict[str, list[ExpertEndpoint]]:
+        """Every alive expert under ``prefix`` with its replicas: uid -> endpoints.
+
+        The one full walk of a grid (the trainer's start-up check and the coordinator's view use
+        it; the beam search walks the same keys best-first): level 0 asks ``ffn.``, level 1 asks
+        ``ffn.<i>.`` for every alive ``i`` in one batched lookup, and so on, so lookups grow with
+        alive inner cells, never with the grid's size. With ``dims=None`` (nobody said how many
+        dimensions the grid has) it probes one level deeper until a level comes back empty, up to
+        ``MAX_PROBE_DEPTH``; a cell without children is then an expert.
+        """
+        leaves: dict[str, list[ExpertEndpoint]] = {}
+        frontier: dict[str, list[ExpertEndpoint]] = {}  # inner cells found at the previous level
+        keys = [cell_key(prefix)]
+        for depth in range(1, (dims or MAX_PROBE_DEPTH) + 1):
+            table = await self.get_prefixes(keys)
+            found = {eps[0].uid: eps for key in keys for eps in table[key].values() if eps}
+            if dims is None:  # probing: a cell without children at this level was a leaf
+                parents = {uid.rpartition(UID_DELIMITER)[0] for uid in found}
+                leaves.update({uid: eps for uid, eps in frontier.items() if uid not in parents})
+            if dims is not None and depth == dims:
+                leaves.update(found)
+                break
+            if not found:
+                break
+            frontier = found
+            keys = [uid + UID_DELIMITER for uid in found]
+        else:
+            leaves.update(frontier if dims is None else {})
+        return leaves
 
     async def list_nodes(self) -> list[NodeRecord]:
         """Every node currently announced under ``_dmoe.nodes``."""

@@ -41,11 +41,28 @@ def make_uid(prefix: str, coords: tuple[int, ...] | list[int]) -> str:
     return UID_DELIMITER.join([prefix, *map(str, coords)])
 
 
+def cell_key(prefix: str, coords: tuple[int, ...] | list[int] = ()) -> str:
+    """DHT key of a grid cell's record: ``('ffn', ())`` -> ``'ffn.'``, ``('ffn', (3,))`` -> ``'ffn.3.'``.
+
+    The record under a cell's key lists the alive coordinates one level below it (see
+    ``dmoe.dht.registry``); every reader and writer of the grid builds its keys here.
+    """
+    return (make_uid(prefix, coords) if len(coords) else prefix) + UID_DELIMITER
+
+
+def parent_cell(key: str) -> tuple[str, int] | None:
+    """``('ffn.3.', 5)`` for the key ``'ffn.3.5.'``; None for a key whose last part is not a coordinate."""
+    body = key[: -len(UID_DELIMITER)] if key.endswith(UID_DELIMITER) else key
+    head, sep, last = body.rpartition(UID_DELIMITER)
+    if not sep or not last.isdigit():
+        return None
+    return head + UID_DELIMITER, int(last)
+
+
 def uid_prefixes(uid: str) -> list[str]:
     """Every DHT prefix key above an expert: ``ffn.3.5`` -> ``['ffn.', 'ffn.3.']``."""
     prefix, coords = split_uid(uid)
-    return [make_uid(prefix, coords[:level]) + UID_DELIMITER if level else prefix + UID_DELIMITER
-            for level in range(len(coords))]
+    return [cell_key(prefix, coords[:level]) for level in range(len(coords))]
 
 
 def parse_expert_pattern(pattern: str) -> list[str]:

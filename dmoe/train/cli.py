@@ -23,30 +23,24 @@ import asyncio
 import concurrent.futures
 import hashlib
 import logging
-import re
+import math
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 
-from dmoe.config import (
-    make_parser,
-    non_negative_float,
-    non_negative_int,
-    port_number,
-    positive_float,
-    positive_int,
-    setup_logging,
-)
+from dmoe.config import MoEOptions, add_options, make_parser, options_from, setup_logging
+from dmoe.config.train import CollabOptions, DataOptions, ModelConfig, TrainOptions, TrainSwarmOptions
 from dmoe.dht.uids import split_uid
 from dmoe.errors import ConfigError, DmoeError
 from dmoe.ready import print_ready
-from dmoe.train.collab import CollabOptions, CollaborativeUpdater
+from dmoe.train.collab import CollaborativeUpdater
 from dmoe.train.data import ByteCorpus
-from dmoe.train.model import GPT, ExpertOptimizer, ModelConfig, local_moe_factory
-from dmoe.train.trainer import LocalUpdater, SwarmSnapshot, Trainer, TrainOptions, Updater
+from dmoe.train.model import GPT, ExpertOptimizer, local_moe_factory
+from dmoe.train.trainer import LocalUpdater, SwarmSnapshot, Trainer, Updater
 
 log = logging.getLogger("dmoe.train")
 
@@ -58,115 +52,23 @@ EPILOG = """examples:
 """
 
 
-def _grid(text: str) -> tuple[int, ...]:
-    parts = [p for p in re.split(r"[x,]", text.strip()) if p]
-    try:
-        dims = tuple(int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"grid size must look like 4x4 or 4,4, got {text!r}") from None
-    if not dims or any(d <= 0 for d in dims):
-        raise argparse.ArgumentTypeError(f"grid size must be positive integers like 4x4, got {text!r}")
-    return dims
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """Flags derived from the trainer's part of the config tree (``dmoe.config.train``) and the gating
+    layer's ``MoEOptions``: each default and its documentation live there."""
     p = make_parser("dmoe train", "Train a byte-level language model whose MoE layers live on dmoe nodes.", EPILOG)
-    g = p.add_argument_group("swarm")
-    g.add_argument("--initial-peers", nargs="*", default=[],
-                   help="DHT multiaddrs of any swarm member (a node's or coordinator's `dht` address)")
-    g.add_argument("--local-experts", action="store_true",
-                   help="run every expert in-process instead (no network; the baseline for comparisons)")
-    g.add_argument("--startup-timeout", type=positive_float, default=60.0,
-                   help="seconds to wait for experts under every layer prefix before giving up")
-    g.add_argument("--dht-host-maddrs", nargs="*", default=None,
-                   help="multiaddrs our DHT listens on (with --run-id); default /ip4/0.0.0.0/tcp/0")
-    g.add_argument("--print-node-command", action="store_true",
-                   help="print the `dmoe node` command that hosts every expert this model needs, then exit")
-
-    g = p.add_argument_group("model")
-    g.add_argument("--n-layer", type=positive_int, default=2, help="transformer blocks (one MoE layer each)")
-    g.add_argument("--n-head", type=positive_int, default=4, help="attention heads")
-    g.add_argument("--hidden-dim", type=positive_int, default=128, help="hidden size; experts must match it")
-    g.add_argument("--block-size", type=positive_int, default=128, help="context length, bytes")
-    g.add_argument("--grid-size", type=_grid, default="4x4", help="expert grid per layer, e.g. 4x4")
-    g.add_argument("--k-best", type=positive_int, default=2, help="experts per token")
-    g.add_argument("--k-min", type=positive_int, default=1, help="fewest expert answers a token may use")
-    g.add_argument("--backward-k-min", type=non_negative_int, metavar="N", default=0,
-                   help="fewest backward answers a token needs, else the batch is skipped; 0 (default): an expert "
-                        "whose node failed after its forward answer just counts as a constant in that backward")
-    g.add_argument("--uid-prefix", default="layer{layer}.ffn", help="expert uid prefix per block ({layer} = index)")
-    g.add_argument("--expert-cls", default="ffn", help="expert class the nodes must serve (ffn: residual FFN)")
-
-    g = p.add_argument_group("remote experts")
-    g.add_argument("--forward-timeout", type=positive_float, default=10.0,
-                   help="seconds a MoE forward (search + calls) may take")
-    g.add_argument("--backward-timeout", type=positive_float, default=20.0, help="seconds a MoE backward may take")
-    g.add_argument("--timeout-after-k-min", type=positive_float, default=1.0,
-                   help="seconds to wait for slower experts once every token has --k-min answers")
-    g.add_argument("--compression", choices=["none", "float16", "bfloat16"], default="none",
-                   help="how activations and gradients travel")
-
-    g = p.add_argument_group("training")
-    g.add_argument("--steps", type=positive_int, default=500,
-                   help="optimizer steps to reach (with --run-id: collaborative steps of --target-batch-size)")
-    g.add_argument("--batch-size", type=positive_int, default=16, help="sequences per batch")
-    g.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate of local parameters")
-    g.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--aux-loss-weight", type=non_negative_float, default=0.01,
-                   help="weight of the load-balancing loss added to the LM loss")
-    g.add_argument("--clip-grad-norm", type=non_negative_float, default=1.0,
-                   help="max L2 norm of the local parameters' gradient; 0 disables")
-    g.add_argument("--expert-lr", type=positive_float, default=1e-3,
-                   help="Adam learning rate of in-process experts (--local-experts; nodes use their --lr)")
-    g.add_argument("--expert-clip-grad-norm", type=non_negative_float, default=1.0,
-                   help="per-expert gradient clipping of in-process experts (nodes use their --clip-grad-norm)")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seed of local weights and data order; the printed node command uses it for experts")
-    g.add_argument("--device", default=None, help="torch device; default: cuda when available, else cpu")
-    g.add_argument("--torch-threads", type=int, default=0,
-                   help="CPU threads for torch ops; 0 keeps torch's default (1 is faster for small models on "
-                        "a machine shared with nodes)")
-
-    g = p.add_argument_group("data and evaluation")
-    g.add_argument("--data", default=None,
-                   help="text file or folder of text files; default: this Python's standard library sources")
-    g.add_argument("--val-percent", type=positive_float, default=10.0, help="share of files held out, percent")
-    g.add_argument("--max-data-mb", type=positive_float, default=None, help="read at most this many MiB of text")
-    g.add_argument("--eval-every", type=int, default=50, help="steps between validation evaluations; 0 disables")
-    g.add_argument("--eval-batches", type=positive_int, default=8, help="validation batches per evaluation")
-
-    g = p.add_argument_group("output")
-    g.add_argument("--log-file", default=None, help="JSON-lines metrics log: one record per batch, plus evals")
-    g.add_argument("--checkpoint-dir", default=None, help="save and resume local parameters here; none disables")
-    g.add_argument("--checkpoint-interval", type=positive_float, default=120.0,
-                   help="seconds between checkpoints (one is also saved on exit)")
-    g.add_argument("--metrics-port", type=port_number, default=None,
-                   help="serve Prometheus /metrics on this port (0 picks one); none disables")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    g = p.add_argument_group("several trainers (--run-id)")
-    g.add_argument("--run-id", default=None,
-                   help="trainers with the same run id average their local parameters (hivemind.Optimizer)")
-    g.add_argument("--target-batch-size", type=positive_int, default=256,
-                   help="sequences all trainers together process per collaborative step")
-    g.add_argument("--matchmaking-time", type=positive_float, default=3.0,
-                   help="seconds to wait for peers before an averaging round")
-    g.add_argument("--averaging-timeout", type=positive_float, default=30.0,
-                   help="seconds an averaging round may take")
-    g.add_argument("--average-state-every", type=positive_int, default=1,
-                   help="collaborative steps between parameter-averaging rounds")
-    g.add_argument("--final-sync-timeout", type=non_negative_float, default=None,
-                   help="seconds the trainers that reach --steps may wait for each other to end with identical "
-                        "parameters; default 3 x --averaging-timeout + 15 (a trainer alone in its run does not wait)")
+    groups = add_options(p, TrainSwarmOptions)
+    add_options(p, ModelConfig, groups=groups)
+    add_options(p, MoEOptions, groups=groups)
+    add_options(p, TrainOptions, groups=groups)
+    add_options(p, DataOptions, groups=groups)
+    add_options(p, CollabOptions, groups=groups)
     return p
 
 
 def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
-    if args.hidden_dim % args.n_head:
-        raise ConfigError(f"--hidden-dim {args.hidden_dim} is not divisible by --n-head {args.n_head}")
-    num_experts = 1
-    for g in args.grid_size:
-        num_experts *= g
+    if args.n_embd % args.n_head:
+        raise ConfigError(f"--hidden-dim {args.n_embd} is not divisible by --n-head {args.n_head}")
+    num_experts = math.prod(args.grid_size)
     if args.k_best > num_experts:
         raise ConfigError(f"--k-best {args.k_best} is more than the {num_experts} experts of a {args.grid_size} grid")
     if args.k_min > args.k_best:
@@ -181,10 +83,7 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         split_uid(prefix + ".0")  # validates the name
     if len(set(prefixes)) != len(prefixes):
         raise ConfigError(f"--uid-prefix {args.uid_prefix!r} gives every layer the same prefix; include {{layer}}")
-    return ModelConfig(
-        block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.hidden_dim,
-        grid_size=tuple(args.grid_size), k_best=args.k_best, uid_prefix=args.uid_prefix, expert_cls=args.expert_cls,
-    )
+    return options_from(ModelConfig, args)
 
 
 def node_command(config: ModelConfig, *, seed: int, initial_peers: Sequence[str] = ()) -> str:
@@ -203,15 +102,8 @@ def node_command(config: ModelConfig, *, seed: int, initial_peers: Sequence[str]
 
 async def discover_experts(swarm: Any, prefix: str, grid_size: Sequence[int]) -> dict[str, list[str]]:
     """Announced experts under ``prefix`` on a grid: uid -> endpoints (one DHT get per prefix per level)."""
-    keys = [prefix + "."]
-    for _ in range(len(grid_size) - 1):
-        table = await swarm.registry.get_prefixes(keys)
-        keys = [f"{key}{coord}." for key in keys for coord in table[key]]
-        if not keys:
-            return {}
-    table = await swarm.registry.get_prefixes(keys)
-    return {f"{key}{coord}": [e.endpoint for e in endpoints]
-            for key in keys for coord, endpoints in table[key].items() if endpoints}
+    found = await swarm.registry.walk_grid(prefix, len(grid_size))
+    return {uid: [e.endpoint for e in endpoints] for uid, endpoints in found.items()}
 
 
 def _in_grid(uid: str, grid_size: Sequence[int]) -> bool:
@@ -377,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(args.log_level)
     config = model_config_from_args(args)
+    moe_options = options_from(MoEOptions, args)
+    options = options_from(TrainOptions, args)
+    data = options_from(DataOptions, args)
+    collab = options_from(CollabOptions, args)
     if args.print_node_command:
         print(node_command(config, seed=args.seed, initial_peers=args.initial_peers))
         return 0
@@ -390,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     corpus = ByteCorpus.load(
-        args.data, val_percent=args.val_percent,
-        max_bytes=int(args.max_data_mb * 2**20) if args.max_data_mb else None,
+        data.data, val_percent=data.val_percent,
+        max_bytes=int(data.max_data_mb * 2**20) if data.max_data_mb else None,
     )
     corpus.check_block_size(config.block_size)
     log.info("corpus: %d files from %s (%.1f MB train, %.1f MB validation, split %s)", corpus.info.num_files,
@@ -415,15 +311,13 @@ def main(argv: list[str] | None = None) -> int:
                 swarm = Swarm.from_dht(dht)
             else:
                 swarm = Swarm(initial_peers=args.initial_peers)
-            found = check_swarm(swarm, config, timeout=args.startup_timeout, need=args.k_min, seed=args.seed)
+            found = check_swarm(swarm, config, timeout=args.startup_timeout, need=moe_options.k_min, seed=args.seed)
             log.info("experts found: %s", ", ".join(f"{p}.: {n}" for p, n in found.items()))
 
             def factory(layer: int, prefix: str) -> torch.nn.Module:
                 return RemoteMixtureOfExperts(
                     in_features=config.n_embd, grid_size=config.grid_size, uid_prefix=prefix, swarm=swarm,
-                    k_best=config.k_best, k_min=args.k_min, forward_timeout=args.forward_timeout,
-                    backward_timeout=args.backward_timeout, timeout_after_k_min=args.timeout_after_k_min,
-                    allow_zero_outputs=False, compression=args.compression, backward_k_min=args.backward_k_min,
+                    k_best=config.k_best, **asdict(moe_options),
                 )
         else:
             factory = local_moe_factory(config, seed=args.seed)
@@ -439,11 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             updater = CollaborativeUpdater(
                 dht=dht, params=model.local_parameters(), lr=args.lr, weight_decay=args.weight_decay,
                 batch_size=args.batch_size,
-                options=CollabOptions(run_id=args.run_id, target_batch_size=args.target_batch_size,
-                                      matchmaking_time=args.matchmaking_time,
-                                      averaging_timeout=args.averaging_timeout,
-                                      average_state_every=args.average_state_every,
-                                      final_sync_timeout=args.final_sync_timeout),
+                options=collab,
             )
             # each trainer of a run must see different batches
             peer = str(dht.peer_id).encode()
@@ -451,14 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             updater = LocalUpdater(model.local_parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
-        options = TrainOptions(
-            steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-            aux_loss_weight=args.aux_loss_weight, clip_grad_norm=args.clip_grad_norm, eval_every=args.eval_every,
-            eval_batches=args.eval_batches, seed=args.seed, log_file=args.log_file,
-            checkpoint_dir=args.checkpoint_dir, checkpoint_interval=args.checkpoint_interval,
-            metrics_port=args.metrics_port, progress=not args.no_progress,
-            extra_log_fields={"run_id": args.run_id} if args.run_id else {},
-        )
+        if args.run_id:
+            options = replace(options, extra_log_fields={"run_id": args.run_id})
         watcher = SwarmWatcher(swarm, model) if swarm is not None else None
         trainer = Trainer(model=model, corpus=corpus, options=options, updater=updater,
                           expert_optimizer=expert_optimizer, probe=watcher or LocalWatcher(model), device=device,

@@ -48,32 +48,9 @@ import torch
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
+from dmoe.config.train import CollabOptions
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class CollabOptions:
-    run_id: str
-    target_batch_size: int = 256  # samples (sequences) per collaborative step, summed over trainers
-    matchmaking_time: float = 3.0  # seconds to wait for peers before an averaging round
-    averaging_timeout: float = 30.0  # seconds an averaging round may take before giving up
-    load_state_timeout: float = 60.0  # seconds to download state from a peer
-    average_state_every: int = 1  # epochs between parameter/optimizer-state averaging rounds
-    join_timeout: float = 10.0  # seconds to wait for the swarm's progress before deciding to download
-    final_sync_timeout: float | None = None  # seconds to agree at the last epoch; None: see final_sync_budget
-    poll_interval: float = 0.5  # seconds between DHT reads while agreeing
-
-    @property
-    def final_sync_budget(self) -> float:
-        """How long the trainers of a run may take to agree at the last epoch.
-
-        A trainer one epoch behind may still have to wait for hivemind's pending background state
-        round, run its last gradient round and wait for its last state round, each bounded by
-        ``averaging_timeout``; hence three of those plus time to notice the run's new epoch.
-        """
-        if self.final_sync_timeout is not None:
-            return self.final_sync_timeout
-        return 3 * self.averaging_timeout + 15.0
 
 
 @dataclass

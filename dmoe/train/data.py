@@ -26,9 +26,11 @@ from pathlib import Path
 
 import torch
 
+from dmoe.config.flags import default_of
+from dmoe.config.train import BYTE_VOCAB, DataOptions
 from dmoe.errors import ConfigError
 
-VOCAB_SIZE = 256  # bytes
+VOCAB_SIZE = BYTE_VOCAB
 FILE_SEPARATOR = b"\n\n"
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".c", ".h", ".json", ".toml", ".cfg", ".ini", ".html", ".csv", ".tex"}
 
@@ -82,7 +84,7 @@ class ByteCorpus:
         cls,
         path: str | Path | None = None,
         *,
-        val_percent: float = 10.0,
+        val_percent: float = default_of(DataOptions, "val_percent"),
         max_bytes: int | None = None,
     ) -> ByteCorpus:
         """Read ``path`` (default: the stdlib sources) and split it; ``max_bytes`` caps what is read."""

@@ -20,50 +20,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dmoe.client.gating import LocalMixtureOfExperts
+from dmoe.config.node import OptimizerOptions
+from dmoe.config.train import ModelConfig
 from dmoe.dht.uids import make_uid
 from dmoe.experts import create_expert
-from dmoe.train.data import VOCAB_SIZE
 
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = VOCAB_SIZE
-    block_size: int = 128  # context length in bytes
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 128  # hidden size; must equal the experts' hidden_dim
-    grid_size: tuple[int, ...] = (4, 4)
-    k_best: int = 2
-    uid_prefix: str = "layer{layer}.ffn"  # formatted per block
-    expert_cls: str = "ffn"
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.grid_size = tuple(int(g) for g in self.grid_size)
-        if self.n_embd % self.n_head:
-            raise ValueError(f"hidden size {self.n_embd} is not divisible by {self.n_head} heads")
-
-    def prefix(self, layer: int) -> str:
-        return self.uid_prefix.format(layer=layer)
-
-    @property
-    def prefixes(self) -> list[str]:
-        return [self.prefix(i) for i in range(self.n_layer)]
-
-    def shape_dict(self) -> dict:
-        """What must match for a checkpoint to load into this model."""
-        d = asdict(self)
-        d.pop("dropout")
-        d["grid_size"] = list(self.grid_size)
-        return d
-
+_NODE_OPTIMIZER = OptimizerOptions()  # in-process experts train like a node's
 
 # A factory builds the feed-forward MoE sublayer of block ``layer``: (layer, uid_prefix) -> module
 MoEFactory = Callable[[int, str], nn.Module]
@@ -207,7 +175,8 @@ class ExpertOptimizer:
     per backward with per-expert gradient clipping, only for experts that received a gradient (a node
     only steps the experts it got a Backward call for)."""
 
-    def __init__(self, model: GPT, *, lr: float = 1e-3, clip_grad_norm: float = 1.0) -> None:
+    def __init__(self, model: GPT, *, lr: float = _NODE_OPTIMIZER.lr,
+                 clip_grad_norm: float = _NODE_OPTIMIZER.clip_grad_norm) -> None:
         self.clip_grad_norm = clip_grad_norm
         self.groups: list[tuple[list[nn.Parameter], torch.optim.Optimizer]] = []
         for moe in model.moe_layers():

@@ -41,6 +41,7 @@ import torch
 from prometheus_client import Counter, Gauge
 from tqdm import tqdm
 
+from dmoe.config.train import TrainOptions
 from dmoe.errors import ConfigError, DmoeError
 from dmoe.metrics_exporter import MetricsExporter
 from dmoe.train.data import ByteCorpus
@@ -50,27 +51,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "trainer.pt"
 CHECKPOINT_FORMAT = 1
-
-
-@dataclass
-class TrainOptions:
-    steps: int = 500
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    aux_loss_weight: float = 0.01
-    clip_grad_norm: float = 1.0  # 0 disables
-    eval_every: int = 50  # steps; 0 disables
-    eval_batches: int = 8
-    seed: int = 0
-    log_file: str | None = None
-    checkpoint_dir: str | None = None
-    checkpoint_interval: float = 120.0  # seconds
-    metrics_port: int | None = None
-    progress: bool = True
-    skip_pause: float = 0.25  # seconds after the first skipped batch, doubling per consecutive skip
-    max_skip_pause: float = 4.0
-    extra_log_fields: dict[str, Any] = field(default_factory=dict)
 
 
 class Updater(Protocol):

@@ -1,0 +1,95 @@
+"""Node options: what a volunteer's ``dmoe node`` serves, how it batches, trains and checkpoints.
+
+``NodeConfig`` is what ``dmoe node``'s flags build (``dmoe.node.cli``) and what ``ExpertNode``
+runs; its ``batching`` and ``optimizer`` parts are their own small dataclasses because the batch
+scheduler and the expert backends take them as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dmoe.config.flags import non_negative_float, option, port_number, positive_float, positive_int
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    """batching and limits"""
+
+    max_batch_size: int = option(1024, parse=positive_int)
+    """rows (dim 0) per merged batch"""
+    max_batch_delay_ms: float = option(0.0, parse=non_negative_float)
+    """ms an idle worker may wait for a partial batch to fill; 0 starts at once"""
+    max_queued_rows: int = option(16384, parse=positive_int)
+    """rows that may wait in the queues before new requests get RESOURCE_EXHAUSTED"""
+    num_workers: int = option(1, parse=positive_int)
+    """compute threads"""
+
+
+@dataclass(frozen=True)
+class OptimizerOptions:
+    """training"""
+
+    optimizer: str = option("adam", choices=OPTIMIZERS)
+    """optimizer of every expert"""
+    lr: float = option(1e-3, parse=positive_float)
+    """learning rate of every expert"""
+    clip_grad_norm: float = option(1.0, parse=non_negative_float)
+    """max L2 norm of each expert's parameter gradient per step; 0 disables"""
+
+
+@dataclass
+class NodeConfig:
+    """experts"""
+
+    experts: list[str] = option(metavar="PATTERN")
+    """uid pattern: PREFIX.[a:b].[c:d] grids (half-open ranges) and/or comma-separated uids"""
+    expert_cls: str = option("ffn")
+    """ffn, transformer, or package.module:Class"""
+    hidden_dim: int = option(1024, parse=positive_int)
+    """hidden size of every expert"""
+    seed: int = option(0, parse=int)
+    """initial weights of expert U come from seed (SEED, U)"""
+    device: str | None = option(None)
+    """torch device; default: cuda when available, else cpu"""
+
+    host: str = option("0.0.0.0", group="network")
+    """address the gRPC server binds"""
+    port: int = option(0, parse=port_number, group="network")
+    """gRPC port; 0 picks a free one"""
+    announce_host: str | None = option(None, group="network")
+    """host announced in the DHT; default: --host, or this machine's outbound address when binding 0.0.0.0"""
+    announce_port: int | None = option(None, parse=port_number, group="network")
+    """port announced in the DHT (e.g. a proxy in front of the node); default: the bound port"""
+    initial_peers: list[str] = option(factory=list, nargs="*", group="network")
+    """multiaddrs of peers in the swarm to join; none starts a new swarm"""
+    dht_host_maddrs: list[str] | None = option(None, nargs="*", group="network")
+    """multiaddrs the DHT listens on; default /ip4/<host>/tcp/0"""
+    dht_announce_maddrs: list[str] | None = option(None, nargs="*", group="network")
+    """multiaddrs the DHT tells peers to use"""
+    announce_ttl: float = option(30.0, parse=positive_float, group="network")
+    """expiration of DHT records, seconds (refreshed every ttl/3)"""
+
+    max_request_mb: float = option(64.0, parse=positive_float, group="batching and limits")
+    """largest request tensor payload, MiB (bigger ones get RESOURCE_EXHAUSTED)"""
+
+    checkpoint_dir: str | None = option(None, group="checkpoints and metrics")
+    """directory for checkpoints; none disables them"""
+    checkpoint_interval: float = option(120.0, parse=positive_float, group="checkpoints and metrics")
+    """seconds between checkpoints (only saved when weights changed); at most this much training is lost in a
+    crash"""
+    checkpoint_keep: int = option(3, parse=positive_int, group="checkpoints and metrics")
+    """newest checkpoints kept"""
+    metrics_port: int | None = option(None, parse=port_number, group="checkpoints and metrics")
+    """serve Prometheus /metrics on this port (0 picks one); none disables"""
+    shutdown_grace: float = option(10.0, parse=positive_float, group="checkpoints and metrics")
+    """seconds in-flight requests get to finish on SIGTERM before the final checkpoint"""
+
+    batching: BatchingOptions = option(factory=BatchingOptions, cli=False)
+    optimizer: OptimizerOptions = option(factory=OptimizerOptions, cli=False)
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 2**20)
