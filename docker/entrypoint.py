@@ -43,8 +43,8 @@ for _sig in (signal.SIGUSR1, signal.SIGUSR2):
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from home_link import apply_home_link  # noqa: E402
 
-from dmoe.sim.placement import node_args, node_link, trainer_args  # noqa: E402
 from dmoe.sim.scenario import Scenario, load_scenario  # noqa: E402
+from dmoe.sim.swarm_layout import node_args, node_link, trainer_args  # noqa: E402
 
 SCENARIO_DIRS = ("/opt/dmoe-scenarios/docker", "/opt/dmoe-scenarios")
 

@@ -13,8 +13,9 @@ import pytest
 
 from dmoe.errors import ConfigError
 from dmoe.sim.churn import ChurnModel
-from dmoe.sim.scenario import Distribution, load_scenario, scenario_from_dict
-from dmoe.sim.simulate import assign_experts, builtin_scenario
+from dmoe.sim.scenario import Distribution, SwarmSpec, load_scenario, scenario_from_dict
+from dmoe.sim.simulate import builtin_scenario
+from dmoe.sim.swarm_layout import node_experts
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 SHIPPED = ["baseline", "home-broadband", "churn", "home-churn", "mass-failure", "freeze"]
@@ -49,7 +50,7 @@ def test_builtin_default_shows_churn_and_slow_links():
 
 def test_experts_are_spread_with_replicas_on_different_nodes():
     sc = load_scenario(SCENARIOS / "churn.toml")
-    per_node = assign_experts(sc.swarm)
+    per_node = [node_experts(sc.swarm, i) for i in range(sc.swarm.nodes)]
     owners: dict[str, list[int]] = {}
     for node, uids in enumerate(per_node):
         for uid in uids:
@@ -107,7 +108,7 @@ def with_(path: str, value, base: dict | None = None) -> dict:
         (with_("links.latency_ms", {"dist": "lognormal", "median": 20}), "links.latency_ms.sigma",
          "missing required key"),
         (with_("trainer.k_min", 3), "trainer.k_min", "an integer in [1, trainer.k_best = 2]"),
-        (with_("trainer.n_head", 5), "trainer.n_head", "a divisor of swarm.hidden_dim = 64"),
+        (with_("trainer.n_head", 5), "trainer.n_head", f"a divisor of swarm.hidden_dim = {SwarmSpec().hidden_dim}"),
         (with_("trainer.compression", "zip"), "trainer.compression", "one of 'none'"),
         (with_("trainer.extra_args", "--lr 1"), "trainer.extra_args", "a list of strings"),
         (with_("node.announce_ttl_s", 0), "node.announce_ttl_s", "a number > 0"),

@@ -11,8 +11,8 @@ import pytest
 
 from dmoe.sim.churn import ChurnModel
 from dmoe.sim.docker_api import demultiplex
-from dmoe.sim.placement import layer_uids, node_args, node_experts, node_link, trainer_args
 from dmoe.sim.scenario import load_scenario, scenario_from_dict
+from dmoe.sim.swarm_layout import layer_uids, node_args, node_experts, node_link, trainer_args
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,6 +43,23 @@ def test_extra_containers_become_replicas_of_existing_slots() -> None:
     sc = _scenario(replicas=1)
     assert node_experts(sc.swarm, 3) == node_experts(sc.swarm, 0)
     assert node_experts(sc.swarm, 4, nodes=5) != node_experts(sc.swarm, 0, nodes=5)
+
+
+def test_simulate_compose_and_print_node_command_place_experts_alike(capsys) -> None:
+    """One placement rule: the node commands dmoe train prints for a scenario's model serve what the
+    scenario's nodes serve under dmoe simulate and docker-compose."""
+    from dmoe.cli import main as dmoe_main
+    from dmoe.dht.uids import parse_expert_pattern
+
+    sc = load_scenario(REPO / "scenarios" / "churn.toml")
+    model = trainer_args(sc)[:10]  # --n-layer, --grid-size, --hidden-dim, --expert-cls, --uid-prefix
+    assert dmoe_main(["train", *model, "--print-node-command", "--nodes", str(sc.swarm.nodes),
+                      "--replicas", str(sc.swarm.replicas)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == sc.swarm.nodes
+    for i, line in enumerate(printed):
+        pattern = line.split("--experts '")[1].split("'")[0]
+        assert parse_expert_pattern(pattern) == sorted(node_experts(sc.swarm, i))
 
 
 def test_node_link_matches_the_churn_timeline_links() -> None:

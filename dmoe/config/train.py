@@ -158,7 +158,11 @@ class TrainSwarmOptions:
     dht_host_maddrs: list[str] | None = option(None, nargs="*")
     """multiaddrs our DHT listens on (with --run-id); default /ip4/0.0.0.0/tcp/0"""
     print_node_command: bool = option(False)
-    """print the `dmoe node` command that hosts every expert this model needs, then exit"""
+    """print the `dmoe node` commands that host every expert this model needs, then exit"""
+    nodes: int = option(1, parse=positive_int)
+    """with --print-node-command: spread the experts over this many node commands"""
+    replicas: int = option(1, parse=positive_int)
+    """with --print-node-command: how many of those nodes serve each expert (at most --nodes)"""
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,8 @@ from dmoe.errors import ConfigError
 from dmoe.ready import READY_PREFIX, parse_ready
 from dmoe.sim.churn import ChurnEvent, ChurnModel, Timeline
 from dmoe.sim.docker_api import ContainerInfo, DockerAPI, DockerAPIError
-from dmoe.sim.placement import experts_per_layer, node_experts, node_link
 from dmoe.sim.scenario import Scenario
+from dmoe.sim.swarm_layout import experts_per_layer, node_experts, node_link
 
 logger = logging.getLogger("dmoe.chaos")
 

@@ -42,13 +42,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dmoe.config import COMPRESSIONS, MoEOptions, NodeConfig, default_of
+from dmoe.config.train import DataOptions, ModelConfig, TrainOptions
 from dmoe.errors import ConfigError
 from dmoe.sim.links import PARTITION_MODES
 
 DEPARTURE_KINDS = ("crash", "leave", "freeze")
 EVENT_ACTIONS = ("crash", "leave", "freeze", "partition", "link")
 BOOTSTRAP_KINDS = ("auto", "coordinator", "node")
-COMPRESSIONS = ("none", "float16", "bfloat16")
 LINK_KEYS = ("up_mbit", "down_mbit", "latency_ms", "jitter_ms", "drop_prob")
 
 # distribution kind -> its parameters, each with (check, expectation text)
@@ -99,15 +100,20 @@ class Distribution:
 Value = float | Distribution  # a link parameter: the same for every node, or drawn per node
 
 
+# Scenario defaults are the defaults of the processes they run (``dmoe.config``): a scenario file
+# that wants something else says so, and why, next to the value.
+_MODEL, _MOE, _TRAIN, _DATA = ModelConfig(), MoEOptions(), TrainOptions(), DataOptions()
+
+
 @dataclass(frozen=True)
 class SwarmSpec:
     nodes: int = 4
     trainers: int = 1
-    layers: int = 2  # MoE layers of the trainer's model: uid prefixes layer0.ffn, layer1.ffn, ...
-    grid: tuple[int, ...] = (4, 4)  # expert grid of every layer
+    layers: int = _MODEL.n_layer  # MoE layers of the trainer's model: uid prefixes layer0.ffn, layer1.ffn, ...
+    grid: tuple[int, ...] = _MODEL.grid_size  # expert grid of every layer
     replicas: int = 2  # how many nodes serve each expert
-    hidden_dim: int = 64
-    expert_cls: str = "ffn"
+    hidden_dim: int = _MODEL.n_embd  # of the trainer's model and so of every node's experts
+    expert_cls: str = _MODEL.expert_cls
     bootstrap: str = "auto"  # coordinator if `dmoe coordinator` exists, else a bootstrap node
 
     @property
@@ -117,8 +123,8 @@ class SwarmSpec:
 
 @dataclass(frozen=True)
 class NodeSpec:
-    announce_ttl_s: float = 10.0
-    checkpoint_interval_s: float = 15.0
+    announce_ttl_s: float = default_of(NodeConfig, "announce_ttl")
+    checkpoint_interval_s: float = default_of(NodeConfig, "checkpoint_interval")
     extra_args: tuple[str, ...] = ()
 
 
@@ -126,20 +132,20 @@ class NodeSpec:
 class TrainerSpec:
     """What each trainer trains (its model's layers/grid/hidden size come from ``[swarm]``)."""
 
-    batch_size: int = 8
-    block_size: int = 64  # context length, bytes
-    n_head: int = 4
-    k_best: int = 2
-    k_min: int = 1
-    lr: float = 1e-3
-    eval_every: int = 20  # steps; 0 disables
-    eval_batches: int = 4
+    batch_size: int = _TRAIN.batch_size
+    block_size: int = _MODEL.block_size  # context length, bytes
+    n_head: int = _MODEL.n_head
+    k_best: int = _MODEL.k_best
+    k_min: int = _MOE.k_min
+    lr: float = _TRAIN.lr
+    eval_every: int = _TRAIN.eval_every  # steps; 0 disables
+    eval_batches: int = _TRAIN.eval_batches
     steps: int | None = None  # None: train until the scenario ends; else the run ends when all trainers reach it
-    forward_timeout_s: float = 5.0
-    backward_timeout_s: float = 10.0
-    timeout_after_k_min_s: float = 0.5
-    compression: str = "none"
-    max_data_mb: float | None = 4.0  # read at most this much of the corpus (start-up time on small machines)
+    forward_timeout_s: float = _MOE.forward_timeout
+    backward_timeout_s: float = _MOE.backward_timeout
+    timeout_after_k_min_s: float = _MOE.timeout_after_k_min
+    compression: str = _MOE.compression
+    max_data_mb: float | None = _DATA.max_data_mb  # read at most this much of the corpus
     # several trainers (one model, hivemind's collaborative optimizer): sequences per collaborative
     # step; None = batch_size x trainers, i.e. one step per round of local batches
     target_batch_size: int | None = None

@@ -42,96 +42,25 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from dmoe.dht.uids import make_uid
 from dmoe.sim.churn import ChurnEvent, ChurnModel, Timeline
 from dmoe.sim.launcher import DmoeProcess, ProcessFailed
 from dmoe.sim.links import LinkEmulator, LinkModel
 from dmoe.sim.report import write_report
-from dmoe.sim.scenario import Scenario, SwarmSpec, dump_json_safe, scenario_from_dict
+from dmoe.sim.scenario import Scenario, dump_json_safe, load_scenario
+from dmoe.sim.swarm_layout import node_args, node_experts, trainer_args
 
 logger = logging.getLogger("dmoe.simulate")
 
-# The built-in default (`dmoe simulate` with no scenario): a few minutes on a 2-core machine, with
-# slow home links, random churn of every kind and one scheduled partition, so both are visible.
-BUILTIN_DEFAULT_TOML = """
-name = "default"
-description = '''Built-in demo: 4 nodes on home broadband (10-30 Mbit/s up, 10-50 ms), one trainer,
-heavy-tailed churn (crashes, graceful leaves, freezes) from 30 s on, and a 15 s partition at 100 s.'''
-duration_s = 180
-seed = 0
-
-[swarm]
-nodes = 4
-trainers = 1
-layers = 2
-grid = [4, 4]
-replicas = 2
-hidden_dim = 64
-
-[node]
-announce_ttl_s = 8
-checkpoint_interval_s = 10
-
-[trainer]
-batch_size = 8
-block_size = 64
-eval_every = 25
-forward_timeout_s = 4
-backward_timeout_s = 8
-timeout_after_k_min_s = 0.3
-
-[links]
-up_mbit = { dist = "uniform", low = 10, high = 30 }
-down_mbit = { dist = "uniform", low = 50, high = 150 }
-latency_ms = { dist = "uniform", low = 10, high = 50 }
-jitter_ms = 2
-
-[churn]
-enabled = true
-start_after_s = 30
-online = { dist = "weibull", shape = 0.7, scale = 60 }
-offline = { dist = "exponential", mean = 15 }
-freeze = { dist = "uniform", low = 3, high = 10 }
-departure = { crash = 0.4, leave = 0.3, freeze = 0.3 }
-keep_checkpoint = 0.7
-
-[[events]]
-at_s = 100
-action = "partition"
-count = 1
-duration_s = 15
-"""
+DEMO_SCENARIO = Path(__file__).with_name("demo.toml")  # `dmoe simulate` without a scenario file
 
 
 def builtin_scenario() -> Scenario:
-    return scenario_from_dict(tomllib.loads(BUILTIN_DEFAULT_TOML), source="<built-in default>")
-
-
-def assign_experts(swarm: SwarmSpec) -> list[list[str]]:
-    """Copy j of expert k (counted over all layers) goes to node ``(k + j) % nodes``.
-
-    Replica sets form overlapping chains (0,1), (1,2), (2,3)... rather than fixed groups, so two
-    random nodes failing together take out the experts of at most one chain link; copies of one
-    expert always sit on different nodes (replicas <= nodes); node loads differ by at most
-    ``replicas`` experts.
-    """
-    import itertools
-
-    per_node: list[list[str]] = [[] for _ in range(swarm.nodes)]
-    k = 0
-    for layer in range(swarm.layers):
-        for coords in itertools.product(*(range(g) for g in swarm.grid)):
-            uid = make_uid(f"layer{layer}.ffn", coords)
-            for j in range(swarm.replicas):
-                per_node[(k + j) % swarm.nodes].append(uid)
-            k += 1
-    return per_node
+    return load_scenario(DEMO_SCENARIO)
 
 
 def coordinator_available() -> bool:
@@ -393,22 +322,18 @@ class Simulation:
             raise ProcessFailed(f"{self.bootstrap.name} printed no DHT address: {ready}")
         logger.info("bootstrap %s ready at %s", self.bootstrap_kind, self.initial_peers[0])
 
-        experts = assign_experts(sc.swarm)
         for i in range(sc.swarm.nodes):
             link = LinkEmulator(self.timeline.links[i], seed=self.seed * 10_007 + i, name=f"link{i}")
             await link.start()
             ckpt = self.out / "checkpoints" / f"node{i}"
             args = [
-                "--experts", ",".join(experts[i]), "--expert-cls", sc.swarm.expert_cls,
-                "--hidden-dim", sc.swarm.hidden_dim, "--seed", self.seed,
-                "--host", "127.0.0.1", "--port", "0",
+                *node_args(sc.with_seed(self.seed), i), "--host", "127.0.0.1", "--port", "0",
                 "--announce-host", "127.0.0.1", "--announce-port", link.listen_port,
                 "--initial-peers", *self.initial_peers, "--dht-host-maddrs", "/ip4/127.0.0.1/tcp/0",
-                "--checkpoint-dir", ckpt, "--checkpoint-interval", sc.node.checkpoint_interval_s,
-                "--announce-ttl", sc.node.announce_ttl_s, *sc.node.extra_args,
+                "--checkpoint-dir", ckpt,
             ]
             proc = DmoeProcess("node", args, name=f"node{i}", log_path=logs / f"node{i}.log", env=self._child_env())
-            self.nodes.append(_Node(i, proc, link, ckpt, experts[i]))
+            self.nodes.append(_Node(i, proc, link, ckpt, node_experts(sc.swarm, i)))
         self._write_run()  # early, so a crashed run still documents its layout
         for node in self.nodes:
             self._launch(node.proc)
@@ -432,26 +357,15 @@ class Simulation:
                     sc.duration_s)
 
     def _trainer_args(self, j: int) -> list[Any]:
-        sc, tr = self.scenario, self.scenario.trainer
         args: list[Any] = [
-            "--initial-peers", *self.initial_peers,
-            "--n-layer", sc.swarm.layers, "--n-head", tr.n_head, "--hidden-dim", sc.swarm.hidden_dim,
-            "--block-size", tr.block_size, "--grid-size", "x".join(map(str, sc.swarm.grid)),
-            "--expert-cls", sc.swarm.expert_cls, "--k-best", tr.k_best, "--k-min", tr.k_min,
-            "--forward-timeout", tr.forward_timeout_s, "--backward-timeout", tr.backward_timeout_s,
-            "--timeout-after-k-min", tr.timeout_after_k_min_s, "--compression", tr.compression,
-            "--steps", tr.steps or 10**9, "--batch-size", tr.batch_size, "--lr", tr.lr,
-            "--eval-every", tr.eval_every, "--eval-batches", tr.eval_batches, "--seed", self.seed + j,
+            *trainer_args(self.scenario.with_seed(self.seed), j), "--initial-peers", *self.initial_peers,
             "--log-file", self.out / "trainers" / f"trainer{j}.jsonl",
             "--checkpoint-dir", self.out / "checkpoints" / f"trainer{j}",
             "--startup-timeout", self.options.startup_timeout_s, "--no-progress",
         ]
-        if tr.max_data_mb is not None:
-            args += ["--max-data-mb", tr.max_data_mb]
-        if sc.swarm.trainers > 1:
-            target = tr.target_batch_size or tr.batch_size * sc.swarm.trainers
-            args += ["--run-id", sc.name, "--dht-host-maddrs", "/ip4/127.0.0.1/tcp/0", "--target-batch-size", target]
-        return [*args, *tr.extra_args]
+        if self.scenario.swarm.trainers > 1:
+            args += ["--dht-host-maddrs", "/ip4/127.0.0.1/tcp/0"]
+        return args
 
     def _point_link(self, node: _Node, ready: dict[str, Any]) -> None:
         host, _, port = str(ready["grpc"]).rpartition(":")

@@ -34,6 +34,7 @@ import torch
 
 from dmoe.config import MoEOptions, add_options, make_parser, options_from, setup_logging
 from dmoe.config.train import CollabOptions, DataOptions, ModelConfig, TrainOptions, TrainSwarmOptions
+from dmoe.dht.placement import experts_pattern, place_experts
 from dmoe.dht.uids import split_uid
 from dmoe.errors import ConfigError, DmoeError
 from dmoe.ready import print_ready
@@ -86,15 +87,22 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     return options_from(ModelConfig, args)
 
 
-def node_command(config: ModelConfig, *, seed: int, initial_peers: Sequence[str] = ()) -> str:
-    """The ``dmoe node`` command that serves every expert of ``config`` (one node; split the
-    ranges over several nodes as you like)."""
-    grid = ".".join(f"[0:{g}]" for g in config.grid_size)
-    pattern = ",".join(f"{prefix}.{grid}" for prefix in config.prefixes)
-    cmd = f"dmoe node --experts '{pattern}' --expert-cls {config.expert_cls} --hidden-dim {config.n_embd} --seed {seed}"
-    if initial_peers:
-        cmd += " --initial-peers " + " ".join(initial_peers)
-    return cmd
+def node_commands(config: ModelConfig, *, seed: int, nodes: int = 1, replicas: int = 1,
+                  initial_peers: Sequence[str] = ()) -> list[str]:
+    """``dmoe node`` commands that together serve every expert of ``config``, placed over ``nodes`` nodes
+    with ``replicas`` copies each by ``dmoe.dht.placement`` (the rule ``dmoe simulate`` and docker-compose use)."""
+    if replicas > nodes:
+        raise ConfigError(f"--replicas {replicas} is more than --nodes {nodes}: copies of an expert need different "
+                          "nodes")
+    placed = place_experts(config.prefixes, config.grid_size, nodes=nodes, replicas=replicas)
+    commands = []
+    for uids in placed:
+        cmd = (f"dmoe node --experts '{experts_pattern(uids)}' --expert-cls {config.expert_cls} "
+               f"--hidden-dim {config.n_embd} --seed {seed}")
+        if initial_peers:
+            cmd += " --initial-peers " + " ".join(initial_peers)
+        commands.append(cmd)
+    return commands
 
 
 # ---- start-up check through the DHT and the Info RPC ----
@@ -188,7 +196,7 @@ def check_swarm(swarm: Any, config: ModelConfig, *, timeout: float, need: int, s
         if time.monotonic() >= deadline:
             raise ConfigError(
                 f"fewer than {need} expert(s) with a matching schema under {', '.join(missing)} within {timeout:g}s; "
-                f"start nodes with: {node_command(config, seed=seed)} --initial-peers ..."
+                f"start nodes with: {node_commands(config, seed=seed)[0]} --initial-peers ..."
             )
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
@@ -274,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     data = options_from(DataOptions, args)
     collab = options_from(CollabOptions, args)
     if args.print_node_command:
-        print(node_command(config, seed=args.seed, initial_peers=args.initial_peers))
+        for command in node_commands(config, seed=args.seed, nodes=args.nodes, replicas=args.replicas,
+                                     initial_peers=args.initial_peers):
+            print(command)
         return 0
     if args.local_experts and args.run_id:
         raise ConfigError("--run-id trains one model with other trainers through shared remote experts; "

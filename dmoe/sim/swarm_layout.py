@@ -1,44 +1,43 @@
-"""Which experts each node of a scenario serves, and the ``dmoe`` flags of each role.
+"""A scenario's swarm as processes: which experts each node serves, and the flags of each role.
 
-A scenario (``dmoe.sim.scenario``) says how many nodes there are, the trainer's model (layers, expert
-grid, hidden size) and how many replicas each expert has. The container entrypoint and the chaos
-service both derive the layout from it, independently and identically, so nothing has to be
-passed between containers: node ``i`` knows its experts from ``i`` alone, and chaos records the
-same layout in ``run.json`` for the report.
+A scenario (``dmoe.sim.scenario``) says how many nodes there are, the trainer's model (layers,
+expert grid, hidden size) and how many replicas each expert has. ``dmoe simulate``, the container
+entrypoint and the chaos service all derive the layout from it here, independently and
+identically, so nothing has to be passed between containers: node ``i`` knows its experts from
+``i`` alone, and chaos records the same layout in ``run.json`` for the report.
 
-Placement: the experts of each layer are numbered in grid order; expert ``j`` lives on nodes
-``(j + r) mod N`` for ``r < replicas``. Every node gets about the same share of every layer, and
-with ``replicas = 1`` a node's crash removes exactly its own experts. Extra nodes beyond ``N``
-(``docker compose up --scale node=M`` with ``M > N``) take the slot ``index mod N``: more replicas.
+Placement is ``dmoe.dht.placement.place_experts`` (the rule ``dmoe train --print-node-command``
+uses too). Extra nodes beyond ``N`` (``docker compose up --scale node=M`` with ``M > N``) take the
+slot ``index mod N``: more replicas.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 
-from dmoe.dht.uids import make_uid
+from dmoe.config import default_of
+from dmoe.config.train import ModelConfig
+from dmoe.dht.placement import grid_uids, place_experts
 from dmoe.sim.churn import ChurnModel
 from dmoe.sim.links import LinkModel
 from dmoe.sim.scenario import Scenario, SwarmSpec
 
-UID_PREFIX_TEMPLATE = "layer{layer}.ffn"  # the trainer's default --uid-prefix
+UID_PREFIX_TEMPLATE = default_of(ModelConfig, "uid_prefix")  # the trainer's uid prefixes, one per layer
+
+
+def layer_prefixes(swarm: SwarmSpec) -> list[str]:
+    return [UID_PREFIX_TEMPLATE.format(layer=layer) for layer in range(swarm.layers)]
 
 
 def layer_uids(swarm: SwarmSpec, layer: int) -> list[str]:
-    prefix = UID_PREFIX_TEMPLATE.format(layer=layer)
-    return [make_uid(prefix, coords) for coords in itertools.product(*(range(g) for g in swarm.grid))]
+    return grid_uids(UID_PREFIX_TEMPLATE.format(layer=layer), swarm.grid)
 
 
 def node_experts(swarm: SwarmSpec, index: int, nodes: int | None = None) -> list[str]:
     """Uids node ``index`` serves when the swarm has ``nodes`` placement slots (default: swarm.nodes)."""
     n = nodes or swarm.nodes
-    slot = index % n
-    replicas = min(swarm.replicas, n)
-    return [uid for layer in range(swarm.layers) for j, uid in enumerate(layer_uids(swarm, layer))
-            if any((j + r) % n == slot for r in range(replicas))]
-
+    return place_experts(layer_prefixes(swarm), swarm.grid, nodes=n, replicas=min(swarm.replicas, n))[index % n]
 
 def node_link(scenario: Scenario, index: int) -> LinkModel:
     """The link drawn for node ``index`` (the same draw ``dmoe simulate`` makes; slots wrap like experts)."""
@@ -56,8 +55,9 @@ def node_args(scenario: Scenario, index: int, nodes: int | None = None) -> list[
             *spec.extra_args]
 
 
-def trainer_args(scenario: Scenario) -> list[str]:
-    """``dmoe train`` flags that follow from the scenario (peers and log file are the launcher's)."""
+def trainer_args(scenario: Scenario, index: int = 0) -> list[str]:
+    """``dmoe train`` flags of trainer ``index`` that follow from the scenario (peers, logs and checkpoints are
+    the launcher's). Several trainers train one model together (``--run-id``), each with its own seed."""
     swarm, spec = scenario.swarm, scenario.trainer
     steps = spec.steps if spec.steps is not None else 10**9  # "until the scenario ends": the launcher stops it
     args = ["--n-layer", str(swarm.layers), "--grid-size", "x".join(map(str, swarm.grid)),
@@ -68,9 +68,12 @@ def trainer_args(scenario: Scenario) -> list[str]:
             "--eval-every", str(spec.eval_every), "--eval-batches", str(spec.eval_batches),
             "--forward-timeout", f"{spec.forward_timeout_s:g}", "--backward-timeout", f"{spec.backward_timeout_s:g}",
             "--timeout-after-k-min", f"{spec.timeout_after_k_min_s:g}", "--compression", spec.compression,
-            "--steps", str(steps), "--seed", str(scenario.seed)]
+            "--steps", str(steps), "--seed", str(scenario.seed + index)]
     if spec.max_data_mb is not None:
         args += ["--max-data-mb", f"{spec.max_data_mb:g}"]
+    if swarm.trainers > 1:
+        target = spec.target_batch_size or spec.batch_size * swarm.trainers
+        args += ["--run-id", scenario.name, "--target-batch-size", str(target)]
     return [*args, *spec.extra_args]
 
 
