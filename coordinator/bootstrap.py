@@ -38,6 +38,8 @@ from hivemind.dht.routing import DHTID
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
+from dmoe.config import default_of
+from dmoe.config.coordinator import CoordinatorOptions
 from dmoe.dht.access import InLoopDHT
 from dmoe.errors import DmoeError
 
@@ -119,11 +121,11 @@ def write_known_peers(path: Path, maddrs: Sequence[str]) -> None:
 @dataclass(frozen=True)
 class BootstrapOptions:
     identity_path: Path
-    host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/31337",)
+    host_maddrs: Sequence[str] = field(default_factory=lambda: default_of(CoordinatorOptions, "host_maddrs"))
     announce_maddrs: Sequence[str] = ()
     initial_peers: Sequence[str] = ()
     known_peers_path: Path | None = None  # None: do not remember peers across restarts
-    max_known_peers: int = 64
+    max_known_peers: int = default_of(CoordinatorOptions, "max_known_peers")
 
 
 @dataclass

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -26,23 +25,14 @@ from dmoe.coordinator.swarm_metrics import make_registry
 from dmoe.coordinator.view import PrefixSpec, SwarmView, parse_prefixes
 from hivemind.utils.multiaddr import Multiaddr
 
-from dmoe.config import make_parser, port_number, positive_float, setup_logging
+from dmoe.config import add_options, default_of, make_parser, setup_logging
+from dmoe.config.coordinator import PEERS_NEXT_TO_IDENTITY, CoordinatorOptions
 from dmoe.dht.registry import ExpertRegistry
 from dmoe.errors import ConfigError
 from dmoe.ready import print_ready
 
 logger = logging.getLogger("dmoe.coordinator")
-
-DEFAULT_DHT_PORT = 31337
-DEFAULT_HTTP_PORT = 8470
-PEERS_SAVE_PERIOD = 10.0  # seconds between saves of the known-peers file
-_PEERS_NEXT_TO_IDENTITY = "IDENTITY.peers.json"
-
-
-def default_identity_path() -> str:
-    data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(data_home, "dmoe", "coordinator.key")
-
+_PEERS_SAVE_PERIOD = default_of(CoordinatorOptions, "peers_save_period")
 
 def _maddr(text: str) -> str:
     try:
@@ -66,32 +56,14 @@ def _prefixes(text: str) -> list[PrefixSpec]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Flags derived from ``dmoe.config.CoordinatorOptions``, where each default and its documentation live."""
     parser = make_parser(
         "dmoe coordinator",
         "Bootstrap peer with a stable multiaddr (persistent identity) and a live view of the swarm's "
         "experts and nodes, served over HTTP: / (page), /status (JSON), /metrics (Prometheus).",
     )
-    parser.add_argument("--identity", default=default_identity_path(),
-                        help="private key file that fixes the peer id; created on first start, reused after")
-    parser.add_argument("--host-maddrs", nargs="+", type=_maddr, default=[f"/ip4/0.0.0.0/tcp/{DEFAULT_DHT_PORT}"],
-                        help="multiaddrs the DHT peer listens on; keep the port fixed for a stable address")
-    parser.add_argument("--announce-maddrs", nargs="*", type=_maddr, default=[],
-                        help="public multiaddrs to advertise (behind NAT/port forwarding); explicit ports only")
-    parser.add_argument("--initial-peers", nargs="*", type=_peer_maddr, default=[],
-                        help="multiaddrs of other coordinators or peers to join (for redundancy)")
-    parser.add_argument("--prefixes", type=_prefixes, default=[],
-                        help="grid prefixes to watch, comma-separated, e.g. 'ffn' or 'ffn.[0:4].[0:8]' (which "
-                             "also declares the grid size); prefixes that nodes announce are always discovered")
-    parser.add_argument("--http-host", default="0.0.0.0", help="address the HTTP server binds")
-    parser.add_argument("--http-port", type=port_number, default=DEFAULT_HTTP_PORT,
-                        help="HTTP port for /, /status, /metrics (0: any free port)")
-    parser.add_argument("--refresh-period", type=positive_float, default=3.0,
-                        help="seconds between reads of the swarm from the DHT")
-    parser.add_argument("--forget-after", type=positive_float, default=300.0,
-                        help="seconds a vanished node or expert stays listed as recently gone")
-    parser.add_argument("--peers-file", default=_PEERS_NEXT_TO_IDENTITY,
-                        help="where to remember peers across restarts, so nodes that knew this coordinator find it "
-                             "again; 'none' disables")
+    add_options(parser, CoordinatorOptions, parse={
+        "host_maddrs": _maddr, "announce_maddrs": _maddr, "initial_peers": _peer_maddr, "prefixes": _prefixes})
     return parser
 
 
@@ -115,7 +87,7 @@ async def _serve(args: argparse.Namespace) -> int:
     http_host, http_port = http.bind(args.http_host, args.http_port)
     identity = Path(args.identity).expanduser()
     peers_file = None if args.peers_file.lower() == "none" else Path(
-        f"{identity}.peers.json" if args.peers_file == _PEERS_NEXT_TO_IDENTITY else args.peers_file).expanduser()
+        f"{identity}.peers.json" if args.peers_file == PEERS_NEXT_TO_IDENTITY else args.peers_file).expanduser()
     try:
         load_or_create_identity(identity)  # a bad identity file fails here, before the DHT starts
         peer = await BootstrapPeer.start(BootstrapOptions(
@@ -159,7 +131,7 @@ async def _run(args: argparse.Namespace, stop: asyncio.Event, peer: BootstrapPee
 
 
 async def _save_peers_periodically(peer: BootstrapPeer, view: SwarmView, stop: asyncio.Event) -> None:
-    """Save known peers every PEERS_SAVE_PERIOD seconds, and soon after the set of nodes changes.
+    """Save known peers every _PEERS_SAVE_PERIOD seconds, and soon after the set of nodes changes.
 
     A coordinator that crashes (no graceful save) then still finds the nodes it last saw.
     """
@@ -168,9 +140,9 @@ async def _save_peers_periodically(peer: BootstrapPeer, view: SwarmView, stop: a
     last = loop_time()
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), min(view.period, PEERS_SAVE_PERIOD))
+            await asyncio.wait_for(stop.wait(), min(view.period, _PEERS_SAVE_PERIOD))
         nodes = frozenset(view.snapshot.nodes)
-        if nodes == saved_nodes and loop_time() - last < PEERS_SAVE_PERIOD:
+        if nodes == saved_nodes and loop_time() - last < _PEERS_SAVE_PERIOD:
             continue
         # nodes may publish their DHT multiaddrs in their record ("dht"); remember those too
         announced = [m for node in view.snapshot.nodes.values() for m in _as_list(node.info.get("dht"))]

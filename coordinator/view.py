@@ -35,6 +35,8 @@ from typing import Any
 
 from hivemind.utils import get_dht_time
 
+from dmoe.config import default_of
+from dmoe.config.coordinator import CoordinatorOptions
 from dmoe.dht.registry import ExpertEndpoint, ExpertRegistry, NodeRecord
 from dmoe.dht.uids import UID_DELIMITER, split_uid
 from dmoe.errors import ConfigError
@@ -176,8 +178,8 @@ class SwarmView:
         registry: ExpertRegistry,
         *,
         prefixes: Sequence[PrefixSpec] = (),
-        period: float = 3.0,
-        forget_after: float = 300.0,
+        period: float = default_of(CoordinatorOptions, "refresh_period"),
+        forget_after: float = default_of(CoordinatorOptions, "forget_after"),
         lookup_timeout: float | None = None,
     ) -> None:
         self.registry = registry

@@ -43,6 +43,8 @@ for _sig in (signal.SIGUSR1, signal.SIGUSR2):
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from home_link import apply_home_link  # noqa: E402
 
+from dmoe.config.coordinator import DHT_PORT as COORDINATOR_DHT_PORT  # noqa: E402
+from dmoe.config.coordinator import HTTP_PORT as COORDINATOR_HTTP_PORT  # noqa: E402
 from dmoe.sim.scenario import Scenario, load_scenario  # noqa: E402
 from dmoe.sim.swarm_layout import node_args, node_link, trainer_args  # noqa: E402
 
@@ -52,7 +54,6 @@ NODE_GRPC_PORT = 7000  # announced (the link emulator's port)
 NODE_INNER_PORT = 7001  # the node's own gRPC server, behind the emulator
 NODE_DHT_PORT = 7100
 METRICS_PORT = 9100
-COORDINATOR_DHT_PORT = 31337
 
 
 def say(message: str) -> None:
@@ -134,7 +135,7 @@ def coordinator_peers(timeout: float) -> list[str]:
     explicit = env("SWARM_PEERS", "")
     if explicit:
         return explicit.split()
-    where = env("SWARM_COORDINATOR", f"coordinator:{env('SWARM_COORDINATOR_HTTP_PORT', '8470')}")
+    where = env("SWARM_COORDINATOR", f"coordinator:{env('SWARM_COORDINATOR_HTTP_PORT', str(COORDINATOR_HTTP_PORT))}")
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:

@@ -137,10 +137,10 @@ def test_walk_probes_grid_depth_when_nobody_told_it():
             uids = ["moe.0.1.2", "moe.0.1.3", "moe.2.0.0"]
             assert await ExpertRegistry(peer).announce(uids, endpoint="h:1", node_id="x", load=0, ttl=30)
             view = SwarmView(ExpertRegistry(observer))
-            probed = await view._walk("moe", None)
-            known = await view._walk("moe", 3)
+            probed = await view.registry.walk_grid("moe", None)
+            known = await view.registry.walk_grid("moe", 3)
             assert set(probed) == set(known) == set(uids)
-            assert await view._walk("nothing", None) == {}
+            assert await view.registry.walk_grid("nothing", None) == {}
         finally:
             await _shutdown(observer, peer)
 

@@ -13,7 +13,7 @@ demo deliberately differs from a default, its TOML file says so and why.
 ``train``              ``ModelConfig``, ``TrainOptions``, ``DataOptions``, ``TrainSwarmOptions``,
                        ``CollabOptions`` (``dmoe train``)
 ``coordinator``        ``CoordinatorOptions`` (``dmoe coordinator``)
-``sim``                ``SimulateOptions`` (``dmoe simulate``), ``ChaosOptions`` (``dmoe chaos``)
+``sim``                ``SimulationOptions`` (``dmoe simulate``), ``ChaosOptions`` (``dmoe chaos``)
 =====================  ==========================================================================
 
 This package is the base of every plane: it imports nothing of dmoe but ``dmoe.errors``.
@@ -22,6 +22,7 @@ This package is the base of every plane: it imports nothing of dmoe but ``dmoe.e
 from __future__ import annotations
 
 from dmoe.config.client import COMPRESSIONS, HealthOptions, LookupOptions, MoEOptions, SwarmOptions
+from dmoe.config.coordinator import CoordinatorOptions
 from dmoe.config.flags import (
     add_options,
     default_of,
@@ -37,16 +38,26 @@ from dmoe.config.flags import (
     setup_logging,
 )
 from dmoe.config.node import BatchingOptions, NodeConfig, OptimizerOptions
+from dmoe.config.sim import ChaosOptions, SimulationOptions
+from dmoe.config.train import CollabOptions, DataOptions, ModelConfig, TrainOptions, TrainSwarmOptions
 
 __all__ = [
     "COMPRESSIONS",
     "BatchingOptions",
+    "ChaosOptions",
+    "CollabOptions",
+    "CoordinatorOptions",
+    "DataOptions",
     "HealthOptions",
     "LookupOptions",
+    "ModelConfig",
     "MoEOptions",
     "NodeConfig",
     "OptimizerOptions",
+    "SimulationOptions",
     "SwarmOptions",
+    "TrainOptions",
+    "TrainSwarmOptions",
     "add_options",
     "default_of",
     "fail",

@@ -35,10 +35,11 @@ import socket
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from dmoe.config.sim import ChaosOptions
 from dmoe.errors import ConfigError
 from dmoe.ready import READY_PREFIX, parse_ready
 from dmoe.sim.churn import ChurnEvent, ChurnModel, Timeline
@@ -51,21 +52,6 @@ logger = logging.getLogger("dmoe.chaos")
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
 NUMBER_LABEL = "com.docker.compose.container-number"
-
-
-@dataclass(frozen=True)
-class ChaosOptions:
-    out_dir: Path
-    project: str | None = None  # None: our own container's compose project
-    service: str = "node"
-    nodes: int | None = None  # placement slots (SWARM_NODES); None: the scenario's node count
-    wait_steps: int = 5  # trainer steps (after we start) before the clock starts; 0: start at once
-    wait_timeout_s: float = 600.0
-    stop_grace_s: float = 10.0
-    coordinator_url: str | None = "http://coordinator:8470"
-    sample_period_s: float = 2.0
-    restore_at_end: bool = True
-    ready_timeout_s: float = 180.0  # after the end: how long restarted nodes get to become ready
 
 
 def own_project(api: DockerAPI) -> str:

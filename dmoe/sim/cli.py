@@ -15,13 +15,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from dmoe.config import make_parser, positive_float, positive_int, setup_logging
+from dmoe.config import add_options, make_parser, options_from, positive_float, positive_int, setup_logging
+from dmoe.config.sim import SimulationOptions
 from dmoe.errors import ConfigError
 from dmoe.sim.churn import ChurnModel
 from dmoe.sim.launcher import ProcessFailed
 from dmoe.sim.report import format_table
 from dmoe.sim.scenario import Scenario, load_scenario
-from dmoe.sim.simulate import SimulationOptions, builtin_scenario, run_simulation
+from dmoe.sim.simulate import builtin_scenario, run_simulation
 
 log = logging.getLogger("dmoe.simulate")
 
@@ -33,33 +34,19 @@ output (in --out): events.jsonl, trainers/*.jsonl, swarm.jsonl, run.json, summar
 """
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the examples' line breaks; shows defaults only where there is one worth showing."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser("dmoe simulate", "Run a local swarm (bootstrap, nodes behind emulated home links, trainers) "
                     "under a churn scenario and report what training did.", EPILOG)
-    p.formatter_class = _HelpFormatter
     p.add_argument("scenario", nargs="?", default=None,
                    help="scenario TOML file (see scenarios/); default: the built-in demo scenario")
     p.add_argument("--out", default=None, help="output directory; default runs/<scenario>-<YYYYmmdd-HHMMSS>")
-    p.add_argument("--seed", type=int, default=None, help="seed of links, churn and models (default: the scenario's)")
     p.add_argument("--duration", type=positive_float, default=None, help="override the scenario's duration_s, s")
     p.add_argument("--nodes", type=positive_int, default=None, help="override swarm.nodes")
     p.add_argument("--trainers", type=positive_int, default=None, help="override swarm.trainers")
     p.add_argument("--steps", type=positive_int, default=None,
                    help="override trainer.steps: end when every trainer reached this many steps")
-    p.add_argument("--startup-timeout", type=positive_float, default=120.0,
-                   help="seconds a process may take to become ready")
     p.add_argument("--print-timeline", action="store_true", help="print the churn timeline as JSON lines and exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-plot", action="store_true", help="skip report.png")
+    add_options(p, SimulationOptions)
     return p
 
 
@@ -124,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"skipped": skipped}))
         return 0
     out = Path(args.out or f"runs/{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    options = SimulationOptions(out_dir=out, seed=args.seed, progress=not args.no_progress,
-                                startup_timeout_s=args.startup_timeout, plot=not args.no_plot)
+    options = options_from(SimulationOptions, args, out_dir=out)
     log.info("scenario %s (%s): %d nodes, %d trainer(s), %.0f s; output in %s", scenario.name, scenario.source,
              scenario.swarm.nodes, scenario.swarm.trainers, scenario.duration_s, out)
     try:

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from dmoe.config.sim import SimulationOptions
 from dmoe.sim.churn import ChurnEvent, ChurnModel, Timeline
 from dmoe.sim.launcher import DmoeProcess, ProcessFailed
 from dmoe.sim.links import LinkEmulator, LinkModel
@@ -65,18 +66,6 @@ def builtin_scenario() -> Scenario:
 
 def coordinator_available() -> bool:
     return importlib.util.find_spec("dmoe.coordinator.cli") is not None
-
-
-@dataclass
-class SimulationOptions:
-    out_dir: Path
-    seed: int | None = None  # overrides the scenario's seed
-    progress: bool = True
-    startup_timeout_s: float = 120.0
-    stop_timeout_s: float = 30.0
-    status_period_s: float = 3.0  # how often the coordinator's view is sampled
-    env: dict[str, str] = field(default_factory=dict)  # extra environment for every child
-    plot: bool = True
 
 
 @dataclass
