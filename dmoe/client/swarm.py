@@ -138,7 +138,11 @@ class Swarm:
 
     @classmethod
     def from_dht(cls, dht: hivemind.DHT, **kwargs: Any) -> Swarm:
-        """Use an existing ``hivemind.DHT`` (it stays running after ``shutdown``)."""
+        """Use an existing ``hivemind.DHT`` (it stays running after ``shutdown``).
+
+        Call ``dmoe.dht.patches.apply()`` before starting that DHT: it runs in a child process, which
+        has dmoe's fixes to hivemind only if they were applied before it started.
+        """
         return cls(_dht=dht, **kwargs)
 
     # ---- loop thread and sync bridge ----

@@ -7,17 +7,14 @@
   with ``DHT.run_coroutine`` and awaited as futures.
 
 Both sign records with an ``RSASignatureValidator``: a subkey carrying our ``[owner:...]`` marker
-can only be overwritten by us, and values read back are stripped of signatures.
+can only be overwritten by us, and values read back are stripped of signatures. Both apply
+``dmoe.dht.patches`` before they touch hivemind.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import os
-import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any, Protocol
 
@@ -27,7 +24,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils import ValueWithExpiration
 from hivemind.utils.crypto import RSAPrivateKey
 
-import dmoe.dht.patches  # noqa: F401 - fixes hivemind's dictionary-record merge on import
+from dmoe.dht import patches
 
 
 class DHTAccess(Protocol):
@@ -58,36 +55,6 @@ async def _node_store_many(
     return {(k, s): ok for (k, s), ok in result.items()} if result else {}
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _daemon_preexec() -> None:
-    os.setsid()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def _daemons_in_own_session() -> Iterator[None]:
-    """While the DHT starts, spawn its p2pd daemon in a session of its own that dies with us.
-
-    hivemind would start p2pd in our process group, so a SIGTERM to the group (a graceful stop by
-    a launcher) killed p2pd before we could withdraw our records; PDEATHSIG keeps a crash of ours
-    from leaving it orphaned.
-    """
-    original = asyncio.subprocess.create_subprocess_exec
-
-    async def spawn(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
-        kwargs.setdefault("preexec_fn", _daemon_preexec)
-        return await original(*args, **kwargs)
-
-    asyncio.subprocess.create_subprocess_exec = spawn  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        asyncio.subprocess.create_subprocess_exec = original  # type: ignore[assignment]
-
-
 class InLoopDHT:
     """A DHTNode living in the current event loop."""
 
@@ -106,8 +73,9 @@ class InLoopDHT:
         client_mode: bool = False,
         **kwargs: Any,
     ) -> InLoopDHT:
+        patches.apply()
         validator = RSASignatureValidator(RSAPrivateKey())  # own key, not the process-wide one
-        with _daemons_in_own_session():
+        with patches.p2pd_in_own_session():
             node = await DHTNode.create(
                 initial_peers=list(initial_peers) or None,
                 host_maddrs=list(host_maddrs),
@@ -150,6 +118,7 @@ class ProcessDHT:
     """An existing ``hivemind.DHT`` (child-process DHT); adds our signature validator to it."""
 
     def __init__(self, dht: hivemind.DHT) -> None:
+        patches.apply()  # in this process; the DHT's own child process has it if applied before it started
         self.dht = dht
         # The process-wide key, unlike InLoopDHT: a hivemind.DHT keeps only the first
         # RSASignatureValidator it is given, and hivemind's own users of it (the optimizer's progress

@@ -1,36 +1,94 @@
-"""A fix for hivemind's dictionary records losing a subkey when an older copy of it is merged in.
+"""Every change dmoe makes to hivemind's behaviour, in one place, each naming the upstream flaw.
 
-hivemind's ``TimedStorage.store`` (1.1.x) indexes a key under the new expiration *before* it
-decides whether the value is newer. Storing an older copy of a subkey that is already held with a
-later expiration is rejected, yet the key is now indexed under the older time; once that time
-passes the subkey is evicted although its newest copy is still valid.
+dmoe uses hivemind as a library and pins it to the range it is tested with (``TESTED``, also in
+``pyproject.toml``). Where hivemind misbehaves in ways that hurt a volunteer swarm, the fix lives
+here and nowhere else:
 
-Older copies arrive all the time: a ``get`` merges the dictionary copies of every peer it visits
-(``_SearchState.add_candidate``), and a peer that missed the owner's last refresh answers with an
-older copy; peers also receive merged results as cache entries (``cache_nearest``). When the
-search then outlives that older expiration -- typically because one peer (frozen, overloaded)
-answers only after hivemind's ``wait_timeout`` -- the merged record comes back without the
-subkey: a healthy node's experts vanish from a lookup (seen in tests/test_moe_faults.py: a 4x4
-grid's root record came back as ``[2, 3]`` while every answering peer listed ``0..3``).
+1. ``keep_newest_copy`` (process-wide, applied by ``apply()``): hivemind's
+   ``TimedStorage.store`` (``hivemind/utils/timed_storage.py``, 1.1.x) indexes a key under the
+   new expiration *before* deciding whether the value is newer. Storing an older copy of a subkey
+   already held with a later expiration is rejected, yet the key is now indexed under the older
+   time; once that passes, the subkey is evicted although its newest copy is valid. Older copies
+   arrive all the time: a ``get`` merges every visited peer's copy of a dictionary record
+   (``_SearchState.add_candidate``) and peers cache merged results (``cache_nearest``), so a
+   healthy node's experts vanished from lookups (a 4x4 grid's root came back as ``[2, 3]`` while
+   every peer listed ``0..3``). The wrapper rejects an older or equal copy before hivemind touches
+   its index; plain records (hivemind's averager uses them) keep their newest copy too.
+2. ``p2pd_in_own_session`` (a context manager around starting a DHT node): hivemind's ``P2P.create``
+   (``hivemind/p2p/p2p_daemon.py``) spawns the ``p2pd`` daemon in our process group, so a SIGTERM
+   to the group -- how launchers and container runtimes stop a program -- killed p2pd before the
+   node could withdraw its records, and a SIGKILL of ours left p2pd orphaned. While the node
+   starts, subprocesses are spawned in a session of their own that dies with us (PDEATHSIG).
+3. ``count_state_downloads`` (one ``hivemind.Optimizer`` instance): the optimizer downloads state
+   from peers by itself when it falls behind the run and offers no hook to learn that it did; the
+   trainer needs to know (an epoch reached by download is not an averaging round). The instance's
+   ``load_state_from_peers`` is wrapped to call back.
 
-``TimedStorage.store`` (the base of both a peer's storage and ``DictionaryDHTValue``) is wrapped
-to reject an older or equal copy before hivemind touches its index, so plain records (which
-hivemind's averager uses) keep their newest copy too. Importing ``dmoe.dht.access`` applies it
-(every dmoe process that talks to the DHT); a ``hivemind.DHT`` started afterwards is a forked
-child and inherits it.
+Not patches, but workarounds worth knowing, kept where they are used: hivemind 1.1 passes
+``averager_opts`` to the state averager only, so ``dmoe.train.collab`` gives the gradient
+averager its request timeout through ``grad_averager_factory`` (matchmaking can deadlock
+otherwise).
+
+Nothing is patched on import. ``apply()`` is called by whatever starts a DHT: ``InLoopDHT.create``
+(nodes, coordinator, ``Swarm``), ``Swarm.from_dht`` and ``dmoe train`` before it starts a
+``hivemind.DHT`` (whose child process inherits the patch). A library user who starts a
+``hivemind.DHT`` and hands it to ``Swarm.from_dht`` should call ``apply()`` before starting it.
+Outside ``TESTED`` the patches are not applied and a warning says so: an upstream release may have
+fixed the flaw or changed what the patch relies on.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import hivemind
 from hivemind.utils.timed_storage import TimedStorage
 
+logger = logging.getLogger(__name__)
 
-def apply() -> None:
-    """Idempotent: wrap ``TimedStorage.store`` once per process."""
+TESTED = ((1, 1, 10), (1, 2, 0))  # hivemind versions dmoe is tested with: [low, high)
+_MARK = "_dmoe_keeps_newest"
+_PR_SET_PDEATHSIG = 1
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple((parts + [0, 0, 0])[:3])
+
+
+def hivemind_is_tested(version: str | None = None) -> bool:
+    """True if ``version`` (default: the installed hivemind's) lies in ``TESTED``."""
+    low, high = TESTED
+    return low <= _version(version or hivemind.__version__) < high
+
+
+def apply() -> bool:
+    """Apply the process-wide patch (idempotent); False (with a warning) outside the tested versions."""
+    if not hivemind_is_tested():
+        if not getattr(apply, "_warned", False):
+            apply._warned = True  # type: ignore[attr-defined]
+            logger.warning("hivemind %s is outside the versions dmoe is tested with (%s to %s): its patches are "
+                           "not applied; see dmoe.dht.patches", hivemind.__version__,
+                           ".".join(map(str, TESTED[0])), ".".join(map(str, TESTED[1])))
+        return False
+    keep_newest_copy()
+    return True
+
+
+def keep_newest_copy() -> None:
+    """Patch 1 (see module docstring): ``TimedStorage.store`` refuses older copies before indexing them."""
     original = TimedStorage.store
-    if getattr(original, "_dmoe_keeps_newest", False):
+    if getattr(original, _MARK, False):
         return
 
     def store(self: TimedStorage, key: Any, value: Any, expiration_time: float) -> bool:
@@ -39,7 +97,46 @@ def apply() -> None:
             return False  # what hivemind answers too, minus re-indexing the key under the older time
         return original(self, key, value, expiration_time)
 
-    store._dmoe_keeps_newest = True  # type: ignore[attr-defined]
+    setattr(store, _MARK, True)
+    store.__wrapped__ = original  # type: ignore[attr-defined]
     TimedStorage.store = store  # type: ignore[method-assign]
 
-apply()
+
+def revert() -> None:
+    """Undo ``keep_newest_copy`` (tests use it to show the upstream flaw is still there)."""
+    current = TimedStorage.store
+    if getattr(current, _MARK, False):
+        TimedStorage.store = current.__wrapped__  # type: ignore[attr-defined, method-assign]
+
+
+def _daemon_preexec() -> None:
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def p2pd_in_own_session() -> Iterator[None]:
+    """Patch 2 (see module docstring): while a DHT node starts, its p2pd gets a session of its own."""
+    original = asyncio.subprocess.create_subprocess_exec
+
+    async def spawn(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        kwargs.setdefault("preexec_fn", _daemon_preexec)
+        return await original(*args, **kwargs)
+
+    asyncio.subprocess.create_subprocess_exec = spawn  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        asyncio.subprocess.create_subprocess_exec = original  # type: ignore[assignment]
+
+
+def count_state_downloads(optimizer: hivemind.Optimizer, on_download: Callable[[], None]) -> None:
+    """Patch 3 (see module docstring): ``on_download()`` runs whenever ``optimizer`` loads state from peers."""
+    download = optimizer.load_state_from_peers
+
+    def counted_download(**kwargs: Any) -> None:
+        on_download()
+        download(**kwargs)
+
+    optimizer.load_state_from_peers = counted_download  # type: ignore[method-assign]

@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.run_id:
                 import hivemind
 
+                from dmoe.dht import patches
+
+                patches.apply()  # before the DHT's child process starts, so it inherits the fixes
                 dht = hivemind.DHT(initial_peers=args.initial_peers, start=True,
                                    host_maddrs=args.dht_host_maddrs or ["/ip4/0.0.0.0/tcp/0"])
                 swarm = Swarm.from_dht(dht)

@@ -49,6 +49,7 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from dmoe.config.train import CollabOptions
+from dmoe.dht import patches
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +102,11 @@ class CollaborativeUpdater:
         self._last_round: object | None = None
         self._final_key = f"{options.run_id}_final_params"
         self._me = self.dht.peer_id.to_bytes()
-        # hivemind calls this itself when the trainer falls behind the run; count those downloads too
-        download = self.opt.load_state_from_peers
+        # hivemind downloads by itself when the trainer falls behind the run; count those downloads too
+        patches.count_state_downloads(self.opt, self._count_download)
 
-        def counted_download(**kwargs: Any) -> None:
-            self.loaded_from_peers += 1
-            download(**kwargs)
-
-        self.opt.load_state_from_peers = counted_download  # type: ignore[method-assign]
+    def _count_download(self) -> None:
+        self.loaded_from_peers += 1
 
     @property
     def step_count(self) -> int:
