@@ -12,8 +12,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from dmoe.dht.access import InLoopDHT
 from dmoe.dht.registry import ExpertRegistry
+
+pytestmark = pytest.mark.integration  # real processes
 
 TTL = 6.0  # seconds; refreshed every 2 s
 FREEZE = 14.0  # > 2 TTL: without refreshes landing, every record would be gone well before the end

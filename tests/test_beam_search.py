@@ -25,6 +25,8 @@ from dmoe.dht.access import InLoopDHT
 from dmoe.dht.registry import ExpertRegistry
 from dmoe.dht.uids import make_uid
 
+pytestmark = pytest.mark.integration  # real processes
+
 ENDPOINT_A = "127.0.0.1:1"  # never called: beam search only reads DHT records
 ENDPOINT_B = "127.0.0.1:2"
 

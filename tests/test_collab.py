@@ -23,6 +23,8 @@ import torch
 
 from dmoe.train.collab import CollabOptions, CollaborativeUpdater, params_fingerprint
 
+pytestmark = pytest.mark.integration  # real processes
+
 TESTS_DIR = Path(__file__).resolve().parent
 
 

@@ -109,7 +109,11 @@ def _usable() -> str | None:
     return None
 
 
-pytestmark = [pytest.mark.skipif(_usable() is not None, reason=str(_usable())), pytest.mark.timeout(1500)]
+pytestmark = [
+    pytest.mark.docker,  # the docker-compose swarm: needs a Docker engine
+    pytest.mark.skipif(_usable() is not None, reason=str(_usable())),
+    pytest.mark.timeout(1500),
+]
 
 
 @pytest.fixture(scope="module")

@@ -105,6 +105,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             proc.stop(timeout=15)
 
 
+@pytest.mark.integration
 def test_status_lists_nodes_and_their_experts(swarm):
     st = status(swarm["a"])
     assert st["coordinator"]["dht"] == swarm["a"].ready["dht"]
@@ -125,12 +126,14 @@ def test_status_lists_nodes_and_their_experts(swarm):
     assert st["counters"]["refresh_errors"] == 0 and st["counters"]["refreshes"] > 0
 
 
+@pytest.mark.integration
 def test_second_coordinator_bootstrapped_from_the_first_sees_the_same_swarm(swarm):
     ids = {proc.ready["node_id"] for proc in swarm["nodes"].values()}
     wait_for(lambda: node_ids(swarm["b"]) == ids, 30, "coordinator B to see the nodes that joined through A")
     assert status(swarm["b"])["prefixes"]["ffn"]["alive"] == 16
 
 
+@pytest.mark.integration
 def test_metrics_parse_with_the_prometheus_parser(swarm):
     code, ctype, body = get(swarm["a"], "/metrics")
     assert code == 200 and ctype.startswith("text/plain")
@@ -154,6 +157,7 @@ def test_metrics_parse_with_the_prometheus_parser(swarm):
     assert "process_resident_memory_bytes" in families
 
 
+@pytest.mark.integration
 def test_http_errors_are_clean(swarm):
     assert get(swarm["a"], "/nope")[0] == 404
     request = urllib.request.Request(f"http://{swarm['a'].ready['http']}/status", data=b"x", method="POST")
@@ -192,6 +196,7 @@ def _headless(chromium: str, profile: Path, *args: str) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.integration
 def test_page_renders_node_table_in_headless_chromium(swarm, tmp_path):
     from PIL import Image
 
@@ -220,6 +225,7 @@ def test_page_renders_node_table_in_headless_chromium(swarm, tmp_path):
     assert (0x4C, 0xAE, 0x5A) in pixels and (0x9F, 0xD8, 0xA4) in pixels, "grid map cells not drawn"
 
 
+@pytest.mark.integration
 def test_sigkilled_node_disappears_within_one_ttl(swarm):
     a, tmp = swarm["a"], swarm["tmp"]
     extra = DmoeProcess("node", node_args("ffn.[4:5].[0:4]", a.ready["dht"]), name="n_killed",
@@ -245,6 +251,7 @@ def test_sigkilled_node_disappears_within_one_ttl(swarm):
     assert st["counters"]["expert_disappearances"]["ffn"] >= 4
 
 
+@pytest.mark.integration
 def test_restart_keeps_identity_and_nodes_reconnect(launch, tmp_path):
     identity = tmp_path / "coordinator.key"
     args = coordinator_args(identity, dht_port=free_port())
@@ -278,6 +285,7 @@ def _run_coordinator(*args: str, timeout: float = 60) -> subprocess.CompletedPro
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.integration
 def test_corrupt_identity_is_one_line_and_nonzero(tmp_path):
     corrupt = tmp_path / "corrupt.key"
     corrupt.write_bytes(b"this is not a libp2p private key")
@@ -299,6 +307,7 @@ def test_unreadable_identity_is_one_line_and_nonzero(tmp_path, capsys):
     assert len(lines) == 1 and f"cannot read identity file {a_directory}" in lines[0], lines
 
 
+@pytest.mark.integration
 def test_taken_http_port_is_one_line_and_nonzero(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -313,6 +322,7 @@ def test_taken_http_port_is_one_line_and_nonzero(tmp_path):
     assert "dmoe-ready" not in result.stdout
 
 
+@pytest.mark.integration
 def test_bad_flags_exit_2_with_a_one_line_reason(tmp_path, capsys):
     from dmoe.cli import main
 

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 from dmoe.coordinator.swarm_metrics import SwarmCollector
 from dmoe.coordinator.view import SwarmView
@@ -38,6 +39,7 @@ def exported_series() -> set[str]:
     return names
 
 
+@pytest.mark.integration
 def test_every_dashboard_metric_is_exported():
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]

@@ -52,6 +52,7 @@ async def _shutdown(*dhts: InLoopDHT) -> None:
     await asyncio.gather(*(d.shutdown() for d in dhts), return_exceptions=True)
 
 
+@pytest.mark.integration
 def test_view_counts_experts_replicas_nodes_and_losses():
     async def scenario() -> None:
         observer, (p0, p1, p2) = await _swarm(3)
@@ -110,6 +111,7 @@ def test_view_counts_experts_replicas_nodes_and_losses():
     asyncio.run(scenario())
 
 
+@pytest.mark.integration
 def test_expired_records_vanish_without_a_withdraw():
     async def scenario() -> None:
         observer, (peer,) = await _swarm(1)
@@ -130,6 +132,7 @@ def test_expired_records_vanish_without_a_withdraw():
     asyncio.run(scenario())
 
 
+@pytest.mark.integration
 def test_walk_probes_grid_depth_when_nobody_told_it():
     async def scenario() -> None:
         observer, (peer,) = await _swarm(1)

@@ -370,6 +370,7 @@ def test_token_bucket_serializes_in_fifo_order():
     assert bucket.reserve(0) == pytest.approx(0.0)
 
 
+@pytest.mark.integration
 def test_standalone_runner_forwards_and_rejects_bad_flags(tmp_path):
     server = Server(_echo)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

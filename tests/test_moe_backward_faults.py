@@ -21,6 +21,8 @@ from torch import nn
 
 from dmoe import LocalMixtureOfExperts, NotEnoughExperts, RemoteMixtureOfExperts, Swarm
 
+pytestmark = pytest.mark.integration  # real processes
+
 BATCH = 32
 VICTIMS = ("bk", "bz", "bn")  # killed (constants), frozen, killed (exception)
 

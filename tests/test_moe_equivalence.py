@@ -14,6 +14,8 @@ from prometheus_client import REGISTRY
 
 from dmoe import LocalMixtureOfExperts, NotEnoughExperts, RemoteMixtureOfExperts, Swarm
 
+pytestmark = pytest.mark.integration  # real processes
+
 GRIDS = {"eq": (4, 4), "g3": (4, 3, 2)}
 
 

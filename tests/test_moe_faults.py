@@ -20,6 +20,8 @@ from moe_swarm import HIDDEN, local_experts, node_process, start_all, stop_all
 
 from dmoe import LocalMixtureOfExperts, NotEnoughExperts, RemoteMixtureOfExperts, Swarm
 
+pytestmark = pytest.mark.integration  # real processes
+
 PREFIXES = ("kb", "km", "fz", "gb")  # kill between steps, kill mid-forward, freeze, garbage
 BATCH = 32
 

@@ -10,6 +10,7 @@ import threading
 import time
 
 import grpc
+import pytest
 import torch
 from dmoe.node.checkpoint import CheckpointStore
 from node_rpc import call, close_channels, updates
@@ -67,6 +68,7 @@ def _check_latest(tmp_path) -> int:
     return int(state["step"])
 
 
+@pytest.mark.integration
 def test_sigkill_in_the_middle_of_saving_leaves_a_loadable_checkpoint(tmp_path):
     # 1) a kill that certainly lands between writing the temporary file and renaming it
     proc = subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path), "pause"], stdout=subprocess.PIPE, text=True)
@@ -87,6 +89,7 @@ def test_sigkill_in_the_middle_of_saving_leaves_a_loadable_checkpoint(tmp_path):
         assert _check_latest(tmp_path) >= 0
 
 
+@pytest.mark.integration
 def test_node_killed_during_training_restarts_from_its_last_checkpoint(launch, tmp_path):
     ckpt = tmp_path / "ckpt"
     args = ["--experts", "ffn.[0:2]", "--host", "127.0.0.1", "--hidden-dim", str(H), "--seed", "3",

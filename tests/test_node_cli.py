@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.integration  # real processes
+
 
 def run_node(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dmoe", "node", *args], capture_output=True, text=True, timeout=60)

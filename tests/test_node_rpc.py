@@ -21,6 +21,8 @@ from dmoe.sim.launcher import DmoeProcess
 from dmoe.wire.codec import serialize_tensor, serialize_tensors
 from dmoe.wire.proto import expert_pb2 as pb
 
+pytestmark = pytest.mark.integration  # real processes
+
 TESTS_DIR = Path(__file__).resolve().parent
 H = 32
 SEED = 7

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 from dmoe.node.checkpoint import CheckpointStore
 from hivemind.utils import get_dht_time
@@ -17,6 +18,8 @@ from node_rpc import call, close_channels, find_experts
 from dmoe.dht.access import InLoopDHT
 from dmoe.dht.registry import ExpertRegistry
 from dmoe.experts import create_expert
+
+pytestmark = pytest.mark.integration  # real processes
 
 H = 16
 UIDS = ["ffn.0.0", "ffn.0.1", "ffn.0.2"]

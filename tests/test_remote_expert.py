@@ -35,6 +35,7 @@ def swarm():
         yield s
 
 
+@pytest.mark.integration
 def test_forward_and_backward_match_local_module(nodes, swarm):
     endpoint = nodes["good"].ready["grpc"]
     local = local_experts("re.0")["re.0"]
@@ -57,6 +58,7 @@ def test_forward_and_backward_match_local_module(nodes, swarm):
     assert w.weight.grad is not None and torch.isfinite(w.weight.grad).all() and w.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.integration
 def test_large_payload_travels_in_chunks(nodes, swarm):
     endpoint = nodes["good"].ready["grpc"]
     local = local_experts("re.1")["re.1"]
@@ -69,6 +71,7 @@ def test_large_payload_travels_in_chunks(nodes, swarm):
     assert x.grad is not None and x.grad.shape == x.shape and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.integration
 def test_compression_float16(nodes, swarm):
     endpoint = nodes["good"].ready["grpc"]
     local = local_experts("re.0")["re.0"]
@@ -79,6 +82,7 @@ def test_compression_float16(nodes, swarm):
     torch.testing.assert_close(y, local(x), rtol=1e-2, atol=2e-2)
 
 
+@pytest.mark.integration
 def test_two_input_expert_uses_its_schema(nodes, swarm):
     endpoint = nodes["two"].ready["grpc"]
     expert = RemoteExpert("two.0", endpoint, swarm=swarm)
@@ -91,12 +95,14 @@ def test_two_input_expert_uses_its_schema(nodes, swarm):
     assert x.grad.shape == x.shape and scale.grad.shape == scale.shape
 
 
+@pytest.mark.integration
 def test_garbage_answer_is_bad_answer(nodes, swarm):
     expert = RemoteExpert("nan.0", nodes["nan"].ready["grpc"], swarm=swarm)
     with pytest.raises(BadAnswer, match="NaN"):
         expert(torch.randn(2, HIDDEN))
 
 
+@pytest.mark.integration
 def test_unknown_expert_is_rejected(nodes, swarm):
     expert = RemoteExpert("re.7", nodes["good"].ready["grpc"], swarm=swarm)
     with pytest.raises(RequestRejected) as info:
@@ -104,6 +110,7 @@ def test_unknown_expert_is_rejected(nodes, swarm):
     assert info.value.status == "NOT_FOUND"
 
 
+@pytest.mark.integration
 def test_wrong_input_shape_is_rejected_not_hung(nodes, swarm):
     expert = RemoteExpert("re.0", nodes["good"].ready["grpc"], swarm=swarm)
     with pytest.raises(RequestRejected) as info:
@@ -126,6 +133,7 @@ def test_dead_endpoint_is_unreachable_at_once(swarm):
     assert time.monotonic() - started < 3.0
 
 
+@pytest.mark.integration
 def test_frozen_node_hits_the_deadline(nodes, swarm):
     proc = nodes["good"]
     expert = RemoteExpert("re.0", proc.ready["grpc"], swarm=swarm, forward_timeout=1.0)

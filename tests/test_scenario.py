@@ -164,6 +164,7 @@ def test_numbers_are_distributions_and_defaults_fill_in():
     assert scenario_from_dict(inf).links.up_mbit == float("inf")
 
 
+@pytest.mark.integration
 def test_cli_rejects_a_bad_scenario_before_launching_anything(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "bad"\nduration_s = 60\n[churn]\nenabled = true\n'

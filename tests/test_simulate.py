@@ -19,6 +19,8 @@ import pytest
 
 from dmoe.sim.report import read_jsonl
 
+pytestmark = pytest.mark.integration  # real processes
+
 SMALL_SWARM = """
 name = "{name}"
 description = "test: 3 nodes, 1 trainer"

@@ -53,6 +53,7 @@ def test_print_node_command_hosts_every_expert_of_the_default_model(capsys):
     assert flags["--hidden-dim"] == "128" and flags["--expert-cls"] == "ffn" and flags["--seed"] == "0"
 
 
+@pytest.mark.integration
 def test_startup_check_names_the_mismatch_or_the_missing_prefix(launch):
     node = launch("node", ["--experts", "layer0.ffn.[0:2].[0:2]", "--hidden-dim", "64", "--host", "127.0.0.1"],
                   name="node", env={"OMP_NUM_THREADS": "1"})
@@ -70,6 +71,7 @@ def test_startup_check_names_the_mismatch_or_the_missing_prefix(launch):
     assert time.monotonic() - started < 60
 
 
+@pytest.mark.integration
 def test_sigint_stops_after_the_current_batch_and_saves(launch, tmp_path):
     log = tmp_path / "log.jsonl"
     trainer = launch("train", ["--local-experts", "--steps", "100000", "--eval-every", "0", "--log-file", str(log),

@@ -16,6 +16,8 @@ import torch
 
 from dmoe.train.trainer import load_checkpoint
 
+pytestmark = pytest.mark.integration  # real processes
+
 H = "64"
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 PROC = {"env": ONE_THREAD, "timeout": 180}  # one torch thread; patient start-up on a busy machine
