@@ -1,11 +1,12 @@
 # dmoe: two commands do all the set-up on a fresh clone.
 #   make demo   - run the default local swarm simulation (nodes, trainer, churn, home links) and write a report
 #   make test   - install everything the tests need and run the whole suite
+#   make test-fast - only the fast tests (no real process): the inner loop while editing
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: setup system-deps demo test lint proto compose-demo clean
+.PHONY: setup system-deps demo test test-fast lint proto compose-demo clean
 
 setup: $(VENV)/.installed
 
@@ -25,8 +26,15 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m dmoe.wire.protogen --check
 
+# Two test processes: most tests wait on real processes and timers, so two share the 2 cores well;
+# a test file stays on one worker (its module fixtures start once).
+TEST_WORKERS ?= 2
+
 test: setup system-deps lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not integration and not docker"
 
 proto: setup
 	$(PY) -m dmoe.wire.protogen

@@ -1,6 +1,7 @@
 """The dmoe expert node (installed as ``dmoe.node``), one module per job.
 
-* ``cli``        ``dmoe node`` flags -> ``NodeConfig``; runs the node in one uvloop loop until SIGTERM.
+* ``cli``        ``dmoe node`` flags (derived from ``dmoe.config.NodeConfig``); runs the node in one uvloop
+                 loop until SIGTERM.
 * ``runtime``    ``ExpertNode``: builds experts and wires everything below together; start/shutdown order.
 * ``server``     grpc.aio servicer of ``proto/expert.proto``; every refusal becomes a status with a message.
 * ``validation`` request checks against an expert's schema (``RpcFailure``).
@@ -9,4 +10,6 @@
 * ``announcer``  joins hivemind's DHT and keeps the node's signed records fresh (``dmoe.dht.registry`` layout).
 * ``checkpoint`` crash-safe checkpoint files (write, fsync, rename, fsync dir; keep the newest few).
 * ``metrics``    Prometheus counters and histograms, served on ``--metrics-port``.
+
+Imports ``dmoe.wire`` and ``dmoe.dht`` (and the shared base: config, errors, experts).
 """

@@ -25,7 +25,7 @@ def exported_series() -> set[str]:
     """Sample names that node, trainer, client and coordinator metrics can expose."""
     from dmoe.node.metrics import NodeMetrics
 
-    from dmoe import client_metrics
+    from dmoe.client import metrics as client_metrics
     from dmoe.train.trainer import TrainerMetrics
 
     swarm = CollectorRegistry()

@@ -12,8 +12,8 @@ One background thread runs one uvloop asyncio loop that owns everything networke
 
 Torch code (autograd functions, beam search bookkeeping) runs in the caller's thread and hands
 coroutines to the loop with ``run(coro, timeout)``: a blocking bridge that always has a finite
-timeout and cancels the coroutine when it expires. Serialization happens in the caller's thread
-too, so the loop only moves bytes.
+timeout and cancels the coroutine when it expires. Requests are serialized in the caller's
+thread; replies are decoded and checked (shapes, finiteness) in the loop, by ``remote_call``.
 """
 
 from __future__ import annotations
