@@ -50,7 +50,7 @@ from dmoe.client.candidates import FoundExpert, SearchResult
 from dmoe.client.dispatch import CallSummary, Dispatch
 from dmoe.client.gating import ExpertChoiceCounter, GridGate, combine_outputs, expert_logits, load_balancing_loss
 from dmoe.client.remote_call import BACKWARD, FORWARD, TensorSpec, build_request
-from dmoe.client.swarm import Swarm
+from dmoe.client.swarm import BRIDGE_GRACE, Swarm
 from dmoe.config.client import MoEOptions
 from dmoe.errors import NotEnoughExperts
 from dmoe.wire.codec import check_compression, serialize_tensor
@@ -58,7 +58,6 @@ from dmoe.wire.proto import expert_pb2 as pb
 
 logger = logging.getLogger(__name__)
 _DEFAULTS = MoEOptions()
-_BRIDGE_GRACE = 2.0  # seconds the caller thread waits beyond a deadline the loop enforces itself
 # an input that always requires grad, so backward (which trains the remote experts) runs even when
 # neither x nor the gate needs a gradient
 _DUMMY = torch.empty(0, requires_grad=True)
@@ -138,7 +137,7 @@ class _RemoteExpertCalls(torch.autograd.Function):
             rows_np = np.asarray(rows, dtype=np.int64)
             request, expected = router.build(uid, rows_np)
             dispatch.add_job(uid, expert.endpoints, rows_np, np.asarray(slots, dtype=np.int64), request, expected)
-        layer.swarm.run(dispatch.run(), timeout=plan.deadline - time.monotonic() + _BRIDGE_GRACE)
+        layer.swarm.run(dispatch.run(), timeout=plan.deadline - time.monotonic() + BRIDGE_GRACE)
 
         outputs = torch.zeros(n, k, d, dtype=torch.float32)  # (N, k, D)
         for job in dispatch.jobs:
@@ -204,7 +203,7 @@ class _RemoteExpertCalls(torch.autograd.Function):
             dispatch.add_job(uid, (endpoint,), rows, slots, request, (TensorSpec((len(rows), d), "float32"),),
                              assign=used)
         if dispatch.jobs:
-            layer.swarm.run(dispatch.run(), timeout=layer.backward_timeout + _BRIDGE_GRACE)
+            layer.swarm.run(dispatch.run(), timeout=layer.backward_timeout + BRIDGE_GRACE)
         grad_x = torch.zeros(n, d, dtype=torch.float32)  # (N, D)
         for job in dispatch.jobs:
             if job.tensors is not None:

@@ -24,12 +24,13 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from dmoe.client.remote_call import BACKWARD, FORWARD, TensorSpec, build_request, map_rpc_error
-from dmoe.client.swarm import Swarm
+from dmoe.client.swarm import BRIDGE_GRACE, Swarm
+from dmoe.config.client import MoEOptions
 from dmoe.errors import BadAnswer
 from dmoe.wire.codec import check_compression, serialize_tensors
 from dmoe.wire.proto import expert_pb2 as pb
 
-_BRIDGE_GRACE = 2.0
+_DEFAULTS = MoEOptions()  # the same call deadlines as RemoteMixtureOfExperts
 _DUMMY = torch.empty(0, requires_grad=True)  # backward must run (it trains the expert) even for leaf inputs
 _default_swarm: Swarm | None = None
 _default_lock = threading.Lock()
@@ -51,8 +52,8 @@ class RemoteExpert(nn.Module):
         endpoint: str,
         *,
         swarm: Swarm | None = None,
-        forward_timeout: float = 10.0,
-        backward_timeout: float = 20.0,
+        forward_timeout: float = _DEFAULTS.forward_timeout,
+        backward_timeout: float = _DEFAULTS.backward_timeout,
         compression: str = "",
     ) -> None:
         super().__init__()
@@ -87,7 +88,7 @@ class RemoteExpert(nn.Module):
             raise BadAnswer(f"{self.endpoint} answered Info without expert {self.uid}", uid=self.uid,
                             endpoint=self.endpoint)
 
-        return self.swarm.run(_info(), timeout=timeout + _BRIDGE_GRACE)
+        return self.swarm.run(_info(), timeout=timeout + BRIDGE_GRACE)
 
     def output_specs(self, rows: int) -> tuple[TensorSpec, ...]:
         return tuple(
@@ -117,7 +118,7 @@ class _RemoteExpertFunction(torch.autograd.Function):
         _, outputs = expert.swarm.run(
             expert.swarm.call((expert.endpoint,), request, method=FORWARD, deadline=deadline, expected=expected,
                               retry=False),
-            timeout=expert.forward_timeout + _BRIDGE_GRACE,
+            timeout=expert.forward_timeout + BRIDGE_GRACE,
         )
         ctx.expert = expert
         ctx.wire_inputs = wire_inputs
@@ -137,7 +138,7 @@ class _RemoteExpertFunction(torch.autograd.Function):
         _, grads = expert.swarm.run(
             expert.swarm.call((expert.endpoint,), request, method=BACKWARD, deadline=deadline, expected=expected,
                               retry=False),
-            timeout=expert.backward_timeout + _BRIDGE_GRACE,
+            timeout=expert.backward_timeout + BRIDGE_GRACE,
         )
         grad_inputs = [
             g.to(device=device, dtype=dtype) if ctx.needs_input_grad[2 + i] else None

@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _SWARM = SwarmOptions()
+BRIDGE_GRACE = 2.0  # seconds a caller thread waits past a deadline the loop enforces itself (Swarm.run)
 _MIN_ATTEMPT = 0.005  # seconds: below this there is no point starting another replica attempt
 _NO_BAN_STATUSES = ("INVALID_ARGUMENT",)  # our request was bad: another node would say the same
 _LIVE_SWARMS: weakref.WeakSet[Swarm] = weakref.WeakSet()

@@ -227,7 +227,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
     """Keeps epilog examples as written and shows every default that says something."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.required or action.default in (None, [], False) or isinstance(action.default, bool):
+        default = action.default
+        if action.required or default is None or isinstance(default, bool) or default == []:
             return action.help
         return super()._get_help_string(action)
 

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from dmoe.config import non_negative_float, option, positive_float
 from dmoe.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -57,11 +58,16 @@ PARTITION_MODES = ("blackhole", "refuse")
 class LinkModel:
     """One node's home line. Rates in Mbit/s (``math.inf`` = unshaped), times in ms."""
 
-    up_mbit: float = 20.0
-    down_mbit: float = 100.0
-    latency_ms: float = 20.0
-    jitter_ms: float = 0.0
-    drop_prob: float = 0.0
+    up_mbit: float = option(20.0, parse=positive_float)
+    """upload rate from the node (its reply traffic), Mbit/s"""
+    down_mbit: float = option(100.0, parse=positive_float)
+    """download rate to the node (its request traffic), Mbit/s"""
+    latency_ms: float = option(20.0, parse=non_negative_float)
+    """one-way latency, ms"""
+    jitter_ms: float = option(0.0, parse=non_negative_float)
+    """latency standard deviation, ms"""
+    drop_prob: float = option(0.0, parse=non_negative_float)
+    """probability per second that all connections are reset"""
 
     def __post_init__(self) -> None:
         for name in ("up_mbit", "down_mbit"):
@@ -376,24 +382,18 @@ def _parse_hostport(text: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dmoe.config import make_parser, non_negative_float, port_number, positive_float, setup_logging
+    from dmoe.config import add_options, make_parser, options_from, port_number, setup_logging
 
     parser = make_parser("python -m dmoe.sim.links", "Shaping TCP proxy: one emulated home link in front of HOST:PORT.")
     parser.add_argument("--listen", type=port_number, required=True, help="port to listen on (0 = any free port)")
     parser.add_argument("--listen-host", default="0.0.0.0", help="address to listen on")
     parser.add_argument("--target", required=True, help="HOST:PORT the traffic is forwarded to")
-    parser.add_argument("--up-mbit", type=positive_float, default=20.0, help="upload rate from the target, Mbit/s")
-    parser.add_argument("--down-mbit", type=positive_float, default=100.0, help="download rate to the target, Mbit/s")
-    parser.add_argument("--latency-ms", type=non_negative_float, default=20.0, help="one-way latency, ms")
-    parser.add_argument("--jitter-ms", type=non_negative_float, default=0.0, help="latency std deviation, ms")
-    parser.add_argument("--drop-prob", type=non_negative_float, default=0.0,
-                        help="probability per second that all connections are reset")
+    add_options(parser, LinkModel, title="link")
     parser.add_argument("--seed", type=int, default=None, help="seed of the jitter/drop random generator")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     try:
-        model = LinkModel(up_mbit=args.up_mbit, down_mbit=args.down_mbit, latency_ms=args.latency_ms,
-                          jitter_ms=args.jitter_ms, drop_prob=args.drop_prob)
+        model = options_from(LinkModel, args)
         target = _parse_hostport(args.target)
     except ConfigError as e:
         print(f"dmoe.sim.links: {e}", file=sys.stderr)

@@ -45,7 +45,7 @@ from typing import Any
 from dmoe.config import COMPRESSIONS, MoEOptions, NodeConfig, default_of
 from dmoe.config.train import DataOptions, ModelConfig, TrainOptions
 from dmoe.errors import ConfigError
-from dmoe.sim.links import PARTITION_MODES
+from dmoe.sim.links import PARTITION_MODES, LinkModel
 
 DEPARTURE_KINDS = ("crash", "leave", "freeze")
 EVENT_ACTIONS = ("crash", "leave", "freeze", "partition", "link")
@@ -102,7 +102,7 @@ Value = float | Distribution  # a link parameter: the same for every node, or dr
 
 # Scenario defaults are the defaults of the processes they run (``dmoe.config``): a scenario file
 # that wants something else says so, and why, next to the value.
-_MODEL, _MOE, _TRAIN, _DATA = ModelConfig(), MoEOptions(), TrainOptions(), DataOptions()
+_MODEL, _MOE, _TRAIN, _DATA, _LINK = ModelConfig(), MoEOptions(), TrainOptions(), DataOptions(), LinkModel()
 
 
 @dataclass(frozen=True)
@@ -154,13 +154,18 @@ class TrainerSpec:
 
 @dataclass(frozen=True)
 class LinkSpec:
-    """Per-node link parameters; each a number or a distribution drawn once per node."""
+    """Per-node link parameters; each a number or a distribution drawn once per node.
 
-    up_mbit: Value = 20.0
-    down_mbit: Value = 100.0
+    Rates and drops default to ``LinkModel``'s; latency and jitter do not: a scenario that says
+    nothing about its links still gets home lines that differ from node to node (10-50 ms one way,
+    2 ms jitter), since identical lines would hide what uneven ones do.
+    """
+
+    up_mbit: Value = _LINK.up_mbit
+    down_mbit: Value = _LINK.down_mbit
     latency_ms: Value = field(default_factory=lambda: Distribution("uniform", {"low": 10.0, "high": 50.0}))
     jitter_ms: Value = 2.0
-    drop_prob: Value = 0.0
+    drop_prob: Value = _LINK.drop_prob
 
 
 @dataclass(frozen=True)
