@@ -1,6 +1,8 @@
 """ExpertServicer: the grpc.aio implementation of ``dmoe.ExpertService`` (proto/expert.proto).
 
 Every call goes: size limit -> uid lookup -> decode tensors -> schema check -> queue -> reply.
+Decoding, the NaN scan and stream reassembly of payloads from ``OFF_LOOP_BYTES`` on run in a
+worker thread, so one client's megabytes never stall the loop every other client's calls need.
 Each refusal becomes a gRPC status with a message naming the problem:
 
 =====================================  ====================
@@ -20,11 +22,13 @@ serialized ``ExpertRequest`` into ``Chunk`` messages, the reply comes back the s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+import torch
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.batching import BACKWARD, FORWARD, BatchScheduler
 from dmoe.node.metrics import NodeMetrics
@@ -32,7 +36,7 @@ from dmoe.node.validation import RpcFailure, batch_signature, check_request, inv
 from google.protobuf.message import DecodeError
 
 from dmoe.errors import WireFormatError
-from dmoe.wire.codec import check_compression, deserialize_tensor, iter_chunks, payload_bytes
+from dmoe.wire.codec import OFF_LOOP_BYTES, check_compression, deserialize_tensor, iter_chunks, payload_bytes
 from dmoe.wire.proto import expert_pb2 as pb
 from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
 
@@ -104,13 +108,10 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         n_expected = len(backend.schema.inputs) + (len(backend.schema.outputs) if kind == BACKWARD else 0)
         if len(request.tensors) != n_expected:
             check_request(backend.schema, [None] * len(request.tensors), backward=kind == BACKWARD)  # raises
-        tensors = []
-        for i, msg in enumerate(request.tensors):
-            try:
-                tensors.append(deserialize_tensor(msg, max_elements=self.max_elements))
-            except WireFormatError as e:
-                raise invalid(f"tensor {i}: {e}", "malformed") from None
-        rows = check_request(backend.schema, tensors, backward=kind == BACKWARD)
+        if size < OFF_LOOP_BYTES:  # a thread hop costs more than decoding a few KB
+            tensors, rows = self._decode(backend, kind, request)
+        else:  # megabytes to decode and scan for NaN: off the loop, which every other caller needs
+            tensors, rows = await asyncio.to_thread(self._decode, backend, kind, request)
         self.metrics.bytes_in.labels(kind).inc(size)
         reply_tensors = await self.scheduler.submit(
             request.uid, kind, tensors, rows=rows, signature=batch_signature(tensors),
@@ -118,6 +119,16 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         )
         self.metrics.bytes_out.labels(kind).inc(payload_bytes(reply_tensors))
         return pb.ExpertReply(tensors=reply_tensors)
+
+    def _decode(self, backend: ExpertBackend, kind: str, request: pb.ExpertRequest) -> tuple[list[torch.Tensor], int]:
+        """Decode and check a request's tensors against the expert's schema; (tensors, rows) or RpcFailure."""
+        tensors = []
+        for i, msg in enumerate(request.tensors):
+            try:
+                tensors.append(deserialize_tensor(msg, max_elements=self.max_elements))
+            except WireFormatError as e:
+                raise invalid(f"tensor {i}: {e}", "malformed") from None
+        return tensors, check_request(backend.schema, tensors, backward=kind == BACKWARD)
 
     def _reject(self, method: str, uid: str, failure: RpcFailure, peer: str) -> None:
         self.metrics.rejections.labels(failure.reason).inc()
@@ -157,14 +168,13 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                         f"streamed request exceeds --max-request-mb {self.max_request_bytes / 2**20:g}",
                         reason="too_large",
                     )
-            request = pb.ExpertRequest()
-            try:
-                request.ParseFromString(bytes(buffer))
+            try:  # streamed requests are large by definition: parse them off the loop
+                request = await asyncio.to_thread(pb.ExpertRequest.FromString, bytes(buffer))
             except DecodeError as e:
                 raise invalid(f"malformed streamed ExpertRequest: {e}", "malformed") from None
             uid = request.uid
             reply = await self._handle(kind, request, context.time_remaining())
-            for chunk in iter_chunks(reply.SerializeToString()):
+            for chunk in iter_chunks(await asyncio.to_thread(reply.SerializeToString)):
                 yield chunk
         except RpcFailure as failure:
             status = failure.code.name

@@ -223,7 +223,9 @@ def test_replica_pair_loses_nothing_then_all_gone(swarm, victims):
     step(layer, x)
     step(layer, x)  # both replicas measured
 
-    preferred = swarm.health.order(endpoints)[0]  # the replica the next calls try first
+    preferred = swarm.health.order(endpoints)[0]
+    for _ in range(20):  # make it the clear favourite: the first attempt is drawn by 1 / wait**2
+        swarm.health.record_success(preferred, 1e-4)
     pair[endpoints.index(preferred)].kill()
     retries = swarm.stats["retries"]
     y, elapsed = step(layer, x)

@@ -10,19 +10,21 @@ When to stop waiting
   arrive. Once every token is settled the dispatch waits at most ``timeout_after_k_min`` more
   for the remaining jobs, and never past ``deadline``.
 * A job is *stuck* when its endpoint has made no progress -- no answer to any job of this
-  dispatch -- for longer than ``timeout_after_k_min`` and than twice the latency it could be
-  expected to have (the fastest answer of this dispatch, or the endpoint's recent RTT EWMA),
-  counted from when the attempt began; and in any case once half the time to the deadline has
-  passed without progress, so that a fallback still has the other half. A backward compares only
-  with this dispatch's answers (``rtt_reference=False``): the RTT EWMA mostly measures forwards,
-  which are several times faster than a backward with its recompute and optimizer step. A node that works
-  through a queue keeps answering and is not stuck; a frozen or partitioned one is. A stuck job
-  no longer holds anybody back; it keeps running in case it answers, and is cancelled when the
+  dispatch -- for longer than ``stuck_factor`` times the slow case of *that endpoint's own*
+  latency for this method (``PeerHealth.expected``: its mean scaled by the rows the job carries,
+  plus four deviations), and never before ``stuck_floor``; and in any case once half the time to
+  the deadline has passed without progress, so that a fallback still has the other half. A node
+  that is merely slower than the others is judged by its own pace, never by the fastest peer's:
+  slow is not stuck. An endpoint never measured (its first call) is judged by the halfway rule
+  only. A node that works through a queue keeps answering and is not stuck, and an answer from an
+  endpoint clears the stuck mark of its other jobs; a frozen or partitioned one is stuck. A stuck
+  job no longer holds anybody back; it keeps running in case it answers, and is cancelled when the
   dispatch ends.
 * Cancelled at the end: a stuck job, or any job still running at the deadline, bans its
-  endpoint (``Swarm.penalize``); a job cancelled only because enough answers arrived is
-  counted as ``late`` and not banned. This is what keeps a SIGSTOPped node from stalling a step
-  until the deadline, and from being called again in the next step.
+  endpoint (``Swarm.penalize``), once per endpoint and dispatch however many of its jobs were
+  open (one incident); a job cancelled only because every token already had its answers is
+  ``late``: not a failure, not banned. This is what keeps a SIGSTOPped node from stalling a step
+  until the deadline, and from being called again in the next step (until a probe finds it back).
 
 Rerouting (forward only)
 ------------------------
@@ -76,6 +78,7 @@ class Job:
     error: ExpertCallError | None = None
     stuck: bool = False
     late: bool = False  # cancelled only because every token had enough answers (not a failure)
+    same_incident: bool = False  # abandoned with its endpoint's other jobs: counted once, with the first
 
     @property
     def open(self) -> bool:
@@ -102,7 +105,7 @@ class Router(Protocol):
 @dataclass
 class DispatchStats:
     reroutes: int = 0  # tokens rerouted
-    stuck: int = 0  # jobs declared stuck
+    stuck: int = 0  # endpoints declared stuck (one incident each, whatever the number of their jobs)
     abandoned: int = 0  # jobs cancelled when the dispatch ended
 
 
@@ -120,7 +123,6 @@ class Dispatch:
         retry: bool,
         router: Router | None = None,
         detect_stuck: bool = True,
-        rtt_reference: bool = True,
     ) -> None:
         self.swarm = swarm
         self.method = method
@@ -130,7 +132,6 @@ class Dispatch:
         self.retry = retry
         self.router = router
         self.detect_stuck = detect_stuck
-        self.rtt_reference = rtt_reference  # the endpoint's RTT EWMA is a fair latency reference
         self.jobs: list[Job] = []
         self.slot_job = np.full((num_tokens, num_slots), -1, dtype=np.int64)  # (N, k)
         self.slot_ok = np.zeros((num_tokens, num_slots), dtype=bool)  # (N, k)
@@ -139,7 +140,6 @@ class Dispatch:
         self.exhausted = np.zeros(num_tokens, dtype=bool)  # rerouting found nothing more
         self.suspects: set[str] = set()  # endpoints of stuck jobs: avoided when rerouting
         self.stats = DispatchStats()
-        self._fastest: float | None = None
         self._last_answer: dict[str, float] = {}  # endpoint -> when it last answered in this dispatch
         self._started = time.monotonic()
         self._retry_at = 0.0  # no reroute before this (after a search that could not finish its lookups)
@@ -172,7 +172,7 @@ class Dispatch:
         job.started = time.monotonic()
         job.task = asyncio.get_running_loop().create_task(
             self.swarm.call(job.endpoints, job.request, method=self.method, deadline=self.deadline,
-                            expected=job.expected, retry=self.retry, progress=job.progress)
+                            expected=job.expected, retry=self.retry, progress=job.progress, rows=len(job.rows))
         )
 
     def _finish(self, job: Job) -> None:
@@ -183,11 +183,14 @@ class Dispatch:
         except ExpertCallError as e:
             job.error = e
             return
-        latency = job.finished - job.progress.started
-        self._fastest = latency if self._fastest is None else min(self._fastest, latency)
         self._last_answer[job.endpoint] = job.finished
         mine = self.used(job.index)
         self.slot_ok[job.rows[mine], job.slots[mine]] = True
+        if job.endpoint in self.suspects:  # it answers after all: working through a queue, not stuck
+            self.suspects.discard(job.endpoint)
+            for other in self.jobs:
+                if other.open and other.stuck and other.progress.endpoint == job.endpoint:
+                    other.stuck = False
 
     def used(self, index: int) -> np.ndarray:
         """Bool per request row of job ``index``: its slot is still assigned to this job."""
@@ -261,21 +264,23 @@ class Dispatch:
         await self._cancel_open()
 
     def _stuck_at(self, job: Job) -> float | None:
-        """When ``job`` will be presumed stuck (``time.monotonic()``); None: no reference, never.
+        """When ``job`` will be presumed stuck (``time.monotonic()``); None: never.
 
-        Its endpoint must have made no progress (no answer in this dispatch) for longer than
-        ``timeout_after_k_min`` and than twice the expected latency, since the attempt began.
+        Its endpoint must have made no progress (no answer in this dispatch) since the attempt
+        began for ``stuck_factor`` x its own slow-case latency (at least ``stuck_floor``), or for
+        half the time left to the deadline when the endpoint was never measured.
         """
         endpoint = job.progress.endpoint
         if not self.detect_stuck or endpoint is None:
             return None
         since = max(job.progress.started, self._last_answer.get(endpoint, 0.0))
         halfway = self._started + 0.5 * (self.deadline - self._started)  # leave a fallback the other half
-        rtt = self.swarm.health.rtt(endpoint) if self.rtt_reference else None
-        references = [r for r in (rtt, self._fastest) if r is not None]
-        if not references:
+        health = self.swarm.health
+        own = health.expected(endpoint, self.method, len(job.rows), spread=4.0)
+        if own is None:
             return max(since, halfway)
-        return max(since, min(halfway, since + max(self.timeout_after_k_min, 2.0 * min(references))))
+        patience = max(health.options.stuck_floor, health.options.stuck_factor * own)
+        return max(since, min(halfway, since + patience))
 
     def _mark_stuck(self) -> None:
         now = time.monotonic()
@@ -286,8 +291,9 @@ class Dispatch:
             if stuck_at is not None and now >= stuck_at:
                 job.stuck = True
                 assert job.progress.endpoint is not None
+                if job.progress.endpoint not in self.suspects:
+                    self.stats.stuck += 1  # one incident per endpoint, however many of its jobs
                 self.suspects.add(job.progress.endpoint)
-                self.stats.stuck += 1
 
     async def _cancel_open(self) -> None:
         """Cancel what still runs: stuck calls and calls past the deadline ban their endpoint, late ones don't."""
@@ -298,6 +304,7 @@ class Dispatch:
         if open_jobs:
             await asyncio.gather(*(j.task for j in open_jobs if j.task is not None), return_exceptions=True)
         past_deadline = time.monotonic() >= self.deadline - 0.01
+        penalized: set[str] = set()
         for job in open_jobs:
             job.finished = time.monotonic()
             endpoint = job.progress.endpoint
@@ -305,7 +312,10 @@ class Dispatch:
             message = f"{self.method} of {job.uid} at {endpoint} abandoned ({why})"
             if why == "late" or endpoint is None:
                 self.swarm.note_late(self.method)
+            elif endpoint in penalized:
+                job.same_incident = True  # the endpoint already answered for this dispatch
             else:
+                penalized.add(endpoint)
                 self.swarm.penalize(endpoint, self.method, why, message, started=job.progress.started)
             job.error = DeadlineExceeded(message, uid=job.uid, endpoint=endpoint or "")
             job.late = why == "late"
@@ -371,6 +381,8 @@ class CallSummary:
                 summary.answered += 1
             elif job.late:
                 summary.late += 1
+            elif job.same_incident:
+                continue
             else:
                 kind = job.error.kind if job.error is not None else "unknown"
                 summary.failures[kind] = summary.failures.get(kind, 0) + 1

@@ -23,6 +23,12 @@ LATE = Counter(
 )
 RETRIES = Counter("dmoe_client_retries_total", "Calls retried on another replica of the same expert", ["method"])
 BANS = Counter("dmoe_client_bans_total", "Endpoints banned after a failure")
+HEDGES = Counter(
+    "dmoe_client_hedges_total", "Hedged calls: second requests sent to another replica (sent), and those that won",
+    ["method", "outcome"],
+)
+PROBES = Counter("dmoe_client_probes_total", "Pings to banned endpoints (sent) and bans they lifted (recovered)",
+                 ["outcome"])
 CALL_SECONDS = Histogram(
     "dmoe_client_call_seconds", "Latency of successful expert calls, seconds", ["method"], buckets=_LATENCY_BUCKETS
 )

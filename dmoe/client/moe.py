@@ -188,7 +188,7 @@ class _RemoteExpertCalls(torch.autograd.Function):
         dispatch = Dispatch(
             layer.swarm, method=BACKWARD, num_tokens=n, num_slots=layer.k_best, need=wait_for,
             deadline=started + layer.backward_timeout, timeout_after_k_min=layer.timeout_after_k_min,
-            retry=False, router=None, rtt_reference=False,
+            retry=False, router=None,
         )
         grad = grad_outputs.detach().to("cpu", torch.float32)  # (N, k, D)
         for uid, endpoint, rows, slots, used, forward_request in plan.answered:

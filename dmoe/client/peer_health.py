@@ -1,20 +1,36 @@
-"""Per-endpoint health as seen by one client: recent round-trip time and bans.
+"""Per-endpoint health as seen by one client: its own latency, its load, and bans.
 
-* **RTT** is an exponentially weighted moving average of successful call latencies (request sent
-  to reply decoded, so it includes the node's queueing and compute: what a caller actually waits).
-  Replicas of an expert are tried in order of lowest EWMA; an endpoint never measured sorts first,
-  so a new replica gets explored once instead of starving behind a measured one.
-* **Bans.** A failed call (unreachable, deadline, rejected, garbage, or given up on as stuck by
-  ``dmoe.client.dispatch``) bans the endpoint for ``ban_base`` seconds;
-  every further consecutive failure doubles the ban (capped at ``ban_max``); one success clears
-  the ban and resets the doubling. Failures of calls that were already in flight when the ban
-  began belong to the same incident and do not double it (a crashed node fails all its
-  concurrent calls at once: that is one failure, not eight). Callers skip banned endpoints when
-  they have a choice and try them anyway when they do not (see ``order``).
+Volunteers sit on slow, uneven home links, so every judgement here is made against the
+endpoint's *own* record, never against the fastest peer:
 
+* **Latency**, per endpoint and method (a backward carries a recompute and an optimizer step, so
+  it is judged against backwards): an EWMA of successful call latencies (request sent to reply
+  decoded: what a caller actually waits), an EWMA of their deviation (Jacobson's estimator, as
+  TCP uses for its retransmission timer) and an EWMA of the rows per call. ``expected(endpoint,
+  method, rows, spread)`` is ``mean * max(1, rows / usual rows) + spread * deviation``: with
+  ``spread`` 2 about the 95th percentile (when a call is hedged), with 4 the slow case (the stuck
+  rule of ``dmoe.client.dispatch`` waits ``stuck_factor`` times that, never under ``stuck_floor``).
+  A call that lost a hedge race is a censored sample: its elapsed time is a lower bound, folded in
+  with ``record_slow`` so ordering learns, without any ban.
+* **Load** is what the node announced (queued batches, from the DHT record or a Ping) plus the
+  calls this client has in flight to it.
+* **Choice of replica** (``choose``): an endpoint never measured goes first (so a new replica is
+  explored, and unmeasured ones are taken least loaded first, ties broken by a per-client random
+  salt rather than by name, so trainers spread their first calls). Otherwise the first attempt is
+  drawn with weight ``1 / wait**2``, where ``wait = mean * (1 + load)``: a replica twice as slow
+  gets a quarter of the calls, never none, so it keeps its measurement fresh and contributes its
+  compute, and no fastest replica is herded by every trainer at once. Retries follow in order of
+  ``wait`` (``order``).
+* **Bans.** A failed call (unreachable, deadline, rejected, garbage, or given up on as stuck)
+  bans the endpoint for ``ban_base`` seconds; every further consecutive failure doubles the ban
+  (capped at ``ban_max``); one success clears the ban and resets the doubling. Failures of calls
+  already in flight when the ban began belong to the same incident and do not double it (a crashed
+  node fails all its concurrent calls at once: one failure, not eight). A node that was banned for
+  not answering (stuck, deadline, unreachable) is probed by the ``Swarm`` with a cheap Ping;
+  ``probe_answered`` lifts such a ban, so a recovered node is back before its ban can grow. Bans
+  for wrong answers are not lifted by a Ping.
 * **Seen alive.** The time of the last answer is kept: an endpoint that answered a moment ago is
-  alive whatever the DHT says, which lets expert lookups ride out a DHT that briefly serves
-  stale or late records (see ``dmoe.client.beam_search``).
+  alive whatever the DHT says (see ``dmoe.client.prefix_table``).
 
 Written from the asyncio loop thread, read from torch threads (beam search): a lock keeps the
 small state consistent.
@@ -22,39 +38,103 @@ small state consistent.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import random
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 from dmoe.config.client import HealthOptions
+
+LIVENESS_FAILURES = frozenset({"stuck", "deadline", "unreachable"})  # what a Ping answer disproves
+
+
+@dataclass
+class _Latency:
+    mean: float
+    deviation: float
+    rows: float
 
 
 @dataclass
 class _Peer:
-    rtt: float | None = None
+    latency: dict[str, _Latency] = field(default_factory=dict)  # by method
     failures: int = 0  # consecutive incidents
     banned_until: float = 0.0
     banned_since: float = float("-inf")  # when the current ban (incident) began
     last_failure_kind: str = ""
     last_success: float = float("-inf")  # when it last answered (same clock)
+    announced_load: float = 0.0  # queued batches, as the node last said
+    in_flight: int = 0  # this client's calls to it right now
+    answers: int = 0  # successful calls, ever
 
 
 class PeerHealth:
-    def __init__(self, options: HealthOptions | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        options: HealthOptions | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
         self.options = options or HealthOptions()
         self._clock = clock
+        self._rng = rng or random.Random(int.from_bytes(os.urandom(8), "little"))
+        self._salt = self._rng.getrandbits(64).to_bytes(8, "little")
         self._peers: dict[str, _Peer] = {}
         self._lock = threading.Lock()
 
-    def record_success(self, endpoint: str, latency: float) -> None:
+    def _peer(self, endpoint: str) -> _Peer:
+        peer = self._peers.get(endpoint)
+        if peer is None:
+            peer = self._peers[endpoint] = _Peer()
+        return peer
+
+    # ---- observations ----
+
+    def _observe(self, peer: _Peer, method: str, latency: float, rows: int | None) -> None:
+        o = self.options
+        stats = peer.latency.get(method)
+        if stats is None:
+            peer.latency[method] = _Latency(latency, latency / 2, float(rows or 1))
+            return
+        stats.deviation = (1 - o.rtt_beta) * stats.deviation + o.rtt_beta * abs(latency - stats.mean)
+        stats.mean = (1 - o.rtt_alpha) * stats.mean + o.rtt_alpha * latency
+        if rows:
+            stats.rows = (1 - o.rtt_alpha) * stats.rows + o.rtt_alpha * rows
+
+    def record_success(self, endpoint: str, latency: float, *, method: str = "forward",
+                       rows: int | None = None) -> None:
         with self._lock:
-            peer = self._peers.setdefault(endpoint, _Peer())
-            alpha = self.options.rtt_alpha
-            peer.rtt = latency if peer.rtt is None else (1 - alpha) * peer.rtt + alpha * latency
+            peer = self._peer(endpoint)
+            self._observe(peer, method, latency, rows)
+            peer.answers += 1
             peer.failures = 0
             peer.banned_until = 0.0
             peer.last_success = self._clock()
+
+    def record_slow(self, endpoint: str, elapsed: float, *, method: str = "forward", rows: int | None = None) -> None:
+        """A call cancelled after ``elapsed`` seconds without failing (it lost a hedge race): at least that slow."""
+        with self._lock:
+            peer = self._peer(endpoint)
+            stats = peer.latency.get(method)
+            if stats is None or elapsed > stats.mean:
+                self._observe(peer, method, elapsed, rows)
+
+    def note_load(self, endpoint: str, load: float) -> None:
+        with self._lock:
+            self._peer(endpoint).announced_load = max(0.0, float(load))
+
+    def call_started(self, endpoint: str) -> None:
+        with self._lock:
+            self._peer(endpoint).in_flight += 1
+
+    def call_ended(self, endpoint: str) -> None:
+        with self._lock:
+            peer = self._peer(endpoint)
+            peer.in_flight = max(0, peer.in_flight - 1)
 
     def record_failure(self, endpoint: str, kind: str, *, started: float | None = None) -> float:
         """Ban ``endpoint``; returns the new ban's duration in seconds, 0.0 if the ban is unchanged.
@@ -63,7 +143,7 @@ class PeerHealth:
         was imposed is part of that incident and leaves the ban as it is.
         """
         with self._lock:
-            peer = self._peers.setdefault(endpoint, _Peer())
+            peer = self._peer(endpoint)
             peer.last_failure_kind = kind
             now = self._clock()
             if started is not None and started < peer.banned_since and peer.failures:
@@ -74,10 +154,31 @@ class PeerHealth:
             peer.banned_since = now
             return duration
 
+    def probe_answered(self, endpoint: str, load: float | None = None) -> bool:
+        """A Ping answered: lift a ban for not answering (True if one was lifted)."""
+        with self._lock:
+            peer = self._peer(endpoint)
+            if load is not None:
+                peer.announced_load = max(0.0, float(load))
+            if peer.banned_until <= self._clock() or peer.last_failure_kind not in LIVENESS_FAILURES:
+                return False
+            peer.banned_until = 0.0
+            peer.failures = 0
+            return True
+
+    # ---- judgements ----
+
     def is_banned(self, endpoint: str) -> bool:
         with self._lock:
             peer = self._peers.get(endpoint)
             return peer is not None and peer.banned_until > self._clock()
+
+    def needs_probe(self, endpoint: str) -> bool:
+        """Banned for not answering: a Ping may show it is back."""
+        with self._lock:
+            peer = self._peers.get(endpoint)
+            return (peer is not None and peer.banned_until > self._clock()
+                    and peer.last_failure_kind in LIVENESS_FAILURES)
 
     def answered_within(self, endpoint: str, seconds: float) -> bool:
         """True if ``endpoint`` answered in the last ``seconds`` and is not banned since."""
@@ -88,22 +189,67 @@ class PeerHealth:
             now = self._clock()
             return now - peer.last_success <= seconds and peer.banned_until <= now
 
-    def rtt(self, endpoint: str) -> float | None:
+    def rtt(self, endpoint: str, method: str = "forward") -> float | None:
+        """Mean latency of ``method`` calls to ``endpoint`` (None: never measured)."""
         with self._lock:
             peer = self._peers.get(endpoint)
-            return None if peer is None else peer.rtt
+            stats = peer.latency.get(method) if peer is not None else None
+            return None if stats is None else stats.mean
+
+    def expected(self, endpoint: str, method: str = "forward", rows: int | None = None, *,
+                 spread: float = 4.0) -> float | None:
+        """``mean * max(1, rows / usual rows) + spread * deviation`` of the endpoint's own calls; None if unmeasured."""
+        with self._lock:
+            peer = self._peers.get(endpoint)
+            stats = peer.latency.get(method) if peer is not None else None
+            if stats is None:
+                return None
+            scale = max(1.0, (rows or 0) / stats.rows) if stats.rows > 0 else 1.0
+            return stats.mean * scale + spread * stats.deviation
+
+    def _wait(self, peer: _Peer | None) -> float | None:
+        stats = peer.latency.get("forward") if peer is not None else None
+        if stats is None:
+            return None
+        return stats.mean * (1.0 + peer.announced_load + peer.in_flight)
+
+    def _salted(self, endpoint: str) -> bytes:
+        return hashlib.blake2b(endpoint.encode(), key=self._salt, digest_size=8).digest()
 
     def order(self, endpoints: Iterable[str]) -> list[str]:
-        """Unbanned endpoints first, each group by lowest RTT EWMA (unmeasured first), then by name."""
+        """Unbanned endpoints first; unmeasured ones first (least loaded, then salted), then by expected wait."""
         now = self._clock()
         with self._lock:
-            def key(endpoint: str) -> tuple[bool, float, str]:
+            def key(endpoint: str) -> tuple[bool, bool, float, bytes]:
                 peer = self._peers.get(endpoint)
-                if peer is None:
-                    return False, 0.0, endpoint
-                return peer.banned_until > now, peer.rtt if peer.rtt is not None else 0.0, endpoint
+                banned = peer is not None and peer.banned_until > now
+                wait = self._wait(peer)
+                if wait is None:
+                    load = (peer.announced_load + peer.in_flight) if peer is not None else 0.0
+                    return banned, False, load, self._salted(endpoint)
+                return banned, True, wait, self._salted(endpoint)
 
             return sorted(dict.fromkeys(endpoints), key=key)
+
+    def choose(self, endpoints: Sequence[str]) -> list[str]:
+        """``order``, except that the first attempt among measured, unbanned replicas is drawn by ``1 / wait**2``."""
+        ordered = self.order(endpoints)
+        now = self._clock()
+        with self._lock:
+            peers = [self._peers.get(e) for e in ordered]
+            candidates = []
+            for endpoint, peer in zip(ordered, peers, strict=True):
+                if peer is not None and peer.banned_until > now:
+                    break  # banned ones come last in `order`
+                wait = self._wait(peer)
+                if wait is None:
+                    return ordered  # explore the unmeasured one first
+                candidates.append((endpoint, wait))
+        if len(candidates) < 2:
+            return ordered
+        weights = [1.0 / max(wait, 1e-6) ** 2 for _, wait in candidates]
+        first = self._rng.choices([e for e, _ in candidates], weights=weights)[0]
+        return [first, *(e for e in ordered if e != first)]
 
     def banned(self) -> dict[str, float]:
         """Currently banned endpoints -> seconds of ban left."""
@@ -114,12 +260,17 @@ class PeerHealth:
     def snapshot(self) -> dict[str, dict[str, float | int | str | None]]:
         now = self._clock()
         with self._lock:
-            return {
-                ep: {
-                    "rtt": p.rtt,
+            out: dict[str, dict[str, float | int | str | None]] = {}
+            for ep, p in self._peers.items():
+                forward = p.latency.get("forward")
+                out[ep] = {
+                    "rtt": forward.mean if forward else None,
+                    "deviation": forward.deviation if forward else None,
+                    "load": p.announced_load,
+                    "in_flight": p.in_flight,
+                    "answers": p.answers,
                     "failures": p.failures,
                     "banned_for": max(0.0, p.banned_until - now),
                     "last_failure": p.last_failure_kind,
                 }
-                for ep, p in self._peers.items()
-            }
+            return out

@@ -59,11 +59,13 @@ class PrefixTable:
     def __init__(
         self, registry: ExpertRegistry, options: LookupOptions, stats: Any, *,
         vouch: Callable[[str, float], bool] | None = None,
+        on_endpoints: Callable[[list[tuple[str, float]]], None] | None = None,
     ) -> None:
         self.registry = registry
         self.options = options
         self.stats = stats
         self.vouch = vouch  # (endpoint, window) -> it answered within the window and has not failed since
+        self.on_endpoints = on_endpoints  # told every (endpoint, announced load) a lookup returned
         self._cache: dict[str, _CacheEntry] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
 
@@ -145,6 +147,9 @@ class PrefixTable:
                     self._distrust(p)
                     continue
                 self._cache[p] = _CacheEntry(done, children)
+            if self.on_endpoints is not None:
+                seen = {e.endpoint: e.load for children in found.values() for eps in children.values() for e in eps}
+                self.on_endpoints(list(seen.items()))
 
     def _listed_by_parent(self, prefix: str, now: float) -> bool:
         """True if the fresh cached parent of ``prefix`` lists its coordinate with an unexpired endpoint."""

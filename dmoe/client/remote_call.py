@@ -8,7 +8,9 @@
   TCP connection stays open can never hold the caller past ``timeout`` (+ a small grace).
 * **Validation.** An answer is accepted only if it decodes, has the expected number of tensors,
   shapes (``-1`` = any size) and dtypes, and holds no NaN/Inf. Anything else is ``BadAnswer``:
-  the caller treats it exactly like a node that did not answer.
+  the caller treats it exactly like a node that did not answer. Replies of ``OFF_LOOP_BYTES`` or
+  more are reassembled, decoded and checked in a worker thread, so the loop keeps serving the
+  other calls' answers (a blocked loop would make *their* nodes look stuck).
 * **Errors.** ``DEADLINE_EXCEEDED`` / asyncio timeout -> ``DeadlineExceeded``; ``UNAVAILABLE``
   (refused, reset) -> ``NodeUnreachable``; any other status -> ``RequestRejected`` carrying the
   status name (``RESOURCE_EXHAUSTED``, ``INVALID_ARGUMENT``...). Cancellation by the caller is
@@ -26,7 +28,14 @@ import torch
 from google.protobuf.message import DecodeError
 
 from dmoe.errors import BadAnswer, DeadlineExceeded, ExpertCallError, NodeUnreachable, RequestRejected, WireFormatError
-from dmoe.wire.codec import MAX_UNARY_BYTES, deserialize_tensors, has_non_finite, iter_chunks, payload_bytes
+from dmoe.wire.codec import (
+    MAX_UNARY_BYTES,
+    OFF_LOOP_BYTES,
+    deserialize_tensors,
+    has_non_finite,
+    iter_chunks,
+    payload_bytes,
+)
 from dmoe.wire.proto import expert_pb2 as pb
 from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
 
@@ -69,7 +78,8 @@ async def call_expert(
                 rpc = stub.ForwardStream if method == FORWARD else stub.BackwardStream
                 call = rpc(iter_chunks(request.SerializeToString()), timeout=timeout)
                 parts = [chunk.payload async for chunk in call]
-                reply = pb.ExpertReply.FromString(b"".join(parts))
+                # reassembling megabytes is real work: off the loop, which other calls' answers need
+                reply = await asyncio.to_thread(lambda: pb.ExpertReply.FromString(b"".join(parts)))
     except TimeoutError:
         raise DeadlineExceeded(
             f"{method} of {uid} at {endpoint} got no answer within {timeout:.2f}s", uid=uid, endpoint=endpoint
@@ -80,7 +90,9 @@ async def call_expert(
         raise BadAnswer(
             f"{method} of {uid} at {endpoint}: undecodable reply ({e})", uid=uid, endpoint=endpoint
         ) from None
-    return check_answer(reply, method=method, uid=uid, endpoint=endpoint, expected=expected)
+    if payload_bytes(reply.tensors) < OFF_LOOP_BYTES:  # a thread hop costs more than decoding a few KB
+        return check_answer(reply, method=method, uid=uid, endpoint=endpoint, expected=expected)
+    return await asyncio.to_thread(check_answer, reply, method=method, uid=uid, endpoint=endpoint, expected=expected)
 
 
 def map_rpc_error(e: grpc.aio.AioRpcError, *, method: str, uid: str, endpoint: str, timeout: float) -> ExpertCallError:

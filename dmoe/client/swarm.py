@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -39,7 +40,7 @@ from dmoe.client import metrics
 from dmoe.client.peer_health import PeerHealth
 from dmoe.client.prefix_table import PrefixTable
 from dmoe.client.remote_call import TensorSpec, call_expert
-from dmoe.config.client import HealthOptions, LookupOptions, SwarmOptions
+from dmoe.config.client import HealthOptions, HedgeOptions, LookupOptions, SwarmOptions
 from dmoe.dht.access import DHTAccess, InLoopDHT, ProcessDHT
 from dmoe.dht.registry import ExpertRegistry
 from dmoe.errors import DeadlineExceeded, DmoeError, ExpertCallError
@@ -74,6 +75,10 @@ class SwarmStats:
     failures: Counter[str] = field(default_factory=Counter)  # by failure kind
     late: Counter[str] = field(default_factory=Counter)  # by method: cancelled once enough answers were in
     retries: int = 0
+    hedges: int = 0  # second requests sent to another replica of a slow call
+    hedge_wins: int = 0  # ... that answered first
+    probes: int = 0  # Pings to banned endpoints
+    recovered: int = 0  # bans lifted because a probe answered
     bans: int = 0
     lookups: int = 0  # DHT prefix keys fetched
     lookup_batches: int = 0
@@ -100,11 +105,15 @@ class Swarm:
         dht_kwargs: dict[str, Any] | None = None,
         health: HealthOptions | None = None,
         lookup: LookupOptions | None = None,
+        hedge: HedgeOptions | None = None,
         max_channels: int = _SWARM.max_channels,
         start_timeout: float = _SWARM.start_timeout,
         _dht: hivemind.DHT | None = None,
     ) -> None:
         self.health = PeerHealth(health)
+        self.hedge = hedge or HedgeOptions()
+        self._hedge_tokens = self.hedge.burst
+        self._probes: dict[str, asyncio.Task[None]] = {}
         self.stats_counters = SwarmStats()
         self.lookup_options = lookup or LookupOptions()
         self.max_channels = max_channels
@@ -135,7 +144,7 @@ class Swarm:
         self.dht = dht
         self.registry = ExpertRegistry(dht)
         self.prefixes = PrefixTable(self.registry, self.lookup_options, self.stats_counters,
-                                    vouch=self.health.answered_within)
+                                    vouch=self.health.answered_within, on_endpoints=self._found_endpoints)
 
     @classmethod
     def from_dht(cls, dht: hivemind.DHT, **kwargs: Any) -> Swarm:
@@ -189,6 +198,25 @@ class Swarm:
             asyncio.get_running_loop().create_task(old.close(grace=None))
         return stub
 
+    def _found_endpoints(self, found: Sequence[tuple[str, float]]) -> None:
+        """Expert lookups saw these (endpoint, announced load): note the loads, connect to new endpoints.
+
+        Connecting ahead (TCP + HTTP/2 set-up through a home link is a few round trips) keeps that
+        cost out of the first call, which would otherwise look slow through no fault of the node.
+        """
+        for endpoint, load in found:
+            self.health.note_load(endpoint, load)
+            if endpoint not in self._channels and len(self._channels) < self.max_channels:
+                self.stub(endpoint)
+                channel = self._channels[endpoint][0]
+                asyncio.get_running_loop().create_task(self._connect(channel))
+
+    @staticmethod
+    async def _connect(channel: grpc.aio.Channel) -> None:
+        with contextlib.suppress(Exception):  # best effort: the first call connects anyway
+            channel.get_state(try_to_connect=True)
+            await asyncio.wait_for(channel.channel_ready(), 10.0)
+
     async def call(
         self,
         endpoints: Sequence[str],
@@ -199,54 +227,119 @@ class Swarm:
         expected: Sequence[TensorSpec] | None = None,
         retry: bool = True,
         progress: CallProgress | None = None,
+        rows: int | None = None,
     ) -> tuple[str, list[torch.Tensor]]:
-        """Call one expert; on failure retry its other replicas (lowest RTT first) until ``deadline``.
+        """Call one expert: a replica chosen by ``PeerHealth.choose``, others on failure, a hedge when slow.
 
         ``deadline`` is a ``time.monotonic()`` instant. Returns (endpoint that answered, tensors);
         raises the last ``ExpertCallError`` if none answered. Each attempt gets an equal share of
-        the time left, so one frozen replica cannot eat the time of the others. ``progress``
-        shows the caller which endpoint is being tried (to judge a call it cancels).
+        the time left, so one frozen replica cannot eat the time of the others. With ``retry``
+        (forward) and another replica at hand, an attempt still running after the 95th percentile
+        of the best replica's own latency is hedged: the same request goes to the next replica, the
+        first answer wins and the other call is cancelled, within the ``HedgeOptions`` budget.
+        ``progress`` shows the caller which endpoint is being tried (to judge a call it cancels).
         """
-        order = self.health.order(endpoints) if retry else list(endpoints[:1])
+        order = self.health.choose(endpoints) if retry else list(endpoints[:1])
+        queue = list(order)
+        attempts: dict[asyncio.Task[list[torch.Tensor]], tuple[str, float]] = {}
         last_error: ExpertCallError | None = None
-        for i, endpoint in enumerate(order):
-            remaining = deadline - time.monotonic()
-            if remaining < _MIN_ATTEMPT:
-                break
-            if progress is not None:
-                progress.endpoint, progress.started = endpoint, time.monotonic()
-            if i > 0:
-                self.stats_counters.retries += 1
-                metrics.RETRIES.labels(method).inc()
-            self.stats_counters.calls[method] += 1
-            metrics.CALLS.labels(method).inc()
-            started = time.monotonic()
-            try:
-                tensors = await call_expert(
-                    self.stub(endpoint),
-                    request,
-                    method=method,
-                    endpoint=endpoint,
-                    timeout=remaining / (len(order) - i),
-                    expected=expected,
-                )
-            except ExpertCallError as e:
-                self._failed(endpoint, method, e.kind, str(e), ban=getattr(e, "status", "") not in _NO_BAN_STATUSES,
-                             started=started)
-                last_error = e
-                continue
-            # asyncio.CancelledError propagates untouched: the caller stopped waiting and judges
-            # whether this endpoint was stuck (penalize) or merely later than needed
-            latency = time.monotonic() - started
-            self.health.record_success(endpoint, latency)
-            self.stats_counters.answers[method] += 1
-            metrics.CALL_SECONDS.labels(method).observe(latency)
-            return endpoint, tensors
+        hedged: str | None = None  # the endpoint a hedge went to
+        tried = 0  # attempts started after a failure or not: retries are those after the first
+        self._hedge_tokens = min(self.hedge.burst, self._hedge_tokens + self.hedge.budget)
+        try:
+            while True:
+                if not attempts:
+                    if not queue or deadline - time.monotonic() < _MIN_ATTEMPT:
+                        break
+                    self._start_attempt(queue.pop(0), request, method=method, deadline=deadline,
+                                        share=len(queue) + 1, expected=expected, progress=progress,
+                                        attempts=attempts, retry=tried > 0)
+                    tried += 1
+                # every attempt ends by itself (its own timeout), so only a hedge is worth waking for
+                hedge_at = self._hedge_at(attempts, order, queue, method, rows) if retry and not hedged else None
+                timeout = None if hedge_at is None else max(0.0, hedge_at - time.monotonic())
+                done, _ = await asyncio.wait(attempts, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not done:  # the hedge delay passed
+                    hedged = queue[0]
+                    self._hedge_tokens -= 1.0
+                    self.stats_counters.hedges += 1
+                    metrics.HEDGES.labels(method, "sent").inc()
+                    self._start_attempt(queue.pop(0), request, method=method, deadline=deadline,
+                                        share=len(queue) + 1, expected=expected, progress=progress,
+                                        attempts=attempts, retry=False)
+                    continue
+                for task in done:
+                    endpoint, started = attempts.pop(task)
+                    try:
+                        tensors = task.result()
+                    except ExpertCallError as e:
+                        self._failed(endpoint, method, e.kind, str(e),
+                                     ban=getattr(e, "status", "") not in _NO_BAN_STATUSES, started=started)
+                        last_error = e
+                        continue
+                    latency = time.monotonic() - started
+                    self.health.record_success(endpoint, latency, method=method, rows=rows)
+                    self.stats_counters.answers[method] += 1
+                    metrics.CALL_SECONDS.labels(method).observe(latency)
+                    if attempts:  # a hedge race: the other attempt lost, which says it is at least that slow
+                        if endpoint == hedged:
+                            self.stats_counters.hedge_wins += 1
+                            metrics.HEDGES.labels(method, "won").inc()
+                        for other, (other_endpoint, other_started) in attempts.items():
+                            other.cancel()
+                            self.health.record_slow(other_endpoint, time.monotonic() - other_started, method=method,
+                                                    rows=rows)
+                    return endpoint, tensors
+        finally:
+            for task in attempts:  # cancelled by our caller, or a hedge race ended: stop what still runs
+                task.cancel()
+            if attempts:
+                await asyncio.gather(*attempts, return_exceptions=True)
         if last_error is not None:
             raise last_error
         raise DeadlineExceeded(
             f"no time left to call {request.uid} (endpoints: {', '.join(order) or 'none'})", uid=request.uid
         )
+
+    def _start_attempt(
+        self, endpoint: str, request: pb.ExpertRequest, *, method: str, deadline: float, share: int,
+        expected: Sequence[TensorSpec] | None, progress: CallProgress | None,
+        attempts: dict[asyncio.Task[list[torch.Tensor]], tuple[str, float]], retry: bool,
+    ) -> None:
+        started = time.monotonic()
+        if progress is not None:
+            progress.endpoint, progress.started = endpoint, started
+        if retry:
+            self.stats_counters.retries += 1
+            metrics.RETRIES.labels(method).inc()
+        self.stats_counters.calls[method] += 1
+        metrics.CALLS.labels(method).inc()
+        task = asyncio.get_running_loop().create_task(self._attempt(
+            endpoint, request, method=method, timeout=(deadline - started) / share, expected=expected))
+        attempts[task] = (endpoint, started)
+
+    async def _attempt(self, endpoint: str, request: pb.ExpertRequest, *, method: str, timeout: float,
+                       expected: Sequence[TensorSpec] | None) -> list[torch.Tensor]:
+        self.health.call_started(endpoint)
+        try:
+            return await call_expert(self.stub(endpoint), request, method=method, endpoint=endpoint,
+                                     timeout=timeout, expected=expected)
+        finally:
+            self.health.call_ended(endpoint)
+
+    def _hedge_at(self, attempts: dict[asyncio.Task[list[torch.Tensor]], tuple[str, float]], order: Sequence[str],
+                  queue: Sequence[str], method: str, rows: int | None) -> float | None:
+        """When the single running attempt should be hedged (``time.monotonic()``); None: not at all."""
+        if not self.hedge.enabled or len(attempts) != 1 or not queue or self._hedge_tokens < 1.0:
+            return None
+        if self.health.is_banned(queue[0]):
+            return None
+        # the 95th percentile of the best replica's own latency: the class this request belongs to
+        estimates = [e for e in (self.health.expected(ep, method, rows, spread=2.0) for ep in order) if e is not None]
+        if not estimates:
+            return None
+        (_, started), = attempts.values()
+        return started + max(self.hedge.min_delay, min(estimates))
 
     def penalize(self, endpoint: str, method: str, kind: str, message: str, *, started: float | None = None) -> None:
         """A call the caller gave up on was stuck (no progress while others answered): count and ban."""
@@ -270,8 +363,35 @@ class Swarm:
             self.stats_counters.bans += 1
             metrics.BANS.inc()
             logger.info("%s; banning %s for %.1fs", message, endpoint, duration)
+            self._probe_later(endpoint)
         else:
             logger.debug("%s (same incident, already banned)", message)
+
+    def _probe_later(self, endpoint: str) -> None:
+        """Ping a node banned for not answering until it answers (ban lifted) or the ban runs out."""
+        task = self._probes.get(endpoint)
+        if task is not None and not task.done():
+            return
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing to probe from
+            self._probes[endpoint] = asyncio.get_running_loop().create_task(self._probe(endpoint))
+
+    async def _probe(self, endpoint: str) -> None:
+        options = self.health.options
+        while self.health.needs_probe(endpoint):
+            await asyncio.sleep(options.probe_interval)
+            if not self.health.needs_probe(endpoint):
+                break
+            self.stats_counters.probes += 1
+            metrics.PROBES.labels("sent").inc()
+            try:
+                reply = await self.stub(endpoint).Ping(pb.PingRequest(), timeout=options.probe_timeout)
+            except (grpc.aio.AioRpcError, TimeoutError):
+                continue
+            if self.health.probe_answered(endpoint, load=reply.load):
+                self.stats_counters.recovered += 1
+                metrics.PROBES.labels("recovered").inc()
+                logger.info("%s answered a probe: ban lifted", endpoint)
+            break
 
     # ---- introspection ----
 
@@ -284,6 +404,10 @@ class Swarm:
             "failures": dict(s.failures),
             "late": dict(s.late),
             "retries": s.retries,
+            "hedges": s.hedges,
+            "hedge_wins": s.hedge_wins,
+            "probes": s.probes,
+            "recovered": s.recovered,
             "bans": s.bans,
             "banned": self.health.banned(),
             "lookups": s.lookups,
@@ -307,6 +431,8 @@ class Swarm:
     # ---- shutdown ----
 
     async def _close(self) -> None:
+        for task in self._probes.values():
+            task.cancel()
         channels = [channel for channel, _ in self._channels.values()]
         self._channels.clear()
         await asyncio.gather(*(c.close(grace=None) for c in channels), return_exceptions=True)

@@ -7,8 +7,9 @@ lines) and the defaults of simulation scenarios (``dmoe.sim.scenario``). Where a
 demo deliberately differs from a default, its TOML file says so and why.
 
 =====================  ==========================================================================
-``client``             ``MoEOptions`` (the gating layer's calls), ``HealthOptions`` (bans, RTT),
-                       ``LookupOptions`` (DHT cache), ``SwarmOptions``
+``client``             ``MoEOptions`` (the gating layer's calls), ``HealthOptions`` (latency, stuck
+                       rule, bans, probes), ``HedgeOptions``, ``LookupOptions`` (DHT cache),
+                       ``SwarmOptions``
 ``node``               ``NodeConfig`` (``dmoe node``), ``BatchingOptions``, ``OptimizerOptions``
 ``train``              ``ModelConfig``, ``TrainOptions``, ``DataOptions``, ``TrainSwarmOptions``,
                        ``CollabOptions`` (``dmoe train``)
@@ -21,7 +22,7 @@ This package is the base of every plane: it imports nothing of dmoe but ``dmoe.e
 
 from __future__ import annotations
 
-from dmoe.config.client import COMPRESSIONS, HealthOptions, LookupOptions, MoEOptions, SwarmOptions
+from dmoe.config.client import COMPRESSIONS, HealthOptions, HedgeOptions, LookupOptions, MoEOptions, SwarmOptions
 from dmoe.config.coordinator import CoordinatorOptions
 from dmoe.config.flags import (
     add_options,
@@ -49,6 +50,7 @@ __all__ = [
     "CoordinatorOptions",
     "DataOptions",
     "HealthOptions",
+    "HedgeOptions",
     "LookupOptions",
     "ModelConfig",
     "MoEOptions",

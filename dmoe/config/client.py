@@ -46,7 +46,32 @@ class HealthOptions:
     ban_max: float = option(300.0, cli=False)
     """cap of the doubling ban, seconds"""
     rtt_alpha: float = option(0.3, cli=False)
-    """EWMA weight of the newest latency sample"""
+    """EWMA weight of the newest latency sample (per endpoint and method)"""
+    rtt_beta: float = option(0.3, cli=False)
+    """EWMA weight of the newest latency deviation (the spread an endpoint's own latency has)"""
+    stuck_factor: float = option(3.0, cli=False)
+    """a call is stuck when its endpoint made no progress for this many times its own slow-case latency
+    (mean + 4 deviations, scaled by the rows the call carries)"""
+    stuck_floor: float = option(1.0, cli=False)
+    """seconds without progress below which no call is ever called stuck"""
+    probe_interval: float = option(2.0, cli=False)
+    """seconds between cheap Ping probes of a banned endpoint (a recovered node comes back at the first answer)"""
+    probe_timeout: float = option(1.0, cli=False)
+    """seconds a probe waits for its answer"""
+
+
+@dataclass(frozen=True)
+class HedgeOptions:
+    """Hedged calls ("The Tail at Scale"): a slow call is also sent to another replica, the first answer wins."""
+
+    enabled: bool = option(True, cli=False)
+    """hedge forward calls of replicated experts"""
+    budget: float = option(0.1, cli=False)
+    """extra calls hedging may add, as a share of all calls (a token bucket refilled by every call)"""
+    burst: float = option(4.0, cli=False)
+    """hedges that may be spent at once when the bucket is full"""
+    min_delay: float = option(0.005, cli=False)
+    """seconds: never hedge a call younger than this"""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from dmoe.config.client import COMPRESSIONS as CHOICES
 from dmoe.errors import WireFormatError
 from dmoe.wire.proto import expert_pb2 as pb
 
@@ -29,11 +30,15 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-COMPRESSIONS = ("", "none", "float16", "bfloat16")
+COMPRESSIONS = ("", *CHOICES)  # "" is how "none" travels
 
 # One gRPC message carries at most this much tensor payload; bigger requests/replies use the
 # *Stream RPCs, cut into CHUNK_BYTES pieces. Both sides allow MAX_MESSAGE_BYTES per message.
 MAX_UNARY_BYTES = 2 * 1024 * 1024
+# payloads from this size on are decoded and checked in a worker thread, never on an event loop: a
+# loop busy scanning megabytes looks like a stuck node to everyone it serves; below it the thread
+# hop (~50 us) costs more than the work
+OFF_LOOP_BYTES = 64 * 1024
 CHUNK_BYTES = 1024 * 1024
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 GRPC_OPTIONS = [
