@@ -24,6 +24,12 @@ full training step (forward + backward) is timed with default settings; hivemind
 up after ``--freeze-cap`` seconds (reported as ">cap"), then the server is resumed. For dmoe the
 step right after (frozen node now banned) is timed too.
 
+Hedging (dmoe only): two ``dmoe node`` processes serve the *same* 16 experts (replicas); one of
+them sits behind an emulated home link (``python -m dmoe.sim.links``, ``--slow-link-ms`` one way),
+so it is slow but healthy. The same training steps run once with hedged calls disabled and once
+enabled (``dmoe.config.HedgeOptions``); reported: forward and step p50/p95 and the extra calls
+hedging spent.
+
 Prints a table and writes JSON. Figures depend on the machine and its other load.
 """
 
@@ -119,6 +125,85 @@ def run_dmoe(*, hidden: int, batches: list[int], warmup: int, repeats: int, logs
     finally:
         for proc in nodes:
             proc.stop(timeout=20)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    xs = sorted(values)
+    return xs[min(len(xs) - 1, max(0, int(round(q * len(xs))) - 1))] if xs else float("nan")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_hedging(*, hidden: int, batch: int, steps: int, warmup: int, link_ms: float, logs: Path) -> dict[str, Any]:
+    """One replica of two behind a slow (not broken) link: steps with and without hedged calls."""
+    from dmoe import RemoteMixtureOfExperts, Swarm
+    from dmoe.config import HedgeOptions
+    from dmoe.ready import parse_ready
+    from dmoe.sim.launcher import DmoeProcess
+
+    experts = "hd.[0:4].[0:4]"
+    base = ["--experts", experts, "--hidden-dim", str(hidden), "--host", "127.0.0.1", "--log-level", "WARNING"]
+    fast = DmoeProcess("node", [*base, "--port", "0"], name="hedge_fast", log_path=logs / "hedge_fast.log").start()
+    inner, outer = _free_port(), _free_port()
+    link = subprocess.Popen([sys.executable, "-m", "dmoe.sim.links", "--listen", str(outer), "--listen-host",
+                             "127.0.0.1", "--target", f"127.0.0.1:{inner}", "--latency-ms", str(link_ms),
+                             "--jitter-ms", "2", "--up-mbit", "20", "--down-mbit", "100"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    slow = None
+    try:
+        for line in link.stdout:  # type: ignore[union-attr]
+            if parse_ready(line):
+                break
+        peers = fast.wait_ready(120)["dht"]
+        slow = DmoeProcess("node", [*base, "--port", str(inner), "--announce-port", str(outer),
+                                    "--initial-peers", *peers], name="hedge_slow",
+                           log_path=logs / "hedge_slow.log").start()
+        slow.wait_ready(120)
+        results = {}
+        for mode in ("off", "on"):
+            with Swarm(initial_peers=peers, hedge=HedgeOptions(enabled=mode == "on")) as swarm:
+                layer = RemoteMixtureOfExperts(in_features=hidden, grid_size=GRID, uid_prefix="hd", swarm=swarm,
+                                               k_best=K_BEST)
+                forward, step = [], []
+                for i in range(warmup + steps):
+                    x = torch.randn(batch, hidden, requires_grad=True)
+                    t0 = time.perf_counter()
+                    y = layer(x)
+                    t1 = time.perf_counter()
+                    (y.pow(2).mean() + 0.01 * layer.aux_loss).backward()
+                    t2 = time.perf_counter()
+                    if i == warmup - 1:
+                        calls_before, hedges_before = sum(swarm.stats["calls"].values()), swarm.stats["hedges"]
+                        wins_before = swarm.stats["hedge_wins"]
+                    if i >= warmup:
+                        forward.append(t1 - t0)
+                        step.append(t2 - t0)
+                stats = swarm.stats
+                calls = sum(stats["calls"].values()) - calls_before
+                hedges, wins = stats["hedges"] - hedges_before, stats["hedge_wins"] - wins_before
+                results[mode] = {
+                    "forward_p50": _median(forward), "forward_p95": _percentile(forward, 0.95),
+                    "step_p50": _median(step), "step_p95": _percentile(step, 0.95),
+                    "calls": calls, "hedges": hedges, "hedge_wins": wins,
+                    "extra_calls": hedges / max(1, calls - hedges), "failures": stats["failures"],
+                }
+                r = results[mode]
+                print(f"  hedging {mode}: forward p50 {r['forward_p50']:.4f}s p95 {r['forward_p95']:.4f}s, step p50 "
+                      f"{r['step_p50']:.4f}s p95 {r['step_p95']:.4f}s, {hedges} hedges ({wins} won) of {calls} calls",
+                      flush=True)
+        return {"link_ms": link_ms, "batch": batch, "steps": steps, **results}
+    finally:
+        for proc in (slow, fast):
+            if proc is not None:
+                proc.stop(timeout=20)
+        link.terminate()
+        link.wait(10)
 
 
 def _timed(fn: Callable[[], None], cap: float) -> float:
@@ -271,7 +356,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="measured steps per batch size (median)")
     parser.add_argument("--freeze-cap", type=float, default=120.0,
                         help="seconds to wait for hivemind's step with a frozen server before giving up")
-    parser.add_argument("--systems", default="dmoe,hivemind", help="which systems to run")
+    parser.add_argument("--systems", default="dmoe,hivemind,hedging", help="which parts to run")
+    parser.add_argument("--slow-link-ms", type=float, default=30.0,
+                        help="hedging: one-way latency of the slow replica's link, ms")
+    parser.add_argument("--hedge-steps", type=int, default=60, help="hedging: measured steps per mode")
     parser.add_argument("--out", default="runs/bench_moe_layer.json", help="JSON report path")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -290,6 +378,10 @@ def main() -> None:
             print("measuring dmoe ...", flush=True)
             report["dmoe"] = run_dmoe(hidden=args.hidden_dim, batches=batches, warmup=args.warmup,
                                       repeats=args.repeats, logs=logs)
+        if "hedging" in systems:
+            print("measuring hedging (one slow replica of two) ...", flush=True)
+            report["hedging"] = run_hedging(hidden=args.hidden_dim, batch=32, steps=args.hedge_steps,
+                                            warmup=args.warmup + 3, link_ms=args.slow_link_ms, logs=logs)
         if "hivemind" in systems:
             print("measuring hivemind ...", flush=True)
             report["hivemind"] = run_hivemind(hidden=args.hidden_dim, batches=batches, warmup=args.warmup,
@@ -321,6 +413,15 @@ def main() -> None:
             else f"> {f['cap']:.0f} s (still waiting, gave up)"
         print(f"  hivemind: {shown} (forward_timeout {f['settings']['forward_timeout']}, "
               f"timeout_after_k_min {f['settings']['timeout_after_k_min']})")
+    if "hedging" in report:
+        h = report["hedging"]
+        print(f"\nhedged calls: 2 replicas of every expert, one behind a {h['link_ms']:g} ms (one way) home link, "
+              f"batch {h['batch']}, {h['steps']} steps (seconds)")
+        print(f"{'hedging':>8} | {'forward p50':>11} {'p95':>7} | {'step p50':>8} {'p95':>7} | {'extra calls':>11}")
+        for mode in ("off", "on"):
+            r = h[mode]
+            print(f"{mode:>8} | {r['forward_p50']:>11.4f} {r['forward_p95']:>7.4f} | {r['step_p50']:>8.4f} "
+                  f"{r['step_p95']:>7.4f} | {100 * r['extra_calls']:>10.1f}%")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 
@@ -134,23 +135,33 @@ def test_dead_endpoint_is_unreachable_at_once(swarm):
 
 
 @pytest.mark.integration
-def test_frozen_node_hits_the_deadline(nodes, swarm):
+def test_frozen_node_hits_the_deadline_and_a_probe_brings_it_back(nodes):
     proc = nodes["good"]
-    expert = RemoteExpert("re.0", proc.ready["grpc"], swarm=swarm, forward_timeout=1.0)
-    expert.info()
-    proc.freeze()
-    try:
-        started = time.monotonic()
-        with pytest.raises(DeadlineExceeded):
-            expert(torch.randn(2, HIDDEN))
-        elapsed = time.monotonic() - started
-        assert 0.9 < elapsed < 2.0
-        assert swarm.health.is_banned(proc.ready["grpc"])
-    finally:
-        proc.resume()
-    expert.forward_timeout = 10.0
-    assert torch.isfinite(expert(torch.randn(2, HIDDEN))).all()  # served again after SIGCONT
-    assert not swarm.health.is_banned(proc.ready["grpc"])  # a success lifts the ban
+    endpoint = proc.ready["grpc"]
+    # a long first ban, so only a probe (not the ban running out) can lift it within this test
+    with Swarm(use_dht=False, health=HealthOptions(ban_base=60.0)) as swarm:
+        options = swarm.health.options
+        expert = RemoteExpert("re.0", endpoint, swarm=swarm, forward_timeout=1.0)
+        expert.info()
+        proc.freeze()
+        try:
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded):
+                expert(torch.randn(2, HIDDEN))
+            elapsed = time.monotonic() - started
+            assert 0.9 < elapsed < 2.0
+            assert swarm.health.is_banned(endpoint)
+            time.sleep(options.probe_interval + options.probe_timeout + 0.5)
+            assert swarm.health.is_banned(endpoint) and swarm.stats["probes"] >= 1  # probed, but still frozen
+        finally:
+            proc.resume()
+        # no call needed: a Ping probe finds the node back and lifts the ban
+        deadline = time.monotonic() + 2 * (options.probe_interval + options.probe_timeout) + 1.0
+        while swarm.health.is_banned(endpoint) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not swarm.health.is_banned(endpoint) and swarm.stats["recovered"] == 1
+        expert.forward_timeout = 10.0
+        assert torch.isfinite(expert(torch.randn(2, HIDDEN))).all()  # served again after SIGCONT
 
 
 def test_timeouts_must_be_finite():
@@ -208,3 +219,41 @@ def test_concurrent_failures_are_one_incident():
     assert [health.record_failure("n:1", "unreachable", started=t) for t in in_flight[1:]] == [0.0, 0.0]
     now[0] = 1.5
     assert health.record_failure("n:1", "unreachable", started=1.2) == 4.0  # tried again anyway: a repeat
+
+
+def test_replicas_are_chosen_by_expected_wait_and_slow_ones_keep_a_share():
+    health = PeerHealth(HealthOptions(rtt_alpha=1.0, rtt_beta=1.0), rng=random.Random(0))
+    assert health.choose(["new:1"]) == ["new:1"]
+    health.record_success("fast:1", 0.01)
+    health.record_success("slow:1", 0.03)  # three times slower
+    assert health.choose(["fast:1", "slow:1", "new:1"])[0] == "new:1"  # never measured: explored first
+    firsts = [health.choose(["fast:1", "slow:1"])[0] for _ in range(4000)]
+    share = firsts.count("slow:1") / len(firsts)
+    assert 0.06 < share < 0.14  # weight 1 / wait**2: (1/9) / (1 + 1/9) = 10 %, never none
+    health.note_load("fast:1", 3.0)  # four batches queued there: now the slower one waits less
+    assert health.choose(["fast:1", "slow:1"]).count("slow:1") == 1
+    assert sum(health.choose(["fast:1", "slow:1"])[0] == "slow:1" for _ in range(1000)) > 500
+    health.record_failure("slow:1", "stuck")
+    assert health.choose(["fast:1", "slow:1"]) == ["fast:1", "slow:1"]  # banned: last, never drawn first
+
+
+def test_expected_latency_is_the_endpoints_own_and_scales_with_rows():
+    health = PeerHealth(HealthOptions(rtt_alpha=0.5, rtt_beta=0.5))
+    assert health.expected("a:1") is None  # unmeasured: no verdict at all
+    for latency in (0.10, 0.12, 0.08, 0.10):
+        health.record_success("a:1", latency, method="forward", rows=8)
+    mean, spread = health.rtt("a:1"), health.expected("a:1", rows=8, spread=1.0) - health.rtt("a:1")
+    assert 0.09 < mean < 0.11 and spread > 0
+    assert health.expected("a:1", rows=32, spread=0.0) == pytest.approx(4 * mean, rel=0.05)  # 4x the rows
+    assert health.expected("a:1", method="backward") is None  # judged per method
+    health.record_slow("a:1", 1.0)  # lost a hedge race after 1 s: at least that slow, not banned
+    assert health.rtt("a:1") > mean and not health.is_banned("a:1")
+
+
+def test_a_probe_lifts_only_bans_for_not_answering():
+    health = PeerHealth(HealthOptions(ban_base=60.0))
+    health.record_failure("frozen:1", "stuck")
+    health.record_failure("liar:1", "bad_answer")
+    assert health.needs_probe("frozen:1") and not health.needs_probe("liar:1")
+    assert health.probe_answered("frozen:1", load=0.5) and not health.is_banned("frozen:1")
+    assert not health.probe_answered("liar:1") and health.is_banned("liar:1")

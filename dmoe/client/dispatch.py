@@ -9,22 +9,22 @@ When to stop waiting
 * A token is *settled* when it has ``need`` answers, or when nothing it still waits for can
   arrive. Once every token is settled the dispatch waits at most ``timeout_after_k_min`` more
   for the remaining jobs, and never past ``deadline``.
-* A job is *stuck* when its endpoint has made no progress -- no answer to any job of this
-  dispatch -- for longer than ``stuck_factor`` times the slow case of *that endpoint's own*
-  latency for this method (``PeerHealth.expected``: its mean scaled by the rows the job carries,
-  plus four deviations), and never before ``stuck_floor``; and in any case once half the time to
-  the deadline has passed without progress, so that a fallback still has the other half. A node
-  that is merely slower than the others is judged by its own pace, never by the fastest peer's:
-  slow is not stuck. An endpoint never measured (its first call) is judged by the halfway rule
-  only. A node that works through a queue keeps answering and is not stuck, and an answer from an
-  endpoint clears the stuck mark of its other jobs; a frozen or partitioned one is stuck. A stuck
-  job no longer holds anybody back; it keeps running in case it answers, and is cancelled when the
-  dispatch ends.
-* Cancelled at the end: a stuck job, or any job still running at the deadline, bans its
-  endpoint (``Swarm.penalize``), once per endpoint and dispatch however many of its jobs were
-  open (one incident); a job cancelled only because every token already had its answers is
-  ``late``: not a failure, not banned. This is what keeps a SIGSTOPped node from stalling a step
-  until the deadline, and from being called again in the next step (until a probe finds it back).
+* A job is *suspected stuck* when its endpoint has made no progress -- no answer to any job of
+  this dispatch -- for ``stuck_factor`` times *that endpoint's own* 95th-percentile latency for
+  this method (``PeerHealth.expected``: its mean scaled by the rows the job carries, plus two
+  deviations), and never before ``timeout_after_k_min``; and in any case once half the time to
+  the deadline has passed without progress, so that a fallback still has the other half. An
+  endpoint never measured (its first call) is judged by the halfway rule only. A suspected job no
+  longer holds anybody back (its tokens may be rerouted); it keeps running in case it answers, and
+  an answer from its endpoint clears the suspicion of all its jobs.
+* Suspicion is not blame. A node that is merely slower than the others is judged by its own pace,
+  never by the fastest peer's, and even a suspected one is only *checked*: the ``Swarm`` sends it a
+  Ping (``Swarm.check_alive``, once per endpoint); a frozen or partitioned node does not answer and
+  is then banned as ``stuck`` (one incident), a slow or busy one answers and is not. So a frozen
+  node costs a step about ``timeout_after_k_min`` plus a short Ping, and the next steps nothing.
+* Cancelled at the end: a job still running at the deadline that was never suspected bans its
+  endpoint as ``deadline`` (once per endpoint and dispatch); the rest -- suspected jobs, and jobs
+  cancelled only because every token already had its answers -- are ``late``: not failures.
 
 Rerouting (forward only)
 ------------------------
@@ -105,7 +105,7 @@ class Router(Protocol):
 @dataclass
 class DispatchStats:
     reroutes: int = 0  # tokens rerouted
-    stuck: int = 0  # endpoints declared stuck (one incident each, whatever the number of their jobs)
+    stuck: int = 0  # endpoints suspected stuck (once each, whatever the number of their jobs), then checked
     abandoned: int = 0  # jobs cancelled when the dispatch ended
 
 
@@ -264,11 +264,11 @@ class Dispatch:
         await self._cancel_open()
 
     def _stuck_at(self, job: Job) -> float | None:
-        """When ``job`` will be presumed stuck (``time.monotonic()``); None: never.
+        """When ``job`` will be suspected stuck (``time.monotonic()``); None: never.
 
-        Its endpoint must have made no progress (no answer in this dispatch) since the attempt
-        began for ``stuck_factor`` x its own slow-case latency (at least ``stuck_floor``), or for
-        half the time left to the deadline when the endpoint was never measured.
+        Its endpoint must have made no progress (no answer in this dispatch) since the attempt began
+        for ``stuck_factor`` x its own p95 latency (at least ``timeout_after_k_min``), or for half the
+        time left to the deadline when the endpoint was never measured.
         """
         endpoint = job.progress.endpoint
         if not self.detect_stuck or endpoint is None:
@@ -276,10 +276,10 @@ class Dispatch:
         since = max(job.progress.started, self._last_answer.get(endpoint, 0.0))
         halfway = self._started + 0.5 * (self.deadline - self._started)  # leave a fallback the other half
         health = self.swarm.health
-        own = health.expected(endpoint, self.method, len(job.rows), spread=4.0)
+        own = health.expected(endpoint, self.method, len(job.rows), spread=2.0)
         if own is None:
             return max(since, halfway)
-        patience = max(health.options.stuck_floor, health.options.stuck_factor * own)
+        patience = max(self.timeout_after_k_min, health.options.stuck_factor * own)
         return max(since, min(halfway, since + patience))
 
     def _mark_stuck(self) -> None:
@@ -290,13 +290,25 @@ class Dispatch:
             stuck_at = self._stuck_at(job)
             if stuck_at is not None and now >= stuck_at:
                 job.stuck = True
-                assert job.progress.endpoint is not None
-                if job.progress.endpoint not in self.suspects:
-                    self.stats.stuck += 1  # one incident per endpoint, however many of its jobs
-                self.suspects.add(job.progress.endpoint)
+                endpoint = job.progress.endpoint
+                assert endpoint is not None
+                if endpoint not in self.suspects:
+                    self.stats.stuck += 1  # one suspicion per endpoint, however many of its jobs
+                    self.swarm.check_alive(endpoint, self.method, started=job.progress.started)
+                self.suspects.add(endpoint)
 
     async def _cancel_open(self) -> None:
-        """Cancel what still runs: stuck calls and calls past the deadline ban their endpoint, late ones don't."""
+        """Cancel what still runs: calls past the deadline ban their endpoint, late ones don't.
+
+        Suspected endpoints get their verdict first (the Ping sent when they were suspected), so
+        the next step does not call a frozen node again.
+        """
+        if self.suspects:
+            await self.swarm.checked(sorted(self.suspects), timeout=min(self.swarm.health.options.probe_timeout,
+                                                                         self.deadline - time.monotonic()))
+            for job in self.jobs:  # answers that arrived meanwhile are answers
+                if job.open and job.task is not None and job.task.done():
+                    self._finish(job)
         open_jobs = [j for j in self.jobs if j.open and j.task is not None]
         for job in open_jobs:
             assert job.task is not None
@@ -308,7 +320,8 @@ class Dispatch:
         for job in open_jobs:
             job.finished = time.monotonic()
             endpoint = job.progress.endpoint
-            why = "stuck" if job.stuck else "deadline" if past_deadline else "late"
+            # a suspected job is settled by the Swarm's liveness check, not here
+            why = "late" if job.stuck or not past_deadline else "deadline"
             message = f"{self.method} of {job.uid} at {endpoint} abandoned ({why})"
             if why == "late" or endpoint is None:
                 self.swarm.note_late(self.method)

@@ -6,12 +6,16 @@ One forward, for ``N`` tokens (``(B, T, D)`` inputs are ``B*T`` tokens routed in
    alive experts with batched DHT lookups (within ``search_timeout``, counted against
    ``forward_timeout``).
 2. Tokens are grouped per expert: one request per expert carrying all its rows; all experts are
-   called concurrently (``dmoe.client.dispatch``), each retried on its other replicas (lowest RTT
-   first) within the deadline. A failed, garbage or stuck call is no answer for its rows; a
-   token left short is rerouted to its next-best alive experts while time remains.
+   called concurrently (``dmoe.client.dispatch``). The replica is drawn by its expected wait
+   (its own latency, stretched by its load), retried on the others on failure and hedged on
+   another when it runs past the best replica's 95th percentile (``dmoe.client.swarm``). A
+   failed, garbage or stuck call is no answer for its rows; a token left short is rerouted to its
+   next-best alive experts while time remains. A call is stuck only when its node makes no
+   progress for several times *its own* usual latency: a slow volunteer is never a failure.
 3. Once every token has ``k_min`` answers (or can get no more), the layer waits at most
    ``timeout_after_k_min`` for the rest, never past ``forward_timeout``; calls still running
-   are cancelled and their endpoints banned (the ban doubles on repeated failures).
+   are cancelled: stuck ones ban their endpoint (the ban doubles on repeated failures; a Ping
+   probe lifts it once the node answers again), the others are merely *late*.
 4. ``combine_outputs``: softmax over the answered experts' logits, renormalized over them.
    A token with fewer than ``k_min`` answers raises ``NotEnoughExperts`` (naming the missing
    experts and the deadline), or becomes an exact zero row with ``allow_zero_outputs=True``.

@@ -8,8 +8,9 @@ endpoint's *own* record, never against the fastest peer:
   decoded: what a caller actually waits), an EWMA of their deviation (Jacobson's estimator, as
   TCP uses for its retransmission timer) and an EWMA of the rows per call. ``expected(endpoint,
   method, rows, spread)`` is ``mean * max(1, rows / usual rows) + spread * deviation``: with
-  ``spread`` 2 about the 95th percentile (when a call is hedged), with 4 the slow case (the stuck
-  rule of ``dmoe.client.dispatch`` waits ``stuck_factor`` times that, never under ``stuck_floor``).
+  ``spread`` 2 about the 95th percentile: a call is hedged past it, and suspected stuck past
+  ``stuck_factor`` times it (``dmoe.client.dispatch``; only a Ping left unanswered makes that a
+  failure).
   A call that lost a hedge race is a censored sample: its elapsed time is a lower bound, folded in
   with ``record_slow`` so ordering learns, without any ban.
 * **Load** is what the node announced (queued batches, from the DHT record or a Ping) plus the

@@ -22,8 +22,13 @@ again), and the fetch serves a stale entry of the child whose records are still 
 is one, else reports the prefix unanswered -- the search then says it is incomplete
 (``budget_exhausted``), and a reroute retries shortly instead of giving its tokens up. When the
 parent was the stale one (a node that just left: its tombstones are read at the child first), the
-re-read parent no longer lists the coordinate and the next search is complete again. (Records
-that lose entries inside hivemind itself are fixed at the source: ``dmoe.dht.patches``.)
+re-read parent no longer lists the coordinate and the next search is complete again. Likewise a
+grid's root record that comes back empty while the cached entry still holds
+records that are unexpired or whose endpoints answered lately is unanswered, not empty: when two
+of four DHT peers froze together, the root came back empty and a negative entry skipped every
+step for two seconds. (Only for a grid's root: a whole grid does not leave at once, while the last
+node of a row may.) (Records that lose entries inside hivemind itself are fixed at the source:
+``dmoe.dht.patches``.)
 """
 
 from __future__ import annotations
@@ -146,6 +151,10 @@ class PrefixTable:
                 if not children and self._listed_by_parent(p, done):
                     self._distrust(p)
                     continue
+                older = self._cache.get(p)
+                if not children and parent_cell(p) is None and older is not None and self._alive(older.children):
+                    self._doubt(p)  # a whole grid gone at once while its records are unexpired: a DHT hiccup
+                    continue
                 self._cache[p] = _CacheEntry(done, children)
             if self.on_endpoints is not None:
                 seen = {e.endpoint: e.load for children in found.values() for eps in children.values() for e in eps}
@@ -173,6 +182,17 @@ class PrefixTable:
         self.stats.lookup_failures += 1
         metrics.LOOKUP_FAILURES.inc()
         logger.info("DHT lookup of %r came back empty although %r lists it: treated as unanswered", prefix, parent[0])
+
+    def _doubt(self, prefix: str) -> None:
+        """An empty answer while our older entry still has unexpired (or lately answering) records: unanswered.
+
+        The older entry stays (its records expire on their own; endpoints that fail get banned), the
+        lookup counts as failed and the next search reads the prefix again.
+        """
+        self.stats.lookup_failures += 1
+        metrics.LOOKUP_FAILURES.inc()
+        logger.info("DHT lookup of %r came back empty while its records are still alive: treated as unanswered",
+                    prefix)
 
     def clear(self) -> None:
         self._cache.clear()

@@ -113,7 +113,8 @@ class Swarm:
         self.health = PeerHealth(health)
         self.hedge = hedge or HedgeOptions()
         self._hedge_tokens = self.hedge.burst
-        self._probes: dict[str, asyncio.Task[None]] = {}
+        self._probes: dict[str, asyncio.Task[None]] = {}  # banned endpoints being probed until they answer
+        self._checks: dict[str, asyncio.Task[None]] = {}  # liveness checks of endpoints suspected stuck
         self.stats_counters = SwarmStats()
         self.lookup_options = lookup or LookupOptions()
         self.max_channels = max_channels
@@ -367,6 +368,36 @@ class Swarm:
         else:
             logger.debug("%s (same incident, already banned)", message)
 
+    def check_alive(self, endpoint: str, method: str, *, started: float) -> None:
+        """A call to ``endpoint`` made no progress for long: Ping it; no answer bans it as stuck (one incident)."""
+        task = self._checks.get(endpoint)
+        if task is not None and not task.done():
+            return
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing to check from
+            self._checks[endpoint] = asyncio.get_running_loop().create_task(
+                self._check_alive(endpoint, method, started))
+
+    async def checked(self, endpoints: Sequence[str], timeout: float) -> None:
+        """Wait (at most ``timeout``) for the liveness checks of ``endpoints`` still running."""
+        tasks = [t for e in endpoints if (t := self._checks.get(e)) is not None and not t.done()]
+        if tasks and timeout > 0:
+            await asyncio.wait(tasks, timeout=timeout)
+
+    async def _check_alive(self, endpoint: str, method: str, started: float) -> None:
+        options = self.health.options
+        rtt = self.health.rtt(endpoint)
+        timeout = options.probe_timeout if rtt is None else min(options.probe_timeout, max(0.25, 4 * rtt))
+        self.stats_counters.probes += 1
+        metrics.PROBES.labels("sent").inc()
+        try:
+            reply = await self.stub(endpoint).Ping(pb.PingRequest(), timeout=timeout)
+        except (grpc.aio.AioRpcError, TimeoutError):
+            self._failed(endpoint, method, "stuck", f"{method} at {endpoint} made no progress and did not answer "
+                         f"a Ping within {timeout:.2f}s", started=started)
+            return
+        self.health.note_load(endpoint, reply.load)  # alive: slow or busy, not stuck
+        logger.debug("%s is slow but answers a Ping (load %.2f): not stuck", endpoint, reply.load)
+
     def _probe_later(self, endpoint: str) -> None:
         """Ping a node banned for not answering until it answers (ban lifted) or the ban runs out."""
         task = self._probes.get(endpoint)
@@ -431,7 +462,7 @@ class Swarm:
     # ---- shutdown ----
 
     async def _close(self) -> None:
-        for task in self._probes.values():
+        for task in (*self._probes.values(), *self._checks.values()):
             task.cancel()
         channels = [channel for channel, _ in self._channels.values()]
         self._channels.clear()

@@ -49,15 +49,15 @@ class HealthOptions:
     """EWMA weight of the newest latency sample (per endpoint and method)"""
     rtt_beta: float = option(0.3, cli=False)
     """EWMA weight of the newest latency deviation (the spread an endpoint's own latency has)"""
-    stuck_factor: float = option(3.0, cli=False)
-    """a call is stuck when its endpoint made no progress for this many times its own slow-case latency
-    (mean + 4 deviations, scaled by the rows the call carries)"""
-    stuck_floor: float = option(1.0, cli=False)
-    """seconds without progress below which no call is ever called stuck"""
+    stuck_factor: float = option(2.0, cli=False)
+    """a call is suspected stuck when its endpoint made no progress for this many times its own 95th-percentile
+    latency (mean + 2 deviations, scaled by the rows the call carries), and never before timeout_after_k_min: its
+    tokens stop waiting for it, and a Ping checks the node; only an unanswered Ping makes it a failure"""
     probe_interval: float = option(2.0, cli=False)
     """seconds between cheap Ping probes of a banned endpoint (a recovered node comes back at the first answer)"""
     probe_timeout: float = option(1.0, cli=False)
-    """seconds a probe waits for its answer"""
+    """seconds a probe waits for its answer (a liveness check waits 4 x the node's latency, within 0.25 s and
+    this)"""
 
 
 @dataclass(frozen=True)

@@ -150,8 +150,17 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
 
 
+def first_fault_time(run: RunData) -> float | None:
+    """Wall time of the first injected disruptive event (None: the run had none)."""
+    times = [float(e["t"]) for e in run.events if e.get("action") in DISRUPTIVE and e.get("cause") != "initial"]
+    return run.t0 + min(times) if times else None
+
+
 def trainer_summary(run: RunData, name: str) -> dict[str, Any]:
     steps = run.steps(name)
+    first_fault = first_fault_time(run)
+    before_fault = sum(sum(int(v) for v in (s.get("failures") or {}).values()) for s in steps
+                       if first_fault is None or s.get("time", math.inf) <= first_fault)
     records = run.trainers[name]
     stop = next((r for r in reversed(records) if r.get("type") == "stop"), None)
     start = next((r for r in records if r.get("type") == "start"), None)
@@ -185,6 +194,7 @@ def trainer_summary(run: RunData, name: str) -> dict[str, Any]:
         "final_train_loss": statistics.fmean(losses[-10:]) if losses else None,
         "failed_calls": dict(sorted(failures.items())),
         "failed_calls_total": sum(failures.values()),
+        "failed_calls_before_first_fault": before_fault,
         "step_time_median_s": statistics.median(step_times) if step_times else None,
         "step_time_p95_s": _percentile(step_times, 0.95),
         "stopped_by": stop.get("stopped_by") if stop else None,
@@ -245,6 +255,8 @@ def summarize(run: RunData) -> dict[str, Any]:
         "final_val_loss": _mean_or_none(t["final_val_loss"] for t in trainers.values()),
     }
     total["failed_calls_total"] = sum(total["failed_calls"].values())
+    total["failed_calls_before_first_fault"] = sum(t["failed_calls_before_first_fault"] for t in trainers.values())
+    first_fault = first_fault_time(run)
     return {
         "scenario": scenario.get("name"),
         "seed": run.run.get("seed"),
@@ -256,6 +268,7 @@ def summarize(run: RunData) -> dict[str, Any]:
         "events": dict(Counter(e["action"] for e in run.events if e.get("cause") != "initial"
                                and e.get("action") in (*DISRUPTIVE, *RETURNS))),
         "event_errors": [e for e in run.events if e.get("action") == "error"],
+        "first_fault_s": None if first_fault is None else round(first_fault - run.t0, 3),
         "k": k,
         "time_below_k_s": round(time_below(cuts, min_alive, k), 3) if min_alive else None,
         "time_some_expert_missing_s": round(time_below(cuts, min_alive, per_layer_total), 3)
@@ -288,7 +301,9 @@ def format_table(summary: dict[str, Any]) -> str:
     header = ("", *names)
     fields = [("steps", "steps", ""), ("skipped steps", "skipped", ""), ("tokens/s", "tokens_per_s", ",.0f"),
               ("final val loss", "final_val_loss", ".4f"), ("first val loss", "first_val_loss", ".4f"),
-              ("failed calls", "failed_calls_total", ""), ("step time p50 (s)", "step_time_median_s", ".3f"),
+              ("failed calls", "failed_calls_total", ""),
+              ("failed before 1st fault", "failed_calls_before_first_fault", ""),
+              ("step time p50 (s)", "step_time_median_s", ".3f"),
               ("step time p95 (s)", "step_time_p95_s", ".3f")]
     for label, key, spec in fields:
         rows.append((label, *(_fmt(summary["trainers"][n][key], spec) for n in names)))
@@ -301,6 +316,10 @@ def format_table(summary: dict[str, Any]) -> str:
                                                                                                   strict=True))))
     events = ", ".join(f"{n} {a}" for a, n in sorted(summary["events"].items())) or "none"
     lines.append(f"events: {events}")
+    first = summary.get("first_fault_s")
+    when = "none injected" if first is None else f"t={first:.1f} s"
+    lines.append(f"failed calls before the first injected fault ({when}): "
+                 f"{summary['total'].get('failed_calls_before_first_fault', 0)}")
     if kinds:
         lines.append("failed calls by kind: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
     lines.append(f"time with fewer than k={summary['k']} experts alive in a layer: "
