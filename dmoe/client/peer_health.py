@@ -13,12 +13,14 @@ endpoint's *own* record, never against the fastest peer:
   failure).
   A call that lost a hedge race is a censored sample: its elapsed time is a lower bound, folded in
   with ``record_slow`` so ordering learns, without any ban.
-* **Load** is what the node announced (queued batches, from the DHT record or a Ping) plus the
-  calls this client has in flight to it.
+* **Load** is what the node announced (queued batches, from the DHT record or a Ping): the work
+  of *all* its clients. This client's own calls in flight are counted too, but only to order
+  replicas nobody has measured yet; a measured mean already includes this client's usual
+  concurrency.
 * **Choice of replica** (``choose``): an endpoint never measured goes first (so a new replica is
   explored, and unmeasured ones are taken least loaded first, ties broken by a per-client random
   salt rather than by name, so trainers spread their first calls). Otherwise the first attempt is
-  drawn with weight ``1 / wait**2``, where ``wait = mean * (1 + load)``: a replica twice as slow
+  drawn with weight ``1 / wait**2``, where ``wait = mean * (1 + announced load)``: a replica twice as slow
   gets a quarter of the calls, never none, so it keeps its measurement fresh and contributes its
   compute, and no fastest replica is herded by every trainer at once. Retries follow in order of
   ``wait`` (``order``).
@@ -212,7 +214,9 @@ class PeerHealth:
         stats = peer.latency.get("forward") if peer is not None else None
         if stats is None:
             return None
-        return stats.mean * (1.0 + peer.announced_load + peer.in_flight)
+        # not stretched by this client's calls in flight: the mean was measured at this client's usual
+        # concurrency (a step sends all its calls at once), so counting them again would flatten every choice
+        return stats.mean * (1.0 + peer.announced_load)
 
     def _salted(self, endpoint: str) -> bytes:
         return hashlib.blake2b(endpoint.encode(), key=self._salt, digest_size=8).digest()

@@ -282,14 +282,13 @@ class Swarm:
                     self.health.record_success(endpoint, latency, method=method, rows=rows)
                     self.stats_counters.answers[method] += 1
                     metrics.CALL_SECONDS.labels(method).observe(latency)
-                    if attempts:  # a hedge race: the other attempt lost, which says it is at least that slow
-                        if endpoint == hedged:
-                            self.stats_counters.hedge_wins += 1
-                            metrics.HEDGES.labels(method, "won").inc()
-                        for other, (other_endpoint, other_started) in attempts.items():
-                            other.cancel()
-                            self.health.record_slow(other_endpoint, time.monotonic() - other_started, method=method,
-                                                    rows=rows)
+                    if endpoint == hedged:
+                        self.stats_counters.hedge_wins += 1
+                        metrics.HEDGES.labels(method, "won").inc()
+                    for other, (other_endpoint, other_started) in attempts.items():
+                        other.cancel()  # it lost the race, which says it is at least that slow (not a failure)
+                        self.health.record_slow(other_endpoint, time.monotonic() - other_started, method=method,
+                                                rows=rows)
                     return endpoint, tensors
         finally:
             for task in attempts:  # cancelled by our caller, or a hedge race ended: stop what still runs
