@@ -257,3 +257,17 @@ def test_a_probe_lifts_only_bans_for_not_answering():
     assert health.needs_probe("frozen:1") and not health.needs_probe("liar:1")
     assert health.probe_answered("frozen:1", load=0.5) and not health.is_banned("frozen:1")
     assert not health.probe_answered("liar:1") and health.is_banned("liar:1")
+
+
+def test_an_unanswered_probe_keeps_a_liveness_ban_from_running_out():
+    now = [0.0]
+    health = PeerHealth(HealthOptions(ban_base=5.0), clock=lambda: now[0])
+    health.record_failure("frozen:1", "stuck")
+    now[0] = 4.9
+    health.probe_unanswered("frozen:1", until=3.5)
+    now[0] = 8.0
+    assert health.is_banned("frozen:1")  # still not answering: still banned, past its 5 s
+    health.record_failure("liar:1", "bad_answer")
+    health.probe_unanswered("liar:1", until=100.0)
+    now[0] = 14.0
+    assert not health.is_banned("liar:1") and not health.is_banned("frozen:1")

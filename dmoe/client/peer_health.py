@@ -29,9 +29,10 @@ endpoint's *own* record, never against the fastest peer:
   (capped at ``ban_max``); one success clears the ban and resets the doubling. Failures of calls
   already in flight when the ban began belong to the same incident and do not double it (a crashed
   node fails all its concurrent calls at once: one failure, not eight). A node that was banned for
-  not answering (stuck, deadline, unreachable) is probed by the ``Swarm`` with a cheap Ping;
-  ``probe_answered`` lifts such a ban, so a recovered node is back before its ban can grow. Bans
-  for wrong answers are not lifted by a Ping.
+  not answering (stuck, deadline, unreachable) is probed by the ``Swarm`` with a cheap Ping:
+  ``probe_answered`` lifts such a ban, so a recovered node is back before its ban can grow, and
+  ``probe_unanswered`` keeps it from running out while the node still does not answer. Bans for
+  wrong answers are not lifted by a Ping.
 * **Seen alive.** The time of the last answer is kept: an endpoint that answered a moment ago is
   alive whatever the DHT says (see ``dmoe.client.prefix_table``).
 
@@ -168,6 +169,17 @@ class PeerHealth:
             peer.banned_until = 0.0
             peer.failures = 0
             return True
+
+    def probe_unanswered(self, endpoint: str, until: float) -> None:
+        """A Ping got no answer: keep a ban for not answering at least ``until`` seconds from now.
+
+        A ban must not run out by itself while the node still does not answer (a long freeze, a
+        partition): the next call would find out the hard way again.
+        """
+        with self._lock:
+            peer = self._peers.get(endpoint)
+            if peer is not None and peer.last_failure_kind in LIVENESS_FAILURES:
+                peer.banned_until = max(peer.banned_until, self._clock() + until)
 
     # ---- judgements ----
 

@@ -416,6 +416,7 @@ class Swarm:
             try:
                 reply = await self.stub(endpoint).Ping(pb.PingRequest(), timeout=options.probe_timeout)
             except (grpc.aio.AioRpcError, TimeoutError):
+                self.health.probe_unanswered(endpoint, until=options.probe_interval + options.probe_timeout + 0.5)
                 continue
             if self.health.probe_answered(endpoint, load=reply.load):
                 self.stats_counters.recovered += 1
