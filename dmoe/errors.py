@@ -73,3 +73,15 @@ class ConfigError(DmoeError, ValueError):
     """A command-line flag, pattern or scenario value is invalid (message says which and why)."""
 
     kind = "config"
+
+
+def clip(value: object, limit: int = 48) -> str:
+    """``repr`` of at most ``limit`` characters of ``value``: what an error message may quote of a peer's input.
+
+    A peer controls uids, dtype names and the like; echoed whole, a 100 KB uid overflows the
+    caller's metadata limit and floods the node's log.
+    """
+    text = str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"

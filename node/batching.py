@@ -264,7 +264,9 @@ def _as_failure(backend: ExpertBackend, error: Exception) -> RpcFailure:
                       reason="compute_error")
 
 
-def _compute(backend: ExpertBackend, kind: str, batch: list[Task], metrics: NodeMetrics) -> list[list[pb.Tensor]]:
+def _compute(
+    backend: ExpertBackend, kind: str, batch: list[Task], metrics: NodeMetrics
+) -> list[list[pb.Tensor] | BaseException]:
     start = time.perf_counter()
     n = len(batch[0].tensors)
     if len(batch) == 1:
@@ -278,12 +280,22 @@ def _compute(backend: ExpertBackend, kind: str, batch: list[Task], metrics: Node
         outputs = backend.backward(merged[:n_in], merged[n_in:])
         metrics.updates.labels(backend.uid).inc()
     sizes = [task.rows for task in batch]
-    per_task: list[list[pb.Tensor]] = [[] for _ in batch]
+    per_task: list[list[pb.Tensor] | BaseException] = [[] for _ in batch]
     for out in outputs:
         if out.dim() == 0 or out.shape[0] != sum(sizes):
             raise ValueError(f"expert output of shape {list(out.shape)} has no batch dimension of {sum(sizes)} rows")
         for i, piece in enumerate(out.split(sizes) if len(batch) > 1 else (out,)):
-            per_task[i].append(serialize_tensor(piece, batch[i].compression))
+            answer = per_task[i]
+            if isinstance(answer, BaseException):
+                continue
+            if piece.is_floating_point() and not bool(torch.isfinite(piece).all()):
+                # finite inputs can still overflow (3e38 x a weight): never hand out NaN/Inf as an answer
+                what = "outputs" if kind == FORWARD else "input gradients"
+                per_task[i] = RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
+                                         f"expert {backend.uid}: the {what} for this request are not finite (inputs "
+                                         "too large for the expert?)", reason="non_finite_output")
+                continue
+            answer.append(serialize_tensor(piece, batch[i].compression))
     metrics.compute.labels(kind).observe(time.perf_counter() - start)
     metrics.batch_rows.labels(kind).observe(sum(sizes))
     metrics.batch_requests.labels(kind).observe(len(batch))

@@ -25,14 +25,13 @@ from dmoe.node.backend import ExpertBackend
 from dmoe.node.batching import BatchScheduler
 from dmoe.node.checkpoint import CheckpointStore
 from dmoe.node.metrics import NodeMetrics
-from dmoe.node.server import ExpertServicer
+from dmoe.node.server import ExpertServicer, add_to_server
 
 from dmoe.config.node import NodeConfig
 from dmoe.dht.access import InLoopDHT
 from dmoe.dht.registry import ExpertRegistry
 from dmoe.experts import create_expert, expert_schema
 from dmoe.wire.codec import GRPC_OPTIONS
-from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +112,7 @@ class ExpertNode:
             self.backends, self.scheduler, metrics=self.metrics, node_id=lambda: self.node_id,
             max_request_bytes=cfg.max_request_bytes,
         )
-        pb_grpc.add_ExpertServiceServicer_to_server(servicer, self.server)
+        add_to_server(servicer, self.server)
         self.grpc_port = self.server.add_insecure_port(host_port(cfg.host, cfg.port))
         if not self.grpc_port:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")

@@ -35,7 +35,7 @@ from dmoe.node.metrics import NodeMetrics
 from dmoe.node.validation import RpcFailure, batch_signature, check_request, invalid
 from google.protobuf.message import DecodeError
 
-from dmoe.errors import WireFormatError
+from dmoe.errors import WireFormatError, clip
 from dmoe.wire.codec import OFF_LOOP_BYTES, check_compression, deserialize_tensor, iter_chunks, payload_bytes
 from dmoe.wire.proto import expert_pb2 as pb
 from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
@@ -63,6 +63,47 @@ class RateLimitedLog:
         self.logger.warning("%s%s", message, extra)
 
 
+class Undecodable:
+    """A request body protobuf could not parse; the handler answers INVALID_ARGUMENT (no traceback in the log)."""
+
+    def __init__(self, size: int, error: str) -> None:
+        self.size = size
+        self.error = error
+        self.uid = ""
+
+
+def _tolerant(parse: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    def deserialize(data: bytes) -> object:
+        try:
+            return parse(data)
+        except DecodeError as e:  # grpc would log a traceback per request and answer UNKNOWN
+            return Undecodable(len(data), str(e))
+
+    return deserialize
+
+
+# method -> (unary or stream, request type, reply type): the service of proto/expert.proto
+_METHODS = {
+    "Forward": ("unary", pb.ExpertRequest, pb.ExpertReply),
+    "Backward": ("unary", pb.ExpertRequest, pb.ExpertReply),
+    "ForwardStream": ("stream", pb.Chunk, pb.Chunk),
+    "BackwardStream": ("stream", pb.Chunk, pb.Chunk),
+    "Info": ("unary", pb.InfoRequest, pb.InfoReply),
+    "Ping": ("unary", pb.PingRequest, pb.PingReply),
+}
+
+
+def add_to_server(servicer: ExpertServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` like the generated ``add_ExpertServiceServicer_to_server``, but with request
+    deserializers that turn undecodable bytes into ``Undecodable`` instead of a logged exception."""
+    handlers = {}
+    for name, (shape, request, reply) in _METHODS.items():
+        make = grpc.unary_unary_rpc_method_handler if shape == "unary" else grpc.stream_stream_rpc_method_handler
+        handlers[name] = make(getattr(servicer, name), request_deserializer=_tolerant(request.FromString),
+                              response_serializer=reply.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("dmoe.ExpertService", handlers),))
+
+
 class ExpertServicer(pb_grpc.ExpertServiceServicer):
     def __init__(
         self,
@@ -85,6 +126,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
     # ---- core ----
 
     async def _handle(self, kind: str, request: pb.ExpertRequest, timeout: float | None) -> pb.ExpertReply:
+        if isinstance(request, Undecodable):
+            raise invalid(f"undecodable ExpertRequest ({request.size} bytes): {clip(request.error, 120)}", "malformed")
         size = payload_bytes(request.tensors)
         if size > self.max_request_bytes:
             raise RpcFailure(
@@ -98,7 +141,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             listed = ", ".join(list(self.backends)[:8]) + (", ..." if len(self.backends) > 8 else "")
             raise RpcFailure(
                 grpc.StatusCode.NOT_FOUND,
-                f"expert {request.uid!r} is not served by this node (serves {len(self.backends)}: {listed})",
+                f"expert {clip(request.uid)} is not served by this node (serves {len(self.backends)}: {listed})",
                 reason="unknown_uid",
             )
         try:
@@ -133,7 +176,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
     def _reject(self, method: str, uid: str, failure: RpcFailure, peer: str) -> None:
         self.metrics.rejections.labels(failure.reason).inc()
         level_reason = failure.reason
-        self.rejections.warning(level_reason, f"rejected {method} {uid!r} from {peer}: {failure.code.name}: "
+        self.rejections.warning(level_reason, f"rejected {method} {clip(uid)} from {peer}: {failure.code.name}: "
                                               f"{failure.details}")
 
     async def _unary(self, method: str, kind: str, request: pb.ExpertRequest,
@@ -161,6 +204,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             limit = self.max_request_bytes + 64 * 1024
             buffer = bytearray()
             async for chunk in chunks:
+                if isinstance(chunk, Undecodable):
+                    raise invalid(f"undecodable Chunk ({chunk.size} bytes)", "malformed")
                 buffer += chunk.payload
                 if len(buffer) > limit:
                     raise RpcFailure(
@@ -217,13 +262,16 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoReply:  # noqa: N802
         status = "OK"
         try:
+            if isinstance(request, Undecodable):
+                status = "INVALID_ARGUMENT"
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable InfoRequest ({request.size} bytes)")
             if not request.uid:
                 experts = [self.expert_info(b, with_schema=False) for b in self.backends.values()]
                 return pb.InfoReply(experts=experts, node_id=self.node_id())
             backend = self.backends.get(request.uid)
             if backend is None:
                 status = "NOT_FOUND"
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"expert {request.uid!r} is not served by this node")
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"expert {clip(request.uid)} is not served by this node")
             return pb.InfoReply(experts=[self.expert_info(backend)], node_id=self.node_id())
         finally:
             self.metrics.requests.labels("Info", status).inc()

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
+from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from dmoe.client.beam_search import BeamSearch, exhaustive_top_k
@@ -389,3 +390,21 @@ def test_swarm_from_an_existing_hivemind_dht(peers):
         assert dht.is_alive()  # the caller's DHT outlives the Swarm
     finally:
         dht.shutdown()
+
+
+def test_subkeys_with_a_malformed_owner_marker_are_not_experts(peers):
+    """hivemind signs only NAME[owner:KEY] subkeys; b"1[owner:" is writable by anyone and must be ignored."""
+    a, b = peers
+    announce(a, ["mal.0.0"], ENDPOINT_A)
+    forged = b.dht.node.store("mal.", subkey=b"1[owner:", value=(ENDPOINT_B, "forger", 0.0),
+                              expiration_time=get_dht_time() + 60)
+    assert b.host.run(forged, timeout=30)  # unsigned, so the honest peers accept it
+    table = a.host.run(a.registry.get_prefixes(["mal."]), timeout=30)
+    assert list(table["mal."]) == [0]
+    client = make_client(peers)
+    try:
+        result = BeamSearch(client, "mal", (2, 1)).find_best_experts([np.zeros((1, 2)), np.zeros((1, 1))], 2,
+                                                                    budget=30.0)
+        assert [e.uid for e in result.experts[0]] == ["mal.0.0"]
+    finally:
+        client.shutdown()

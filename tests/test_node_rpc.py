@@ -306,3 +306,29 @@ def test_metrics_cover_requests_latency_batches_queue_bytes_updates_experts(node
         'dmoe_node_dht_announces_total{result="ok"}',
     ):
         assert needle in text, needle
+
+
+def test_hostile_requests_get_a_short_clear_status_and_cost_the_log_little(nodes):
+    """A raw-gRPC peer sending garbage: each gets INVALID_ARGUMENT/NOT_FOUND quoting at most a short
+    prefix of what it sent, no traceback reaches the node's log, finite inputs that overflow the
+    expert are refused instead of answered with Inf, and the node keeps serving everyone else."""
+    endpoint = nodes["ffn"]["grpc"]
+    channel = grpc.insecure_channel(endpoint)
+    try:
+        raw = channel.unary_unary("/dmoe.ExpertService/Forward")  # bytes in, bytes out
+        for _ in range(20):
+            code, details = status_of(raw, b"\xff\xfe not a protobuf" * 8, timeout=10)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "undecodable" in details
+        code, details = status_of(call_request, endpoint, "Forward", pb.ExpertRequest(uid="u" * 100_000))
+        assert code == grpc.StatusCode.NOT_FOUND and len(details) < 300 and "100000 characters" in details
+        bad_dtype = pb.Tensor(dtype="d" * 10_000, shape=[1, H], data=b"\0" * 4 * H)
+        code, details = status_of(call_request, endpoint, "Forward", pb.ExpertRequest(uid="ffn.0", tensors=[bad_dtype]))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and len(details) < 300
+        code, details = status_of(call, endpoint, "Forward", "ffn.0", [torch.full((2, H), 3e38)])
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "not finite" in details
+    finally:
+        channel.close()
+    (y,) = call(endpoint, "Forward", "ffn.0", [torch.randn(3, H)])  # everyone else is still served
+    assert torch.isfinite(y).all()
+    log = nodes["ffn_proc"].log_path.read_text()
+    assert "Traceback" not in log and "d" * 100 not in log and "u" * 100 not in log

@@ -14,7 +14,8 @@ public key::
   owner). A beam search over a d-dimensional grid therefore needs about beam x d lookups, never
   one per expert.
 * Subkeys carry ``[owner:...]``: with hivemind's ``RSASignatureValidator`` only the owner can
-  overwrite or erase them; entries without an owner marker are ignored on read.
+  overwrite or erase them; entries without a well-formed owner marker (``NAME[owner:KEY]``, the
+  only form the validator checks) are ignored on read.
 * Records expire (``ttl``); owners re-announce well before expiry, so a dead node vanishes
   within one TTL. A graceful leave overwrites its subkeys with a tombstone (``()``).
 * Every node also publishes itself under ``_dmoe.nodes`` (subkey: node id + owner) with its
@@ -23,6 +24,7 @@ public key::
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +37,6 @@ from dmoe.dht.uids import UID_DELIMITER, cell_key, split_uid
 
 NODES_KEY = "_dmoe.nodes"
 MAX_PROBE_DEPTH = 8  # grid dimensions a walk probes for when nobody said how many there are
-_OWNER = b"[owner:"
 
 
 @dataclass(frozen=True)
@@ -59,14 +60,18 @@ class NodeRecord:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+# exactly what hivemind's RSASignatureValidator protects: NAME[owner:KEY] with a non-empty key. A
+# malformed marker (b"0[owner:", no key or no closing bracket) is not signed by anyone, so anyone
+# could write it: such subkeys are ignored
+_OWNED_SUBKEY = re.compile(rb"([0-9A-Za-z_.\-]+)\[owner:([^\]]+)\]")
+
+
 def _subkey_coord(subkey: bytes) -> str | None:
-    """Coordinate (or node id) part of an owner-tagged subkey; None for untagged/foreign subkeys."""
+    """Coordinate (or node id) part of an owner-tagged subkey; None for untagged, malformed or foreign ones."""
     if not isinstance(subkey, bytes):
         return None
-    head, sep, _ = subkey.partition(_OWNER)
-    if not sep:
-        return None
-    return head.decode("utf-8", errors="replace")
+    match = _OWNED_SUBKEY.fullmatch(subkey)
+    return match.group(1).decode() if match else None
 
 
 class ExpertRegistry:

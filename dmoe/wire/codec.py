@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from dmoe.config.client import COMPRESSIONS as CHOICES
-from dmoe.errors import WireFormatError
+from dmoe.errors import WireFormatError, clip
 from dmoe.wire.proto import expert_pb2 as pb
 
 DTYPES: dict[str, torch.dtype] = {
@@ -56,7 +56,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def check_compression(compression: str) -> str:
     if compression not in COMPRESSIONS:
-        raise WireFormatError(f"unknown compression {compression!r} (expected one of: none, float16, bfloat16)")
+        raise WireFormatError(f"unknown compression {clip(compression)} (expected one of: none, float16, bfloat16)")
     return "" if compression == "none" else compression
 
 
@@ -79,12 +79,13 @@ def serialize_tensor(tensor: torch.Tensor, compression: str = "") -> pb.Tensor:
 def deserialize_tensor(msg: pb.Tensor, *, max_elements: int | None = None) -> torch.Tensor:
     """Decode a tensor, validating dtype, shape and byte count."""
     if msg.dtype not in DTYPES:
-        raise WireFormatError(f"unknown dtype {msg.dtype!r} (supported: {', '.join(DTYPES)})")
+        raise WireFormatError(f"unknown dtype {clip(msg.dtype)} (supported: {', '.join(DTYPES)})")
     wire_name = msg.wire_dtype or msg.dtype
     if wire_name not in DTYPES:
-        raise WireFormatError(f"unknown wire dtype {msg.wire_dtype!r}")
+        raise WireFormatError(f"unknown wire dtype {clip(msg.wire_dtype)}")
     if msg.wire_dtype and not (DTYPES[msg.dtype].is_floating_point and DTYPES[wire_name].is_floating_point):
-        raise WireFormatError(f"wire dtype {msg.wire_dtype!r} is only allowed for float tensors, not {msg.dtype!r}")
+        raise WireFormatError(f"wire dtype {clip(msg.wire_dtype)} is only allowed for float tensors, not "
+                              f"{clip(msg.dtype)}")
     shape = tuple(msg.shape)
     if any(d < 0 for d in shape):
         raise WireFormatError(f"negative dimension in shape {list(shape)}")
