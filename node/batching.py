@@ -289,11 +289,13 @@ def _compute(
             if isinstance(answer, BaseException):
                 continue
             if piece.is_floating_point() and not bool(torch.isfinite(piece).all()):
-                # finite inputs can still overflow (3e38 x a weight): never hand out NaN/Inf as an answer
+                # a broken expert, or finite inputs that overflow it (3e38 x a weight): never hand out NaN/Inf
+                # as an answer. INTERNAL, not INVALID_ARGUMENT: the node cannot tell which, and a caller bans
+                # a node that answers INTERNAL (another replica may do better), never one that blames it
                 what = "outputs" if kind == FORWARD else "input gradients"
-                per_task[i] = RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
-                                         f"expert {backend.uid}: the {what} for this request are not finite (inputs "
-                                         "too large for the expert?)", reason="non_finite_output")
+                per_task[i] = RpcFailure(grpc.StatusCode.INTERNAL,
+                                         f"expert {backend.uid}: its {what} for this request are not finite",
+                                         reason="non_finite_output")
                 continue
             answer.append(serialize_tensor(piece, batch[i].compression))
     metrics.compute.labels(kind).observe(time.perf_counter() - start)

@@ -188,14 +188,14 @@ def test_frozen_node_is_bounded_by_the_deadline_and_banned(swarm, victims):
     y.sum().backward()
     assert forward_elapsed < forward_timeout + 1.0
     assert torch.isfinite(y).all() and layer.stats["not_enough"] == 0
-    assert layer.stats["stuck"] >= 1
+    assert layer.stats["suspected"] >= 1
     assert answered_uids(layer, answered) <= {f"fz.{i}.{j}" for i in (0, 1) for j in range(4)}
     assert swarm.health.is_banned(endpoint)  # the next step will not wait for it again
 
-    stuck, failures = layer.stats["stuck"], dict(swarm.stats["failures"])
+    suspected, failures = layer.stats["suspected"], dict(swarm.stats["failures"])
     _, elapsed = step(layer, x)
     assert elapsed < forward_timeout
-    assert layer.stats["stuck"] == stuck and dict(swarm.stats["failures"]) == failures  # frozen node skipped
+    assert layer.stats["suspected"] == suspected and dict(swarm.stats["failures"]) == failures  # frozen node skipped
     assert_matches_healthy_half(layer, "fz", torch.randn(8, HIDDEN))
 
 
@@ -205,7 +205,7 @@ def test_garbage_answers_are_excluded(swarm, victims):
     x = torch.randn(BATCH, HIDDEN)
     y, _ = step(layer, x)
     assert torch.isfinite(y).all()
-    assert swarm.stats["failures"].get("bad_answer", 0) >= 1
+    assert swarm.stats["failures"].get("rejected", 0) >= 1  # the node refuses to answer its NaN (INTERNAL)
     assert answered_uids(layer) <= {f"gb.{i}.{j}" for i in (0, 1) for j in range(4)}
     assert swarm.health.is_banned(victim.ready["grpc"])
     assert_matches_healthy_half(layer, "gb", x)

@@ -24,6 +24,7 @@ def nodes(tmp_path_factory):
     procs = start_all([
         node_process("re.[0:2]", name="good", log_dir=logs),
         node_process("nan.[0:1]", name="nan", log_dir=logs, expert_cls="bad_experts:NaNExpert"),
+        node_process("shape.[0:1]", name="shape", log_dir=logs, expert_cls="bad_experts:WrongShapeExpert"),
         node_process("two.[0:1]", name="two", log_dir=logs, expert_cls="bad_experts:TwoInputExpert"),
     ])
     yield {p.name: p for p in procs}
@@ -97,10 +98,14 @@ def test_two_input_expert_uses_its_schema(nodes, swarm):
 
 
 @pytest.mark.integration
-def test_garbage_answer_is_bad_answer(nodes, swarm):
-    expert = RemoteExpert("nan.0", nodes["nan"].ready["grpc"], swarm=swarm)
-    with pytest.raises(BadAnswer, match="NaN"):
-        expert(torch.randn(2, HIDDEN))
+def test_garbage_is_never_an_answer(nodes, swarm):
+    nan = RemoteExpert("nan.0", nodes["nan"].ready["grpc"], swarm=swarm)
+    with pytest.raises(RequestRejected, match="not finite") as info:  # the node refuses its own NaN
+        nan(torch.randn(2, HIDDEN))
+    assert info.value.status == "INTERNAL" and swarm.health.is_banned(nodes["nan"].ready["grpc"])
+    wrong = RemoteExpert("shape.0", nodes["shape"].ready["grpc"], swarm=swarm)
+    with pytest.raises(BadAnswer, match="shape"):  # finite garbage: the client's own check
+        wrong(torch.randn(2, HIDDEN))
 
 
 @pytest.mark.integration

@@ -91,7 +91,10 @@ def test_a_slow_node_is_never_banned_failed_or_stuck_and_keeps_its_share(nodes):
             assert not swarm.health.is_banned(slow)
         stats, health = swarm.stats, swarm.health.snapshot()
         assert stats["failures"] == {} and stats["bans"] == 0, stats
-        assert layer.stats["stuck"] == 0 and layer.stats["not_enough"] == 0, layer.stats
+        assert layer.stats["not_enough"] == 0, layer.stats
+        # a call far beyond its node's own p95 (a loaded machine) may be *suspected* -- its tokens stop
+        # waiting and the node is pinged -- but that is neither a failure nor a ban (checked above)
+        assert layer.stats["suspected"] <= 0.05 * sum(stats["calls"].values()), layer.stats
         fast = [e for e in health if e != slow]
         assert health[slow]["rtt"] > 2 * max(health[e]["rtt"] for e in fast)  # really slower
         assert health[slow]["rtt"] > layer.timeout_after_k_min  # slower than the tail wait, too

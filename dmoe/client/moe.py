@@ -240,7 +240,7 @@ class MoEStats:
     zero_tokens: int = 0  # tokens given zeros (allow_zero_outputs)
     banned_tried: int = 0  # banned experts tried anyway (too few unbanned ones)
     reroutes: int = 0  # tokens sent to their next-best experts after failures
-    stuck: int = 0  # calls presumed stuck (frozen / partitioned node)
+    suspected: int = 0  # endpoints suspected stuck (their tokens stopped waiting; a Ping then decided)
     experts_reached: int = 0  # distinct experts that answered in the last forward
     experts_chosen: int = 0  # distinct experts chosen in the last forward
     search_rounds: int = 0  # in the last forward
@@ -348,7 +348,7 @@ class RemoteMixtureOfExperts(nn.Module):
             self._stats.calls[f"{method}_failed"] += count
             self._stats.failures[kind] += count
         self._stats.reroutes += dispatch.stats.reroutes
-        self._stats.stuck += dispatch.stats.stuck
+        self._stats.suspected += dispatch.stats.stuck
 
     def _record_forward(self, dispatch: Dispatch, mask: np.ndarray, n: int) -> None:
         self._stats.forward_steps += 1
@@ -393,7 +393,7 @@ class RemoteMixtureOfExperts(nn.Module):
             "zero_tokens": s.zero_tokens,
             "banned_tried": s.banned_tried,
             "reroutes": s.reroutes,
-            "stuck": s.stuck,
+            "suspected": s.suspected,
             "experts_chosen": s.experts_chosen,
             "experts_reached": s.experts_reached,
             "search_rounds": s.search_rounds,
