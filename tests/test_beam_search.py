@@ -9,59 +9,22 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
 
 import hivemind
 import numpy as np
 import pytest
-from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.node import DHTNode
+from dht_peers import Announcer, announce
 from hivemind.utils import get_dht_time
-from hivemind.utils.crypto import RSAPrivateKey
 
 from dmoe.client.beam_search import BeamSearch, exhaustive_top_k
 from dmoe.client.swarm import Swarm
 from dmoe.config.client import LookupOptions
-from dmoe.dht.access import InLoopDHT
-from dmoe.dht.registry import ExpertRegistry
 from dmoe.dht.uids import make_uid
 
 pytestmark = pytest.mark.integration  # real processes
 
 ENDPOINT_A = "127.0.0.1:1"  # never called: beam search only reads DHT records
 ENDPOINT_B = "127.0.0.1:2"
-
-
-@dataclass
-class Announcer:
-    """A DHT peer with its own signing key (like a node process) announcing through ExpertRegistry."""
-
-    host: Swarm  # only lends its event loop
-    dht: InLoopDHT
-    registry: ExpertRegistry
-
-    @classmethod
-    def start(cls, host: Swarm, initial_peers: list[str]) -> Announcer:
-        async def create() -> InLoopDHT:
-            # one key per peer: hivemind's default key is per process, and these peers share one
-            validator = RSASignatureValidator(RSAPrivateKey())
-            node = await DHTNode.create(initial_peers=initial_peers or None, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                                        record_validator=validator)
-            return InLoopDHT(node, validator)
-
-        dht = host.run(create(), timeout=60)
-        return cls(host, dht, ExpertRegistry(dht))
-
-    def maddrs(self) -> list[str]:
-        return self.host.run(self.dht.visible_maddrs(), timeout=10)
-
-    def shutdown(self) -> None:
-        self.host.run(self.dht.shutdown(), timeout=30)
-
-
-def announce(peer: Announcer, uids: list[str], endpoint: str, ttl: float = 60.0) -> None:
-    coro = peer.registry.announce(uids, endpoint=endpoint, node_id=endpoint, load=0.0, ttl=ttl)
-    assert peer.host.run(coro, timeout=30)
 
 
 @pytest.fixture(scope="module")

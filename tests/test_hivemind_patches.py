@@ -88,3 +88,66 @@ def test_p2pd_in_own_session_survives_a_signal_to_our_process_group():
 def test_without_the_session_patch_p2pd_shares_our_session():
     ours, daemon = _p2pd_session(own_session=False)
     assert daemon == ours, "hivemind starts p2pd in a session of its own now: drop patches.p2pd_in_own_session"
+
+
+ATTACKER = """
+import sys, time
+import hivemind
+from hivemind.utils import get_dht_time
+dht = hivemind.DHT(initial_peers=sys.argv[2:], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+far = get_dht_time() + 10**6  # "valid" for eleven days
+for key in sys.argv[1].split(","):
+    dht.store(key, b"gotcha", expiration_time=far)  # a plain, unsigned value under the grid's keys
+print("stored", flush=True)
+time.sleep(600)
+"""
+
+
+def _attack(keys: list[str], peers: list[str]):
+    """A plain hivemind DHT peer of its own (no dmoe code, no dmoe patches) stores plain values under ``keys``."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", ATTACKER, ",".join(keys), *peers], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "stored"
+    return proc
+
+
+@pytest.mark.integration
+def test_a_plain_value_under_a_grid_key_cannot_erase_its_experts():
+    from dht_peers import Announcer, announce
+
+    from dmoe.client.swarm import Swarm
+
+    patches.apply()
+    host = Swarm(use_dht=False)
+    a = Announcer.start(host, [])
+    b = Announcer.start(host, a.maddrs())
+    attackers = []
+    try:
+        def visible(prefix: str) -> list[str]:
+            found = host.run(b.registry.walk_grid(prefix, 2), timeout=60)
+            return sorted(found)
+
+        announce(a, ["safe.0.0", "safe.1.0"], "127.0.0.1:1")
+        attackers.append(_attack(["safe.", "safe.0.", "safe.1."], a.maddrs()))
+        assert visible("safe") == ["safe.0.0", "safe.1.0"]
+        # the owner's refresh still lands (its result may read False: hivemind reports the last replica's
+        # answer, here the attacker's -- a flaw of store_many this test does not cover)
+        host.run(a.registry.announce(["safe.0.0", "safe.1.0"], endpoint="127.0.0.1:1", node_id="n", load=0.0,
+                                     ttl=60.0), timeout=30)
+        assert visible("safe") == ["safe.0.0", "safe.1.0"]
+
+        patches.revert()  # hivemind as shipped: the same attack erases the grid
+        announce(a, ["gone.0.0", "gone.1.0"], "127.0.0.1:1")
+        attackers.append(_attack(["gone.", "gone.0.", "gone.1."], a.maddrs()))
+        assert visible("gone") == [], "hivemind keeps dictionaries over plain values now: drop dictionaries_win"
+    finally:
+        patches.apply()
+        for proc in attackers:
+            proc.kill()
+            proc.wait(10)
+        b.shutdown()
+        a.shutdown()
+        host.shutdown()

@@ -24,6 +24,16 @@ here and nowhere else:
    trainer needs to know (an epoch reached by download is not an averaging round). The instance's
    ``load_state_from_peers`` is wrapped to call back.
 
+4. ``dictionaries_win`` (process-wide, applied by ``apply()``): in hivemind a key holds either a
+   plain value or a dictionary of signed subkeys, and whichever has the later expiration wins -- in
+   ``DHTLocalStorage.store``/``store_subkey`` (``hivemind/dht/storage.py``) and when a ``get`` merges
+   the answers of several peers (``_SearchState.add_candidate``, ``hivemind/dht/node.py``). So one
+   unsigned store of a plain value with a far-future expiration under a grid's key erased every
+   expert under it from all lookups, for as long as the attacker liked, and the owners' refreshes
+   were refused. With the patch a plain value never replaces or shadows a dictionary (in storage
+   and in merges), and a dictionary store replaces a plain value whatever its expiration.
+   hivemind's own users of the DHT (averager, optimizer progress) never mix the two under one key.
+
 Not patches, but workarounds worth knowing, kept where they are used: hivemind 1.1 passes
 ``averager_opts`` to the state averager only, so ``dmoe.train.collab`` gives the gradient
 averager its request timeout through ``grad_averager_factory`` (matchmaking can deadlock
@@ -49,12 +59,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import hivemind
+from hivemind.dht.node import _SearchState
+from hivemind.dht.storage import DHTLocalStorage, DictionaryDHTValue
 from hivemind.utils.timed_storage import TimedStorage
 
 logger = logging.getLogger(__name__)
 
 TESTED = ((1, 1, 10), (1, 2, 0))  # hivemind versions dmoe is tested with: [low, high)
-_MARK = "_dmoe_keeps_newest"
+_MARK = "_dmoe_patch"  # set on every wrapper this module installs
 _PR_SET_PDEATHSIG = 1
 
 
@@ -82,6 +94,7 @@ def apply() -> bool:
                            ".".join(map(str, TESTED[0])), ".".join(map(str, TESTED[1])))
         return False
     keep_newest_copy()
+    dictionaries_win()
     return True
 
 
@@ -102,11 +115,52 @@ def keep_newest_copy() -> None:
     TimedStorage.store = store  # type: ignore[method-assign]
 
 
+def dictionaries_win() -> None:
+    """Patch 4 (see module docstring): plain values never replace or shadow dictionaries of owned subkeys."""
+    if getattr(DHTLocalStorage.store, _MARK, False):
+        return
+    store, store_subkey, add_candidate = DHTLocalStorage.store, DHTLocalStorage.store_subkey, _SearchState.add_candidate
+
+    def guarded_store(self: DHTLocalStorage, key: Any, value: Any, expiration_time: float,
+                      subkey: Any = None) -> bool:
+        if subkey is None:
+            held = self.get(key)
+            if held is not None and isinstance(held.value, DictionaryDHTValue):
+                return False  # a plain value may not replace a dictionary, however late it expires
+        return store(self, key, value, expiration_time, subkey)
+
+    def guarded_store_subkey(self: DHTLocalStorage, key: Any, subkey: Any, value: Any,
+                             expiration_time: float) -> bool:
+        held = self.get(key)
+        if held is not None and not isinstance(held.value, DictionaryDHTValue):
+            del self[key]  # a plain value squatting on the key: the dictionary takes its place
+        return store_subkey(self, key, subkey, value, expiration_time)
+
+    def guarded_add_candidate(self: _SearchState, candidate: Any, source_node_id: Any) -> None:
+        if candidate is not None and not self.finished:
+            current = self.binary_value
+            if isinstance(current, DictionaryDHTValue) and not isinstance(candidate.value, DictionaryDHTValue):
+                return  # a peer answering with a plain value cannot shadow the owners' dictionary
+            if isinstance(candidate.value, DictionaryDHTValue) and current is not None \
+                    and not isinstance(current, DictionaryDHTValue):
+                self.binary_value, self.expiration_time = None, None  # the dictionary replaces it
+        add_candidate(self, candidate, source_node_id)
+
+    for owner, name, wrapper, original in ((DHTLocalStorage, "store", guarded_store, store),
+                                           (DHTLocalStorage, "store_subkey", guarded_store_subkey, store_subkey),
+                                           (_SearchState, "add_candidate", guarded_add_candidate, add_candidate)):
+        setattr(wrapper, _MARK, True)
+        wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+        setattr(owner, name, wrapper)
+
+
 def revert() -> None:
-    """Undo ``keep_newest_copy`` (tests use it to show the upstream flaw is still there)."""
-    current = TimedStorage.store
-    if getattr(current, _MARK, False):
-        TimedStorage.store = current.__wrapped__  # type: ignore[attr-defined, method-assign]
+    """Undo the process-wide patches (tests use it to show the upstream flaws are still there)."""
+    for owner, name in ((TimedStorage, "store"), (DHTLocalStorage, "store"), (DHTLocalStorage, "store_subkey"),
+                        (_SearchState, "add_candidate")):
+        current = owner.__dict__.get(name)
+        if current is not None and getattr(current, _MARK, False):
+            setattr(owner, name, current.__wrapped__)
 
 
 def _daemon_preexec() -> None:
