@@ -93,12 +93,8 @@ class BatchScheduler:
 
     # ---- admission ----
 
-    async def submit(
-        self, uid: str, kind: str, tensors: list[torch.Tensor], *, rows: int, signature: tuple,
-        compression: str, timeout: float | None,
-    ) -> list[pb.Tensor]:
-        """Queue one validated request and wait for its serialized reply tensors."""
-        loop = self._loop = asyncio.get_running_loop()
+    def admit(self, rows: int) -> None:
+        """Raise the status a request of ``rows`` rows gets if it cannot be queued now (checked before decoding)."""
         if not self.accepting:
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "node is shutting down", reason="shutting_down")
         # a lone request larger than the limit is still served (--max-request-mb bounds it)
@@ -109,6 +105,14 @@ class BatchScheduler:
                 f"{self.options.max_queued_rows}",
                 reason="queue_full",
             )
+
+    async def submit(
+        self, uid: str, kind: str, tensors: list[torch.Tensor], *, rows: int, signature: tuple,
+        compression: str, timeout: float | None,
+    ) -> list[pb.Tensor]:
+        """Queue one validated request and wait for its serialized reply tensors."""
+        loop = self._loop = asyncio.get_running_loop()
+        self.admit(rows)  # again: the queue may have grown while this request was decoded
         now = loop.time()
         task = Task(
             uid=uid, kind=kind, tensors=tensors, rows=rows, signature=signature, compression=compression,

@@ -110,7 +110,8 @@ class ExpertNode:
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
         servicer = ExpertServicer(
             self.backends, self.scheduler, metrics=self.metrics, node_id=lambda: self.node_id,
-            max_request_bytes=cfg.max_request_bytes,
+            max_request_bytes=cfg.max_request_bytes, max_calls=cfg.max_calls,
+            max_calls_per_peer=cfg.max_calls_per_peer,
         )
         add_to_server(servicer, self.server)
         self.grpc_port = self.server.add_insecure_port(host_port(cfg.host, cfg.port))

@@ -1,6 +1,8 @@
 """ExpertServicer: the grpc.aio implementation of ``dmoe.ExpertService`` (proto/expert.proto).
 
-Every call goes: size limit -> uid lookup -> decode tensors -> schema check -> queue -> reply.
+Every call goes: a concurrency slot (total and per peer address) -> size limit -> uid lookup ->
+queue admission (from the declared shape, before any decoding) -> decode tensors -> schema check
+-> queue -> reply.
 Decoding, the NaN scan and stream reassembly of payloads from ``OFF_LOOP_BYTES`` on run in a
 worker thread, so one client's megabytes never stall the loop every other client's calls need.
 Each refusal becomes a gRPC status with a message naming the problem:
@@ -11,7 +13,9 @@ bad tensor count/dtype/rank/shape,     INVALID_ARGUMENT
 NaN/Inf, malformed bytes, bad
 compression
 payload over ``--max-request-mb``,     RESOURCE_EXHAUSTED (at once, so the client can fall back)
-queue over ``--max-queued-rows``
+queue over ``--max-queued-rows``       (checked before decoding),
+over ``--max-calls`` in progress, or
+a peer over ``--max-calls-per-peer``
 deadline passed while queued           DEADLINE_EXCEEDED (dropped without compute)
 node shutting down                     UNAVAILABLE
 =====================================  ====================
@@ -35,6 +39,7 @@ from dmoe.node.metrics import NodeMetrics
 from dmoe.node.validation import RpcFailure, batch_signature, check_request, invalid
 from google.protobuf.message import DecodeError
 
+from dmoe.config import NodeConfig, default_of
 from dmoe.errors import WireFormatError, clip
 from dmoe.wire.codec import OFF_LOOP_BYTES, check_compression, deserialize_tensor, iter_chunks, payload_bytes
 from dmoe.wire.proto import expert_pb2 as pb
@@ -113,8 +118,13 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         metrics: NodeMetrics,
         node_id: Callable[[], str],
         max_request_bytes: int,
+        max_calls: int = default_of(NodeConfig, "max_calls"),
+        max_calls_per_peer: int = default_of(NodeConfig, "max_calls_per_peer"),
     ) -> None:
         self.backends = backends
+        self.max_calls, self.max_calls_per_peer = max_calls, max_calls_per_peer
+        self.calls = 0
+        self.calls_by_peer: dict[str, int] = {}
         self.scheduler = scheduler
         self.metrics = metrics
         self.node_id = node_id
@@ -151,6 +161,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         n_expected = len(backend.schema.inputs) + (len(backend.schema.outputs) if kind == BACKWARD else 0)
         if len(request.tensors) != n_expected:
             check_request(backend.schema, [None] * len(request.tensors), backward=kind == BACKWARD)  # raises
+        if request.tensors and request.tensors[0].shape:  # admission before decoding: a full queue costs nothing
+            self.scheduler.admit(max(0, int(request.tensors[0].shape[0])))
         if size < OFF_LOOP_BYTES:  # a thread hop costs more than decoding a few KB
             tensors, rows = self._decode(backend, kind, request)
         else:  # megabytes to decode and scan for NaN: off the loop, which every other caller needs
@@ -179,11 +191,37 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self.rejections.warning(level_reason, f"rejected {method} {clip(uid)} from {peer}: {failure.code.name}: "
                                               f"{failure.details}")
 
+    def _acquire(self, peer: str) -> str:
+        """Take one of the node's ``max_calls`` and of this peer's ``max_calls_per_peer``, or RESOURCE_EXHAUSTED."""
+        address = peer.rsplit(":", 1)[0]  # "ipv4:1.2.3.4:5678" -> "ipv4:1.2.3.4": the port changes per connection
+        mine = self.calls_by_peer.get(address, 0)
+        if mine >= self.max_calls_per_peer:
+            raise RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"{mine} calls from your address are in progress (--max-calls-per-peer "
+                             f"{self.max_calls_per_peer}); retry later", reason="peer_limit")
+        if self.calls >= self.max_calls:
+            raise RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"{self.calls} calls in progress (--max-calls {self.max_calls}); retry later",
+                             reason="node_limit")
+        self.calls += 1
+        self.calls_by_peer[address] = mine + 1
+        return address
+
+    def _release(self, address: str) -> None:
+        self.calls -= 1
+        left = self.calls_by_peer[address] - 1
+        if left:
+            self.calls_by_peer[address] = left
+        else:
+            del self.calls_by_peer[address]
+
     async def _unary(self, method: str, kind: str, request: pb.ExpertRequest,
                      context: grpc.aio.ServicerContext) -> pb.ExpertReply:
         start = time.perf_counter()
         status = "OK"
+        address = None
         try:
+            address = self._acquire(context.peer())
             return await self._handle(kind, request, context.time_remaining())
         except RpcFailure as failure:
             status = failure.code.name
@@ -191,6 +229,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             await context.abort(failure.code, failure.details)
             raise  # unreachable: abort raises
         finally:
+            if address is not None:
+                self._release(address)
             self.metrics.requests.labels(method, status).inc()
             self.metrics.latency.labels(method).observe(time.perf_counter() - start)
 
@@ -199,7 +239,9 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         start = time.perf_counter()
         status = "OK"
         uid = ""
+        address = None
         try:
+            address = self._acquire(context.peer())  # held until the reply is streamed (released in finally)
             # the serialized request may exceed the tensor payload by headers; allow a little slack
             limit = self.max_request_bytes + 64 * 1024
             buffer = bytearray()
@@ -226,6 +268,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             self._reject(method, uid, failure, context.peer())
             await context.abort(failure.code, failure.details)
         finally:
+            if address is not None:
+                self._release(address)
             self.metrics.requests.labels(method, status).inc()
             self.metrics.latency.labels(method).observe(time.perf_counter() - start)
 

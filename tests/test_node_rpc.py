@@ -332,3 +332,34 @@ def test_hostile_requests_get_a_short_clear_status_and_cost_the_log_little(nodes
     assert torch.isfinite(y).all()
     log = nodes["ffn_proc"].log_path.read_text()
     assert "Traceback" not in log and "d" * 100 not in log and "u" * 100 not in log
+
+
+def test_one_peer_cannot_take_the_node(launch):
+    """Past --max-calls-per-peer concurrent calls from one address, more get RESOURCE_EXHAUSTED at once;
+    the slots come back when the calls end."""
+    env = {"DMOE_SLOW_EXPERT_S": "1.5"}
+    node = launch("node", ["--experts", "cap.[0:2]", "--expert-cls", "bad_experts:SlowExpert", "--hidden-dim", str(H),
+                           "--host", "127.0.0.1", "--max-calls-per-peer", "2", "--num-workers", "2"],
+                  name="capped", env=env)
+    ep = node.ready["grpc"]
+    results: list[object] = []
+
+    def slow_call(uid: str) -> None:
+        try:
+            results.append(call(ep, "Forward", uid, [torch.randn(1, H)], timeout=30)[0].shape)
+        except grpc.RpcError as e:
+            results.append(e.code())
+
+    threads = [threading.Thread(target=slow_call, args=(f"cap.{i}",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for _ in range(500):  # both calls are in
+        if stub(ep).Ping(pb.PingRequest(), timeout=5).load > 0:
+            break
+    code, details = status_of(call, ep, "Forward", "cap.0", [torch.randn(1, H)], timeout=5)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max-calls-per-peer" in details
+    for t in threads:
+        t.join(30)
+    assert results == [torch.Size([1, H])] * 2
+    (y,) = call(ep, "Forward", "cap.1", [torch.randn(1, H)], timeout=30)  # slots are back
+    assert y.shape == (1, H)

@@ -74,6 +74,11 @@ class NodeConfig:
 
     max_request_mb: float = option(64.0, parse=positive_float, group="batching and limits")
     """largest request tensor payload, MiB (bigger ones get RESOURCE_EXHAUSTED)"""
+    max_calls: int = option(1024, parse=positive_int, group="batching and limits")
+    """expert calls (Forward/Backward, unary or streamed) the node works on at once, from everyone; more get
+    RESOURCE_EXHAUSTED at once"""
+    max_calls_per_peer: int = option(256, parse=positive_int, group="batching and limits")
+    """expert calls one peer address may have in flight at once, so no single peer can take the node"""
 
     checkpoint_dir: str | None = option(None, group="checkpoints and metrics")
     """directory for checkpoints; none disables them"""
