@@ -25,9 +25,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from dmoe.dht.access import InLoopDHT
+from dmoe.dht.access import InLoopDHT, load_or_create_signing_key
 from dmoe.dht.registry import ExpertRegistry
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,16 @@ async def start_dht(
     initial_peers: Sequence[str] = (),
     host_maddrs: Sequence[str],
     announce_maddrs: Sequence[str] | None = None,
+    identity_dir: Path | None = None,
 ) -> InLoopDHT:
-    dht = await InLoopDHT.create(initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs)
+    """Join (or start) the DHT; with ``identity_dir`` the peer id and the records' signing key survive restarts."""
+    identity: dict[str, Any] = {}
+    if identity_dir is not None:
+        identity_dir.mkdir(parents=True, exist_ok=True)
+        identity = {"identity_path": str(identity_dir / "p2p.key"),
+                    "signing_key": load_or_create_signing_key(identity_dir / "signing.key")}
+    dht = await InLoopDHT.create(initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
+                                 **identity)
     if initial_peers:
         log.info("joined the swarm through %d initial peer(s) as %s", len(initial_peers), dht.peer_id)
     else:

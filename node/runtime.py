@@ -16,6 +16,7 @@ import contextlib
 import logging
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -131,6 +132,8 @@ class ExpertNode:
             initial_peers=cfg.initial_peers,
             host_maddrs=cfg.dht_host_maddrs or [default_maddr],
             announce_maddrs=cfg.dht_announce_maddrs,
+            # next to the checkpoints: the node that restores its experts also owns its old records
+            identity_dir=Path(cfg.checkpoint_dir) / "identity" if cfg.checkpoint_dir else None,
         )
         self.announcer = Announcer(
             ExpertRegistry(self.dht), uids=list(self.backends), endpoint=self.endpoint, node_id=self.node_id,

@@ -130,9 +130,13 @@ def test_node_killed_during_training_restarts_from_its_last_checkpoint(launch, t
     assert saved["updates"] > 0
     assert saved["updates"] <= sent["n"]
 
+    first_id = node.ready["node_id"]
     node = launch("node", args, name="node")
     ep = node.ready["grpc"]
     try:
+        # the same identity: its peer id, and the key that signs (and so may refresh or withdraw) its records
+        assert node.ready["node_id"] == first_id
+        assert (ckpt / "identity" / "signing.key").stat().st_mode & 0o777 == 0o600
         assert updates(ep, "ffn.1") == saved["updates"]
         assert updates(ep, "ffn.0") == 0
         expected = create_expert("ffn", hidden_dim=H, seed=3, uid="ffn.1")

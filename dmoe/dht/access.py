@@ -14,8 +14,10 @@ can only be overwritten by us, and values read back are stripped of signatures. 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any, Protocol
 
 import hivemind
@@ -55,6 +57,29 @@ async def _node_store_many(
     return {(k, s): ok for (k, s), ok in result.items()} if result else {}
 
 
+def load_or_create_signing_key(path: str | os.PathLike[str]) -> RSAPrivateKey:
+    """The RSA key that signs a peer's DHT records, kept in ``path`` (created, mode 0600, if missing).
+
+    A node that keeps its key across restarts owns its old entries: its first announce refreshes
+    them and a graceful leave can withdraw them, instead of leaving a stranger's copies to expire.
+    """
+    path = Path(path)
+    key = RSAPrivateKey.__new__(RSAPrivateKey)
+    if path.exists():
+        key.__setstate__({"_private_key": path.read_bytes()})  # hivemind's own (pickle) form: DER
+        return key
+    fresh = RSAPrivateKey()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(fresh.to_bytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return fresh
+
+
 class InLoopDHT:
     """A DHTNode living in the current event loop."""
 
@@ -71,10 +96,12 @@ class InLoopDHT:
         announce_maddrs: Sequence[str] | None = None,
         identity_path: str | None = None,
         client_mode: bool = False,
+        signing_key: RSAPrivateKey | None = None,
         **kwargs: Any,
     ) -> InLoopDHT:
         patches.apply()
-        validator = RSASignatureValidator(RSAPrivateKey())  # own key, not the process-wide one
+        # own key, not the process-wide one (several peers may share a process)
+        validator = RSASignatureValidator(signing_key or RSAPrivateKey())
         with patches.p2pd_in_own_session():
             node = await DHTNode.create(
                 initial_peers=list(initial_peers) or None,
