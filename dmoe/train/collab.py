@@ -26,7 +26,9 @@ run's other trainers at or one epoch before that epoch. If the fingerprints diff
 of them (the most common, ties to the smallest peer id): the others download that trainer's
 parameters and optimizer state through hivemind's state sharing, which copies them bit for bit.
 Nobody leaves until all fingerprints match, so the peer being downloaded from stays up. A trainer
-alone in its run finds nobody to wait for and finishes at once.
+alone in its run finds nobody to wait for and finishes at once. Each fingerprint is stored under
+a subkey carrying its trainer's owner marker, so the DHT's signature check lets nobody else
+overwrite it; entries without one are ignored.
 
 The optimizer is not offloaded (``offload_optimizer=False``): it works on the model's own
 parameters, so loading a checkpoint into the model needs no extra copy.
@@ -45,8 +47,10 @@ from typing import Any
 
 import hivemind
 import torch
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.utils import ValueWithExpiration, get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
 
 from dmoe.config.train import CollabOptions
 from dmoe.dht import patches
@@ -102,6 +106,9 @@ class CollaborativeUpdater:
         self._last_round: object | None = None
         self._final_key = f"{options.run_id}_final_params"
         self._me = self.dht.peer_id.to_bytes()
+        # our fingerprint's subkey carries our owner marker, so the DHT lets nobody else overwrite it
+        # (the process-wide key: the one ProcessDHT gave this hivemind.DHT's validator)
+        self._owner = RSASignatureValidator(RSAPrivateKey.process_wide()).local_public_key
         # hivemind downloads by itself when the trainer falls behind the run; count those downloads too
         patches.count_state_downloads(self.opt, self._count_download)
 
@@ -273,16 +280,19 @@ class CollaborativeUpdater:
 
     def _publish(self, epoch: int, fingerprint: str) -> None:
         expiration = get_dht_time() + self.options.final_sync_budget + 60.0
-        ok = self.dht.store(self._final_key, subkey=self._me, value={"epoch": epoch, "params": fingerprint},
-                            expiration_time=expiration)
+        ok = self.dht.store(self._final_key, subkey=self._me + self._owner,
+                            value={"epoch": epoch, "params": fingerprint}, expiration_time=expiration)
         if not ok:
             log.warning("could not publish the final parameter fingerprint to the DHT")
 
     def _read_finals(self) -> dict[bytes, _FinalRecord]:
         found = self.dht.get(self._final_key, latest=True)
         records: dict[bytes, _FinalRecord] = {}
-        for peer, entry in _subkeys(found).items():
+        for subkey, entry in _subkeys(found).items():
+            peer = owned_peer(subkey)
             value = entry.value if isinstance(entry, ValueWithExpiration) else None
+            if peer is None:
+                continue  # unsigned: anybody could have written it
             if isinstance(value, dict) and isinstance(value.get("epoch"), int) and isinstance(value.get("params"), str):
                 records[peer] = _FinalRecord(epoch=value["epoch"], params=value["params"])
         return records
@@ -305,6 +315,14 @@ class CollaborativeUpdater:
 
     def shutdown(self) -> None:
         self.opt.shutdown()
+
+
+def owned_peer(subkey: Any) -> bytes | None:
+    """The peer id of a ``PEER_ID[owner:KEY]`` subkey (signed by KEY's holder); None for anything else."""
+    if not isinstance(subkey, bytes):
+        return None
+    head, sep, rest = subkey.rpartition(b"[owner:")
+    return head if sep and head and len(rest) > 1 and rest.endswith(b"]") and b"]" not in rest[:-1] else None
 
 
 def _subkeys(found: Any) -> dict[bytes, Any]:
