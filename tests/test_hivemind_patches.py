@@ -133,10 +133,10 @@ def test_a_plain_value_under_a_grid_key_cannot_erase_its_experts():
         announce(a, ["safe.0.0", "safe.1.0"], "127.0.0.1:1")
         attackers.append(_attack(["safe.", "safe.0.", "safe.1."], a.maddrs()))
         assert visible("safe") == ["safe.0.0", "safe.1.0"]
-        # the owner's refresh still lands (its result may read False: hivemind reports the last replica's
-        # answer, here the attacker's -- a flaw of store_many this test does not cover)
-        host.run(a.registry.announce(["safe.0.0", "safe.1.0"], endpoint="127.0.0.1:1", node_id="n", load=0.0,
-                                     ttl=60.0), timeout=30)
+        # the owner's refresh lands, and the owner knows it did: hivemind reports the last replica's
+        # answer (the attacker's refusal), the registry reads its entries back
+        assert host.run(a.registry.announce(["safe.0.0", "safe.1.0"], endpoint="127.0.0.1:1", node_id="n",
+                                            load=0.0, ttl=60.0), timeout=30)
         assert visible("safe") == ["safe.0.0", "safe.1.0"]
 
         patches.revert()  # hivemind as shipped: the same attack erases the grid

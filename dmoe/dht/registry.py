@@ -128,7 +128,24 @@ class ExpertRegistry:
         keys = [k for k, _ in entries]
         subkeys = [s for _, s in entries]
         result = await self.dht.store_many(keys, subkeys, list(entries.values()), [expiration] * len(entries))
-        return bool(result) and all(result.values())
+        if bool(result) and all(result.values()):
+            return True
+        # hivemind reports the answer of the *last* replica it stored to: one peer holding forged or
+        # stale copies makes every round look failed. What counts is whether our entries can be read.
+        return await self._landed(entries, expiration)
+
+    async def _landed(self, entries: dict[tuple[str, bytes], Any], expiration: float) -> bool:
+        """True if a lookup finds every entry as stored: our subkey, expiring no earlier, naming the same
+        endpoint and node (the load may have moved on: an overlapping later round of ours)."""
+        found = await self.dht.get_many(list(dict.fromkeys(k for k, _ in entries)))
+        for (key, subkey), value in entries.items():
+            record = found.get(key)
+            held = record.value.get(subkey) if record is not None and isinstance(record.value, dict) else None
+            if held is None or getattr(held, "expiration_time", 0.0) < expiration:
+                return False
+            if _identity(getattr(held, "value", None)) != _identity(value):
+                return False
+        return True
 
     # ---- looking up (clients, coordinator) ----
 
@@ -220,6 +237,15 @@ class ExpertRegistry:
                 except (KeyError, TypeError, ValueError):
                     continue
         return sorted(nodes, key=lambda n: n.endpoint)
+
+
+def _identity(value: Any) -> Any:
+    """What an entry says about who serves where, without its load: (endpoint, node id), or the value itself."""
+    if isinstance(value, list | tuple) and len(value) == 3:
+        return tuple(value[:2])
+    if isinstance(value, dict):
+        return value.get("endpoint"), tuple(value.get("experts") or ())
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _parse_entry(item: Any, now: float) -> tuple[str, str, float, float] | None:
