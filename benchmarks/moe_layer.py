@@ -91,16 +91,11 @@ def run_dmoe(*, hidden: int, batches: list[int], warmup: int, repeats: int, logs
             for batch in batches:
                 search, forward, backward = [], [], []
                 for i in range(warmup + repeats):
-                    x = torch.randn(batch, hidden, requires_grad=True)
-                    t0 = time.perf_counter()
-                    y = layer(x)
-                    t1 = time.perf_counter()
-                    (y.pow(2).mean() + 0.01 * layer.aux_loss).backward()
-                    t2 = time.perf_counter()
+                    forward_s, backward_s = _train_step(layer, batch, hidden)
                     if i >= warmup:
                         search.append(layer.stats["last_search_seconds"])
-                        forward.append(t1 - t0)
-                        backward.append(t2 - t1)
+                        forward.append(forward_s)
+                        backward.append(backward_s)
                 rows.append({"batch": batch, "search": _median(search), "forward": _median(forward),
                              "backward": _median(backward)})
                 print(f"  dmoe batch {batch}: search {rows[-1]['search']:.4f}s forward {rows[-1]['forward']:.4f}s "
@@ -125,6 +120,16 @@ def run_dmoe(*, hidden: int, batches: list[int], warmup: int, repeats: int, logs
     finally:
         for proc in nodes:
             proc.stop(timeout=20)
+
+
+def _train_step(layer: Any, batch: int, hidden: int) -> tuple[float, float]:
+    """One training step through ``layer``: (forward seconds, backward seconds)."""
+    x = torch.randn(batch, hidden, requires_grad=True)
+    t0 = time.perf_counter()
+    y = layer(x)
+    t1 = time.perf_counter()
+    (y.pow(2).mean() + 0.01 * layer.aux_loss).backward()
+    return t1 - t0, time.perf_counter() - t1
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -172,18 +177,13 @@ def run_hedging(*, hidden: int, batch: int, steps: int, warmup: int, link_ms: fl
                                                k_best=K_BEST)
                 forward, step = [], []
                 for i in range(warmup + steps):
-                    x = torch.randn(batch, hidden, requires_grad=True)
-                    t0 = time.perf_counter()
-                    y = layer(x)
-                    t1 = time.perf_counter()
-                    (y.pow(2).mean() + 0.01 * layer.aux_loss).backward()
-                    t2 = time.perf_counter()
+                    forward_s, backward_s = _train_step(layer, batch, hidden)
                     if i == warmup - 1:
                         calls_before, hedges_before = sum(swarm.stats["calls"].values()), swarm.stats["hedges"]
                         wins_before = swarm.stats["hedge_wins"]
                     if i >= warmup:
-                        forward.append(t1 - t0)
-                        step.append(t2 - t0)
+                        forward.append(forward_s)
+                        step.append(forward_s + backward_s)
                 stats = swarm.stats
                 calls = sum(stats["calls"].values()) - calls_before
                 hedges, wins = stats["hedges"] - hedges_before, stats["hedge_wins"] - wins_before
