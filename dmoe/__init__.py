@@ -13,7 +13,14 @@ Imports are lazy so ``import dmoe`` (and ``dmoe node``) does not pull torch/grpc
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+# Before anything of dmoe loads grpc: with gRPC's fork support on (its default), a process that has
+# live channels and forks a child with preexec_fn (our launcher; hivemind's p2pd spawn) can see that
+# child abort before exec ("epoll_wait error: Bad file descriptor", grpc/grpc#43055, grpcio >= 1.80).
+# dmoe never uses gRPC in a forked child, so it needs no fork support. An explicit setting wins.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from dmoe.errors import (
     BadAnswer,
