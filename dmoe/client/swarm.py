@@ -8,7 +8,8 @@ One background thread runs one uvloop asyncio loop that owns everything networke
 * the ``ExpertRegistry`` and the ``PrefixTable`` cache of DHT lookups used by beam search;
 * one gRPC aio channel per expert endpoint (reused by every call; least recently used are closed
   past ``max_channels``);
-* ``PeerHealth``: RTT EWMA and bans per endpoint.
+* ``PeerHealth``: each endpoint's own latency, load and bans; hedged calls, liveness Pings and
+  probes of banned endpoints run here too.
 
 Torch code (autograd functions, beam search bookkeeping) runs in the caller's thread and hands
 coroutines to the loop with ``run(coro, timeout)``: a blocking bridge that always has a finite
@@ -27,7 +28,7 @@ import threading
 import time
 import weakref
 from collections import Counter, OrderedDict
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -369,12 +370,7 @@ class Swarm:
 
     def check_alive(self, endpoint: str, method: str, *, started: float) -> None:
         """A call to ``endpoint`` made no progress for long: Ping it; no answer bans it as stuck (one incident)."""
-        task = self._checks.get(endpoint)
-        if task is not None and not task.done():
-            return
-        with contextlib.suppress(RuntimeError):  # no running loop: nothing to check from
-            self._checks[endpoint] = asyncio.get_running_loop().create_task(
-                self._check_alive(endpoint, method, started))
+        self._once(self._checks, endpoint, lambda: self._check_alive(endpoint, method, started))
 
     async def checked(self, endpoints: Sequence[str], timeout: float) -> None:
         """Wait (at most ``timeout``) for the liveness checks of ``endpoints`` still running."""
@@ -382,15 +378,31 @@ class Swarm:
         if tasks and timeout > 0:
             await asyncio.wait(tasks, timeout=timeout)
 
+    @staticmethod
+    def _once(tasks: dict[str, asyncio.Task[None]], endpoint: str,
+              make: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Start ``make()`` for ``endpoint`` unless one is still running (no running loop: nothing to start)."""
+        task = tasks.get(endpoint)
+        if task is not None and not task.done():
+            return
+        with contextlib.suppress(RuntimeError):
+            tasks[endpoint] = asyncio.get_running_loop().create_task(make())
+
+    async def _ping(self, endpoint: str, timeout: float) -> pb.PingReply | None:
+        """One cheap Ping (counted as a probe); None if it got no answer within ``timeout``."""
+        self.stats_counters.probes += 1
+        metrics.PROBES.labels("sent").inc()
+        try:
+            return await self.stub(endpoint).Ping(pb.PingRequest(), timeout=timeout)
+        except (grpc.aio.AioRpcError, TimeoutError):
+            return None
+
     async def _check_alive(self, endpoint: str, method: str, started: float) -> None:
         options = self.health.options
         rtt = self.health.rtt(endpoint)
         timeout = options.probe_timeout if rtt is None else min(options.probe_timeout, max(0.25, 4 * rtt))
-        self.stats_counters.probes += 1
-        metrics.PROBES.labels("sent").inc()
-        try:
-            reply = await self.stub(endpoint).Ping(pb.PingRequest(), timeout=timeout)
-        except (grpc.aio.AioRpcError, TimeoutError):
+        reply = await self._ping(endpoint, timeout)
+        if reply is None:
             self._failed(endpoint, method, "stuck", f"{method} at {endpoint} made no progress and did not answer "
                          f"a Ping within {timeout:.2f}s", started=started)
             return
@@ -399,11 +411,7 @@ class Swarm:
 
     def _probe_later(self, endpoint: str) -> None:
         """Ping a node banned for not answering until it answers (ban lifted) or the ban runs out."""
-        task = self._probes.get(endpoint)
-        if task is not None and not task.done():
-            return
-        with contextlib.suppress(RuntimeError):  # no running loop: nothing to probe from
-            self._probes[endpoint] = asyncio.get_running_loop().create_task(self._probe(endpoint))
+        self._once(self._probes, endpoint, lambda: self._probe(endpoint))
 
     async def _probe(self, endpoint: str) -> None:
         options = self.health.options
@@ -411,11 +419,8 @@ class Swarm:
             await asyncio.sleep(options.probe_interval)
             if not self.health.needs_probe(endpoint):
                 break
-            self.stats_counters.probes += 1
-            metrics.PROBES.labels("sent").inc()
-            try:
-                reply = await self.stub(endpoint).Ping(pb.PingRequest(), timeout=options.probe_timeout)
-            except (grpc.aio.AioRpcError, TimeoutError):
+            reply = await self._ping(endpoint, options.probe_timeout)
+            if reply is None:
                 self.health.probe_unanswered(endpoint, until=options.probe_interval + options.probe_timeout + 0.5)
                 continue
             if self.health.probe_answered(endpoint, load=reply.load):
