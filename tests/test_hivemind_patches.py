@@ -7,8 +7,10 @@ flaw reproduces. When a hivemind release fixes one, the "without" half fails: th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 from pathlib import Path
 
 import hivemind
@@ -108,8 +110,9 @@ def _attack(keys: list[str], peers: list[str]):
     import subprocess
     import sys
 
+    # its own session: hivemind.DHT forks a DHT process that starts p2pd; all of them go with the group
     proc = subprocess.Popen([sys.executable, "-c", ATTACKER, ",".join(keys), *peers], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "stored"
     return proc
 
@@ -146,7 +149,8 @@ def test_a_plain_value_under_a_grid_key_cannot_erase_its_experts():
     finally:
         patches.apply()
         for proc in attackers:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         b.shutdown()
         a.shutdown()
