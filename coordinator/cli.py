@@ -25,11 +25,16 @@ from dmoe.coordinator.swarm_metrics import make_registry
 from dmoe.coordinator.view import PrefixSpec, SwarmView, parse_prefixes
 from hivemind.utils.multiaddr import Multiaddr
 
-from dmoe.config import add_options, default_of, make_parser, setup_logging
+from dmoe.config import add_options, default_of, make_parser, options_from, setup_logging
 from dmoe.config.coordinator import PEERS_NEXT_TO_IDENTITY, CoordinatorOptions
+from dmoe.config.relay import RelayOptions
 from dmoe.dht.registry import ExpertRegistry
 from dmoe.errors import ConfigError
 from dmoe.ready import print_ready
+from dmoe.relay.directory import RelayAnnouncer
+from dmoe.relay.metrics import RelayMetrics
+from dmoe.relay.server import RelayServer
+from dmoe.wire.endpoints import guess_public_host, host_port
 
 logger = logging.getLogger("dmoe.coordinator")
 _PEERS_SAVE_PERIOD = default_of(CoordinatorOptions, "peers_save_period")
@@ -62,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Bootstrap peer with a stable multiaddr (persistent identity) and a live view of the swarm's "
         "experts and nodes, served over HTTP: / (page), /status (JSON), /metrics (Prometheus).",
     )
-    add_options(parser, CoordinatorOptions, parse={
+    groups = add_options(parser, CoordinatorOptions, parse={
         "host_maddrs": _maddr, "announce_maddrs": _maddr, "initial_peers": _peer_maddr, "prefixes": _prefixes})
+    add_options(parser, RelayOptions, groups=groups)
     return parser
 
 
@@ -85,6 +91,13 @@ async def _serve(args: argparse.Namespace) -> int:
 
     http = HttpServer({})
     http_host, http_port = http.bind(args.http_host, args.http_port)
+    relay = RelayServer(options_from(RelayOptions, args)) if args.relay else None
+    if relay is not None:
+        try:  # a taken port fails here, in one line, before the DHT starts
+            await relay.start(args.relay_host, args.relay_port)
+        except OSError as e:
+            await http.close()
+            raise CoordinatorStartError(f"{e} (another coordinator running? pass --relay-port or --no-relay)") from None
     identity = Path(args.identity).expanduser()
     peers_file = None if args.peers_file.lower() == "none" else Path(
         f"{identity}.peers.json" if args.peers_file == PEERS_NEXT_TO_IDENTITY else args.peers_file).expanduser()
@@ -96,29 +109,40 @@ async def _serve(args: argparse.Namespace) -> int:
         ))
     except BaseException:
         await http.close()
+        if relay is not None:
+            await relay.stop()
         raise
     try:
-        return await _run(args, stop, peer, http, f"{http_host}:{http_port}")
+        return await _run(args, stop, peer, http, f"{http_host}:{http_port}", relay)
     finally:
         await peer.remember_peers()
         await http.close()
+        if relay is not None:
+            await relay.stop()
         await peer.shutdown()
         logger.info("coordinator stopped")
 
 
 async def _run(args: argparse.Namespace, stop: asyncio.Event, peer: BootstrapPeer, http: HttpServer,
-               http_address: str) -> int:
-    view = SwarmView(ExpertRegistry(peer.dht), prefixes=args.prefixes, period=args.refresh_period,
-                     forget_after=args.forget_after)
+               http_address: str, relay: RelayServer | None) -> int:
+    registry = ExpertRegistry(peer.dht)
+    view = SwarmView(registry, prefixes=args.prefixes, period=args.refresh_period, forget_after=args.forget_after)
     maddrs = await peer.visible_maddrs()
-    about: dict[str, Any] = {"peer_id": str(peer.peer_id), "dht": maddrs, "http": http_address}
-    http.routes.update(coordinator_routes(view, make_registry(view, dht_peers=peer.routing_table_size),
-                                          about=lambda: {**about, "dht_peers": peer.routing_table_size()}))
+    relay_address = host_port(args.relay_announce_host or guess_public_host(), relay.port) if relay else None
+    about: dict[str, Any] = {"peer_id": str(peer.peer_id), "dht": maddrs, "http": http_address, "relay": relay_address}
+    metrics = make_registry(view, dht_peers=peer.routing_table_size)
+    if relay is not None:
+        relay.use_metrics(RelayMetrics(metrics))
+    http.routes.update(coordinator_routes(view, metrics, about=lambda: {
+        **about, "dht_peers": peer.routing_table_size(), "relay_stats": relay.stats() if relay else None}))
     await http.start()
+    relay_announcer = RelayAnnouncer(registry, relay, relay_address) if relay and relay_address else None
+    if relay_announcer is not None:
+        await relay_announcer.start()
     with contextlib.suppress(Exception):  # an empty first view is fine; the loop below retries
         await asyncio.wait_for(view.refresh(), view.lookup_timeout)
     tasks = [asyncio.create_task(view.run(stop)), asyncio.create_task(_save_peers_periodically(peer, view, stop))]
-    print_ready("coordinator", dht=maddrs, http=http_address, peer_id=str(peer.peer_id))
+    print_ready("coordinator", dht=maddrs, http=http_address, peer_id=str(peer.peer_id), relay=relay_address)
     logger.info("coordinator %s ready: DHT %s, HTTP http://%s/", peer.peer_id, " ".join(maddrs), http_address)
     try:
         await stop.wait()
@@ -126,6 +150,8 @@ async def _run(args: argparse.Namespace, stop: asyncio.Event, peer: BootstrapPee
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if relay_announcer is not None:
+            await relay_announcer.stop()
     logger.info("shutting down")
     return 0
 

@@ -39,15 +39,20 @@ async def start_dht(
     host_maddrs: Sequence[str],
     announce_maddrs: Sequence[str] | None = None,
     identity_dir: Path | None = None,
+    client_mode: bool = False,
 ) -> InLoopDHT:
-    """Join (or start) the DHT; with ``identity_dir`` the peer id and the records' signing key survive restarts."""
+    """Join (or start) the DHT; with ``identity_dir`` the peer id and the records' signing key survive restarts.
+
+    ``client_mode`` joins without serving DHT requests (until ``InLoopDHT.become_server``); the p2p daemon is
+    started as for a full peer either way, so a promoted node is one in every respect.
+    """
     identity: dict[str, Any] = {}
     if identity_dir is not None:
         identity_dir.mkdir(parents=True, exist_ok=True)
         identity = {"identity_path": str(identity_dir / "p2p.key"),
                     "signing_key": load_or_create_signing_key(identity_dir / "signing.key")}
     dht = await InLoopDHT.create(initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
-                                 **identity)
+                                 client_mode=client_mode, dht_mode="server", **identity)
     if initial_peers:
         log.info("joined the swarm through %d initial peer(s) as %s", len(initial_peers), dht.peer_id)
     else:
@@ -61,7 +66,7 @@ class Announcer:
         registry: ExpertRegistry,
         *,
         uids: Sequence[str],
-        endpoint: str,
+        endpoint: str | None,
         node_id: str,
         ttl: float,
         load: Callable[[], float],
@@ -82,7 +87,20 @@ class Announcer:
         self.on_result: Callable[[bool], None] | None = None
         self._failures = 0
 
+    def reannounce(self, endpoint: str | None) -> None:
+        """The node's route changed (a relay died, reachability changed): announce the new one now."""
+        self.endpoint = endpoint
+        if endpoint is not None and self._task is not None and len(self._rounds) < self.max_rounds:
+            self._start_round()
+
+    def _start_round(self) -> None:
+        task = asyncio.create_task(self._round(), name="dmoe-announce-round")
+        self._rounds.add(task)
+        task.add_done_callback(self._rounds.discard)
+
     async def announce_once(self, timeout: float | None = None) -> bool:
+        if self.endpoint is None:  # no route yet (waiting for a relay): nothing to announce
+            return False
         try:
             ok = await asyncio.wait_for(
                 self.registry.announce(
@@ -102,13 +120,15 @@ class Announcer:
     async def start(self, first_attempts: int = 3) -> bool:
         """Announce once (a few tries), then keep refreshing in the background."""
         ok = False
-        for attempt in range(first_attempts):
+        for attempt in range(first_attempts if self.endpoint is not None else 0):
             ok = await self.announce_once()
             if ok:
                 break
             await asyncio.sleep(min(1.0 * (attempt + 1), self.interval))
         if ok:
             log.info("announced %d expert(s) at %s (ttl %.0fs)", len(self.uids), self.endpoint, self.ttl)
+        elif self.endpoint is None:
+            log.warning("experts not announced: no route to this node yet (waiting for a relay)")
         else:
             log.warning("could not announce experts yet; will keep trying every %.1fs", self.interval)
         self._task = asyncio.create_task(self._refresh_loop(), name="dmoe-announcer")
@@ -123,11 +143,11 @@ class Announcer:
             if len(self._rounds) >= self.max_rounds:
                 log.debug("announce: %d rounds still running, skipping one", len(self._rounds))
                 continue
-            task = asyncio.create_task(self._round(), name="dmoe-announce-round")
-            self._rounds.add(task)
-            task.add_done_callback(self._rounds.discard)
+            self._start_round()
 
     async def _round(self) -> bool:
+        if self.endpoint is None:
+            return False
         started = asyncio.get_running_loop().time()
         ok = await self.announce_once(self.round_timeout)
         took = asyncio.get_running_loop().time() - started

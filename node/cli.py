@@ -30,9 +30,11 @@ from dmoe.config import (
     options_from,
     setup_logging,
 )
+from dmoe.config.relay import ReachabilityOptions, RelayOptions
 from dmoe.dht.uids import parse_expert_pattern
 from dmoe.errors import ConfigError
 from dmoe.ready import print_ready
+from dmoe.wire.endpoints import split_host_port
 
 log = logging.getLogger("dmoe.node")
 
@@ -56,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     groups = add_options(p, NodeConfig, parse={"experts": _expert_pattern})
     add_options(p, BatchingOptions, groups=groups)
     add_options(p, OptimizerOptions, groups=groups)
+    add_options(p, ReachabilityOptions, groups=groups)
+    add_options(p, RelayOptions, groups=groups)
     return p
 
 
@@ -75,8 +79,17 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     load_expert_class(args.expert_cls)  # fail fast with a one-line reason
     for flag in ("initial_peers", "dht_host_maddrs", "dht_announce_maddrs"):
         _check_maddrs("--" + flag.replace("_", "-"), getattr(args, flag))
+    reachability = options_from(ReachabilityOptions, args)
+    for relay in reachability.relays:
+        try:
+            split_host_port(relay)
+        except ValueError as e:
+            raise ConfigError(f"--relays: {e}") from None
+    if args.relay and reachability.reachability == "relay":
+        raise ConfigError("--relay needs a node others can dial; it cannot be combined with --reachability relay")
     return options_from(NodeConfig, args, batching=options_from(BatchingOptions, args),
-                        optimizer=options_from(OptimizerOptions, args))
+                        optimizer=options_from(OptimizerOptions, args), reachability=reachability,
+                        relay_limits=options_from(RelayOptions, args))
 
 
 async def serve(config: NodeConfig) -> int:
@@ -125,7 +138,7 @@ def main(argv: list[str] | None = None, *, fast_exit: bool = True) -> int:
     except (ConfigError, KeyboardInterrupt):
         raise
     except Exception as e:
-        log.error("node failed: %s: %s", type(e).__name__, e)
+        log.error("node failed: %s: %s", type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
         print(f"dmoe node: {type(e).__name__}: {e}", file=sys.stderr)
         code = 1
     if fast_exit:

@@ -57,4 +57,15 @@ class NodeMetrics(MetricsExporter):
         self.announces = Counter(
             "dmoe_node_dht_announces", "DHT announce rounds, by result", ["result"], registry=r
         )
+        self.reachable = Gauge("dmoe_node_reachable", "1 if peers can dial this node directly", registry=r)
+        self.relayed = Gauge("dmoe_node_relayed", "1 if this node is served through a relay", registry=r)
+        self.route_changes = Counter(
+            "dmoe_node_route_changes", "changes of the announced route, by new reachability", ["reachability"],
+            registry=r,
+        )
         self._server = None
+
+    def set_route(self, reachability: str, *, relayed: bool) -> None:
+        self.reachable.set(1 if reachability == "direct" else 0)
+        self.relayed.set(1 if relayed else 0)
+        self.route_changes.labels(reachability).inc()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -26,28 +25,20 @@ from dmoe.node.backend import ExpertBackend
 from dmoe.node.batching import BatchScheduler
 from dmoe.node.checkpoint import CheckpointStore
 from dmoe.node.metrics import NodeMetrics
+from dmoe.node.reachability import NodeRoute
 from dmoe.node.server import ExpertServicer, add_to_server
 
 from dmoe.config.node import NodeConfig
 from dmoe.dht.access import InLoopDHT
 from dmoe.dht.registry import ExpertRegistry
 from dmoe.experts import create_expert, expert_schema
+from dmoe.relay.directory import RelayAnnouncer
+from dmoe.relay.metrics import RelayMetrics
+from dmoe.relay.server import RelayServer
 from dmoe.wire.codec import GRPC_OPTIONS
+from dmoe.wire.endpoints import guess_public_host, host_port
 
 log = logging.getLogger(__name__)
-
-
-def host_port(host: str, port: int) -> str:
-    """``host:port``, with IPv6 literals bracketed (``[::1]:5000``)."""
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
-def guess_public_host() -> str:
-    """The local address used for outbound traffic (no packet is sent); 127.0.0.1 if none."""
-    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect(("192.0.2.1", 9))  # TEST-NET-1: only selects a route
-        return s.getsockname()[0]
-    return "127.0.0.1"
 
 
 class ExpertNode:
@@ -69,6 +60,10 @@ class ExpertNode:
         self.dht: InLoopDHT | None = None
         self.announcer: Announcer | None = None
         self.server: grpc.aio.Server | None = None
+        self.route: NodeRoute | None = None
+        self.endpoint: str | None = None
+        self.relay: RelayServer | None = None
+        self.relay_announcer: RelayAnnouncer | None = None
         self.grpc_port = 0
         self.metrics_port: int | None = None
         self._checkpoint_task: asyncio.Task | None = None
@@ -121,8 +116,6 @@ class ExpertNode:
         await self.server.start()
         wildcard = cfg.host in ("0.0.0.0", "::", "")
         local_host = "127.0.0.1" if wildcard else cfg.host
-        announce_host = cfg.announce_host or (guess_public_host() if wildcard else cfg.host)
-        self.endpoint = host_port(announce_host, cfg.announce_port or self.grpc_port)
         log.info("serving %d %s expert(s) (hidden %d) on %s:%d, device %s", len(self.backends), cfg.expert_cls,
                  cfg.hidden_dim, cfg.host, self.grpc_port, self.device)
 
@@ -134,15 +127,33 @@ class ExpertNode:
             announce_maddrs=cfg.dht_announce_maddrs,
             # next to the checkpoints: the node that restores its experts also owns its old records
             identity_dir=Path(cfg.checkpoint_dir) / "identity" if cfg.checkpoint_dir else None,
+            # a full DHT peer only once peers are known to be able to dial it (dmoe.node.reachability)
+            client_mode=cfg.reachability.reachability != "direct",
         )
+        registry = ExpertRegistry(self.dht)
+        own_relay = None
+        if cfg.relay:
+            self.relay = RelayServer(cfg.relay_limits, metrics=RelayMetrics(self.metrics.registry))
+            relay_port = await self.relay.start(cfg.host, cfg.relay_port)
+            own_relay = host_port(cfg.announce_host or (guess_public_host() if wildcard else cfg.host), relay_port)
         self.announcer = Announcer(
-            ExpertRegistry(self.dht), uids=list(self.backends), endpoint=self.endpoint, node_id=self.node_id,
+            registry, uids=list(self.backends), endpoint=None, node_id=self.node_id,
             ttl=cfg.announce_ttl, load=lambda: self.scheduler.load,
             node_info=lambda: {"expert_cls": cfg.expert_cls, "hidden_dim": cfg.hidden_dim,
-                               "updates": self.total_updates()},
+                               "updates": self.total_updates(), "reachability": self.reachability},
         )
         self.announcer.on_result = lambda ok: self.metrics.announces.labels("ok" if ok else "failed").inc()
+        self.route = NodeRoute(cfg, dht=self.dht, registry=registry, grpc_port=self.grpc_port,
+                               local=(local_host, self.grpc_port), own_relay=own_relay,
+                               on_endpoint=self._route_changed)
+        self.endpoint = await self.route.start()
         await self.announcer.start()
+        if self.relay is not None and own_relay is not None:
+            if self.route.status == "direct" or cfg.reachability.reachability == "direct":
+                self.relay_announcer = RelayAnnouncer(registry, self.relay, own_relay)
+                await self.relay_announcer.start()
+            else:
+                log.warning("--relay ignored: this node is not reachable itself (%s)", self.route.status)
 
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(cfg.metrics_port, host=cfg.host)
@@ -151,11 +162,25 @@ class ExpertNode:
         return {
             "grpc": host_port(local_host, self.grpc_port),
             "announced": self.endpoint,
+            "reachability": self.reachability,
+            "relay": self.route.relay,
+            "relay_port": self.relay.port if self.relay_announcer is not None else None,
             "dht": await self.dht.visible_maddrs(),
             "experts": list(self.backends),
             "node_id": self.node_id,
             "metrics_port": self.metrics_port,
         }
+
+    @property
+    def reachability(self) -> str:
+        """direct, relayed, unreachable (no relay holds) or unknown (nobody could check)."""
+        return self.route.status if self.route is not None else "unknown"
+
+    def _route_changed(self, endpoint: str | None) -> None:
+        self.endpoint = endpoint
+        self.metrics.set_route(self.reachability, relayed=self.route is not None and self.route.relay is not None)
+        if self.announcer is not None:
+            self.announcer.reannounce(endpoint)
 
     # ---- checkpoints ----
 
@@ -197,8 +222,14 @@ class ExpertNode:
         server_stopped = asyncio.create_task(self.server.stop(self.config.shutdown_grace)) if self.server else None
         if self.announcer is not None:
             await self.announcer.stop(withdraw=True)
+        if self.relay_announcer is not None:
+            await self.relay_announcer.stop()
         if server_stopped is not None:
             await server_stopped
+        if self.route is not None:  # after the server: in-flight relayed calls still need their tunnel
+            await self.route.stop()
+        if self.relay is not None:
+            await self.relay.stop()
         try:
             await asyncio.wait_for(self.scheduler.drain(), self.config.shutdown_grace)
         except TimeoutError:

@@ -41,31 +41,12 @@ from google.protobuf.message import DecodeError
 
 from dmoe.config import NodeConfig, default_of
 from dmoe.errors import WireFormatError, clip
+from dmoe.logs import RateLimitedLog
 from dmoe.wire.codec import OFF_LOOP_BYTES, check_compression, deserialize_tensor, iter_chunks, payload_bytes
 from dmoe.wire.proto import expert_pb2 as pb
 from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-
-class RateLimitedLog:
-    """At most one log line per reason every ``interval`` seconds; counts what it suppressed."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
-        self.logger = logger
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def warning(self, reason: str, message: str) -> None:
-        now = time.monotonic()
-        if now - self._last.get(reason, -self.interval) < self.interval:
-            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
-            return
-        skipped = self._suppressed.pop(reason, 0)
-        self._last[reason] = now
-        extra = f" (+{skipped} similar in the last {self.interval:.0f}s)" if skipped else ""
-        self.logger.warning("%s%s", message, extra)
 
 
 class Undecodable:

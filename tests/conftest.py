@@ -69,16 +69,16 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 def launch(tmp_path: Path) -> Iterator[Callable[..., DmoeProcess]]:
     """``launch("node", [...args], name="n0")`` starts a dmoe subcommand and waits for dmoe-ready.
 
-    Pass ``wait=False`` to skip waiting. Every process is stopped (SIGTERM, then SIGKILL) at teardown.
+    Pass ``wait=False`` to skip waiting, ``netns="NAME"`` to run it inside a network namespace. Every process is stopped (SIGTERM, then SIGKILL) at teardown.
     Logs go to ``tmp_path/<name>.log``; PYTHONPATH includes tests/ so test-only experts can be loaded.
     """
     started: list[DmoeProcess] = []
 
     def _launch(subcommand: str, args: list[str], *, name: str, wait: bool = True, timeout: float = 90.0,
-                env: dict[str, str] | None = None) -> DmoeProcess:
+                env: dict[str, str] | None = None, netns: str | None = None) -> DmoeProcess:
         pythonpath = os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
         proc = DmoeProcess(subcommand, args, name=name, log_path=tmp_path / f"{name}.log",
-                           env={"PYTHONPATH": pythonpath, **(env or {})})
+                           env={"PYTHONPATH": pythonpath, **(env or {})}, netns=netns)
         started.append(proc.start())
         if wait:
             proc.wait_ready(timeout)

@@ -22,9 +22,10 @@ ALLOWED = {
     "dht": {"base", "wire", "dht"},
     "client": {"base", "wire", "dht", "client"},
     "train": {"base", "wire", "dht", "client", "train"},
-    "node": {"base", "wire", "dht", "node"},
-    "coordinator": {"base", "wire", "dht", "coordinator"},
-    "sim": {"base", "wire", "dht", "client", "train", "node", "coordinator", "sim"},
+    "relay": {"base", "wire", "dht", "relay"},  # relays and the dial-back check (node and coordinator run them)
+    "node": {"base", "wire", "dht", "relay", "node"},
+    "coordinator": {"base", "wire", "dht", "relay", "coordinator"},
+    "sim": {"base", "wire", "dht", "client", "train", "relay", "node", "coordinator", "sim"},
     "api": {"base", "client"},  # dmoe/__init__.py: the public client API
     "dispatcher": {"base", "dispatcher"},  # dmoe/cli.py: imports subcommands by name at run time only
 }
@@ -52,7 +53,7 @@ def plane(module: str) -> str:
         return "api"
     if module in ("dmoe.cli", "dmoe.__main__"):
         return "dispatcher"
-    if len(parts) > 1 and parts[1] in ("wire", "dht", "client", "train", "sim", "node", "coordinator"):
+    if len(parts) > 1 and parts[1] in ("wire", "dht", "client", "train", "relay", "sim", "node", "coordinator"):
         return parts[1]
     return "base"  # dmoe.errors, dmoe.experts, dmoe.ready, dmoe.metrics_exporter, dmoe.config.*
 

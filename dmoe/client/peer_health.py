@@ -51,6 +51,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from dmoe.config.client import HealthOptions
+from dmoe.wire.endpoints import is_relayed
 
 LIVENESS_FAILURES = frozenset({"stuck", "deadline", "unreachable"})  # what a Ping answer disproves
 
@@ -222,13 +223,16 @@ class PeerHealth:
             scale = max(1.0, (rows or 0) / stats.rows) if stats.rows > 0 else 1.0
             return stats.mean * scale + spread * stats.deviation
 
-    def _wait(self, peer: _Peer | None) -> float | None:
+    def _wait(self, endpoint: str, peer: _Peer | None) -> float | None:
         stats = peer.latency.get("forward") if peer is not None else None
         if stats is None:
             return None
         # not stretched by this client's calls in flight: the mean was measured at this client's usual
-        # concurrency (a step sends all its calls at once), so counting them again would flatten every choice
-        return stats.mean * (1.0 + peer.announced_load)
+        # concurrency (a step sends all its calls at once), so counting them again would flatten every choice.
+        # A relayed endpoint's latency already includes the relay's hop; the penalty prefers a direct replica
+        # of about the same speed (a relay is a shared, bounded resource, and one more thing that can fail)
+        penalty = self.options.relayed_penalty if is_relayed(endpoint) else 1.0
+        return stats.mean * (1.0 + peer.announced_load) * penalty
 
     def _salted(self, endpoint: str) -> bytes:
         return hashlib.blake2b(endpoint.encode(), key=self._salt, digest_size=8).digest()
@@ -237,14 +241,14 @@ class PeerHealth:
         """Unbanned endpoints first; unmeasured ones first (least loaded, then salted), then by expected wait."""
         now = self._clock()
         with self._lock:
-            def key(endpoint: str) -> tuple[bool, bool, float, bytes]:
+            def key(endpoint: str) -> tuple[bool, bool, bool, float, bytes]:
                 peer = self._peers.get(endpoint)
                 banned = peer is not None and peer.banned_until > now
-                wait = self._wait(peer)
-                if wait is None:
+                wait = self._wait(endpoint, peer)
+                if wait is None:  # unmeasured: direct ones are explored first
                     load = (peer.announced_load + peer.in_flight) if peer is not None else 0.0
-                    return banned, False, load, self._salted(endpoint)
-                return banned, True, wait, self._salted(endpoint)
+                    return banned, False, is_relayed(endpoint), load, self._salted(endpoint)
+                return banned, True, False, wait, self._salted(endpoint)
 
             return sorted(dict.fromkeys(endpoints), key=key)
 
@@ -258,7 +262,7 @@ class PeerHealth:
             for endpoint, peer in zip(ordered, peers, strict=True):
                 if peer is not None and peer.banned_until > now:
                     break  # banned ones come last in `order`
-                wait = self._wait(peer)
+                wait = self._wait(endpoint, peer)
                 if wait is None:
                     return ordered  # explore the unmeasured one first
                 candidates.append((endpoint, wait))

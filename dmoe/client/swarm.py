@@ -45,7 +45,7 @@ from dmoe.config.client import HealthOptions, HedgeOptions, LookupOptions, Swarm
 from dmoe.dht.access import DHTAccess, InLoopDHT, ProcessDHT
 from dmoe.dht.registry import ExpertRegistry
 from dmoe.errors import DeadlineExceeded, DmoeError, ExpertCallError
-from dmoe.wire.codec import GRPC_OPTIONS
+from dmoe.wire.endpoints import open_channel
 from dmoe.wire.proto import expert_pb2 as pb
 from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
 
@@ -192,7 +192,7 @@ class Swarm:
         if entry is not None:
             self._channels.move_to_end(endpoint)
             return entry[1]
-        channel = grpc.aio.insecure_channel(endpoint, options=GRPC_OPTIONS)
+        channel = open_channel(endpoint)  # direct, or through the node's relay
         stub = pb_grpc.ExpertServiceStub(channel)
         self._channels[endpoint] = (channel, stub)
         while len(self._channels) > self.max_channels:

@@ -53,6 +53,9 @@ class HealthOptions:
     """a call is suspected stuck when its endpoint made no progress for this many times its own 95th-percentile
     latency (mean + 2 deviations, scaled by the rows the call carries), and never before timeout_after_k_min: its
     tokens stop waiting for it, and a Ping checks the node; only an unanswered Ping makes it a failure"""
+    relayed_penalty: float = option(1.5, cli=False)
+    """a replica served through a relay counts as this many times slower than its measured latency (which already
+    includes the relay's hop), so a direct replica of about the same speed is preferred"""
     probe_interval: float = option(2.0, cli=False)
     """seconds between cheap Ping probes of a banned endpoint (a recovered node comes back at the first answer)"""
     probe_timeout: float = option(1.0, cli=False)

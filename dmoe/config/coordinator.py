@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from dmoe.config.flags import option, port_number, positive_float
+from dmoe.config.relay import RELAY_PORT
 
 DHT_PORT = 31337  # the coordinator's well-known DHT port (a stable bootstrap address)
 HTTP_PORT = 8470  # its page, /status and /metrics
@@ -43,6 +44,14 @@ class CoordinatorOptions:
     peers_file: str = option(PEERS_NEXT_TO_IDENTITY)
     """where to remember peers across restarts, so nodes that knew this coordinator find it again; 'none'
     disables"""
+    relay: bool = option(True, flag="--no-relay")
+    """relay for nodes that cannot be dialed (behind NAT); --no-relay turns it off"""
+    relay_host: str = option("0.0.0.0")
+    """address the relay binds"""
+    relay_port: int = option(RELAY_PORT, parse=port_number)
+    """relay port (0: any free port); keep it fixed so nodes can be told HOST:PORT"""
+    relay_announce_host: str | None = option(None)
+    """host nodes reach the relay at, announced in the DHT; default: this machine's outbound address"""
     peers_save_period: float = option(10.0, cli=False)
     """seconds between saves of the known-peers file"""
     max_known_peers: int = option(64, cli=False)

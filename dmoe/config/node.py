@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dmoe.config.flags import non_negative_float, option, port_number, positive_float, positive_int
+from dmoe.config.relay import ReachabilityOptions, RelayOptions
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -92,8 +93,15 @@ class NodeConfig:
     shutdown_grace: float = option(10.0, parse=positive_float, group="checkpoints and metrics")
     """seconds in-flight requests get to finish on SIGTERM before the final checkpoint"""
 
+    relay: bool = option(False, group="relay")
+    """also relay for nodes that cannot be dialed (this node must be reachable itself)"""
+    relay_port: int = option(0, parse=port_number, group="relay")
+    """port of this node's relay (with --relay); 0 picks a free one"""
+
     batching: BatchingOptions = option(factory=BatchingOptions, cli=False)
     optimizer: OptimizerOptions = option(factory=OptimizerOptions, cli=False)
+    reachability: ReachabilityOptions = option(factory=ReachabilityOptions, cli=False)
+    relay_limits: RelayOptions = option(factory=RelayOptions, cli=False)
 
     @property
     def max_request_bytes(self) -> int:

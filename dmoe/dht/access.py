@@ -86,6 +86,8 @@ class InLoopDHT:
     def __init__(self, node: DHTNode, validator: RSASignatureValidator) -> None:
         self.node = node
         self.owner_marker = validator.local_public_key
+        # the key that signs our records; it also proves this peer's relay name (dmoe.relay.protocol)
+        self.signing_key: RSAPrivateKey = validator._private_key
 
     @classmethod
     async def create(
@@ -128,6 +130,14 @@ class InLoopDHT:
 
     async def visible_maddrs(self) -> list[str]:
         return [str(m) for m in await self.node.get_visible_maddrs()]
+
+    @property
+    def client_mode(self) -> bool:
+        return bool(self.node.protocol.client_mode)
+
+    async def become_server(self) -> None:
+        """Start serving DHT requests (joined in client mode until peers were shown to be able to dial us)."""
+        await patches.become_dht_server(self.node)
 
     async def shutdown(self) -> None:
         await self.node.shutdown()

@@ -34,6 +34,15 @@ here and nowhere else:
    and in merges), and a dictionary store replaces a plain value whatever its expiration.
    hivemind's own users of the DHT (averager, optimizer progress) never mix the two under one key.
 
+5. ``become_dht_server`` (one running ``DHTNode``): hivemind fixes a node's client mode when it is
+   created (``DHTProtocol.create``, ``hivemind/dht/protocol.py``), but a dmoe node learns whether it
+   can be dialed only after joining (the dial-back check asks relays it finds in the DHT). So nodes
+   join in client mode and are promoted once the check says peers can dial them: the helper does
+   at run time what server mode does at creation (registers the DHT request handlers, sends the
+   node id in ``node_info``) and pings the routing table so peers add it. The other way round does
+   not work: a node demoted after joining stays in its peers' routing tables, they hand its id back
+   to it, and ``DHTNode.store_many`` asserts that a node never finds itself.
+
 Not patches, but workarounds worth knowing, kept where they are used: hivemind 1.1 passes
 ``averager_opts`` to the state averager only, so ``dmoe.train.collab`` gives the gradient
 averager its request timeout through ``grad_averager_factory`` (matchmaking can deadlock
@@ -183,6 +192,21 @@ def p2pd_in_own_session() -> Iterator[None]:
         yield
     finally:
         asyncio.subprocess.create_subprocess_exec = original  # type: ignore[assignment]
+
+
+async def become_dht_server(node: Any) -> None:
+    """Patch 5 (see module docstring): switch a running client-mode ``DHTNode`` to a full DHT peer."""
+    from hivemind.proto import dht_pb2
+    from hivemind.utils.auth import AuthRole, AuthRPCWrapper
+
+    protocol = node.protocol
+    if not protocol.client_mode:
+        return
+    await protocol.add_p2p_handlers(protocol.p2p, AuthRPCWrapper(protocol, AuthRole.SERVICER, protocol.authorizer))
+    protocol.client_mode = False
+    protocol.node_info = dht_pb2.NodeInfo(node_id=node.node_id.to_bytes())
+    peers = list(protocol.routing_table.uid_to_peer_id.values())
+    await asyncio.gather(*(protocol.call_ping(peer) for peer in peers), return_exceptions=True)
 
 
 def count_state_downloads(optimizer: hivemind.Optimizer, on_download: Callable[[], None]) -> None:

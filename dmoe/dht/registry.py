@@ -20,6 +20,10 @@ public key::
   within one TTL. A graceful leave overwrites its subkeys with a tombstone (``()``).
 * Every node also publishes itself under ``_dmoe.nodes`` (subkey: node id + owner) with its
   endpoint, experts and load, which the coordinator reads to see the swarm.
+* Relays (``dmoe.relay``) publish themselves under ``_dmoe.relays`` (subkey: ``relay`` + owner)
+  with their address and how many nodes they carry, so unreachable nodes find one.
+* An endpoint is ``host:port`` or, for a node served through a relay, ``name@relay-host:port``
+  (``dmoe.wire.endpoints``).
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ from hivemind.utils import get_dht_time
 
 from dmoe.dht.access import DHTAccess
 from dmoe.dht.uids import UID_DELIMITER, cell_key, split_uid
+from dmoe.wire.endpoints import parse_endpoint
 
 NODES_KEY = "_dmoe.nodes"
+RELAYS_KEY = "_dmoe.relays"
 MAX_PROBE_DEPTH = 8  # grid dimensions a walk probes for when nobody said how many there are
 
 
@@ -48,6 +54,18 @@ class ExpertEndpoint:
     node_id: str
     load: float
     expiration: float
+
+
+@dataclass(frozen=True)
+class RelayRecord:
+    address: str  # host:port of the relay's listener
+    tunnels: int  # nodes attached now
+    max_tunnels: int
+    expiration: float
+
+    @property
+    def free(self) -> int:
+        return self.max_tunnels - self.tunnels
 
 
 @dataclass
@@ -147,6 +165,15 @@ class ExpertRegistry:
                 return False
         return True
 
+    async def announce_relay(self, address: str, *, tunnels: int, max_tunnels: int, ttl: float) -> bool:
+        """Store (or refresh) this process's relay record."""
+        entries = {(RELAYS_KEY, self._owned("relay")): {"address": address, "tunnels": int(tunnels),
+                                                         "max_tunnels": int(max_tunnels)}}
+        return await self._store(entries, get_dht_time() + ttl)
+
+    async def withdraw_relay(self, *, ttl: float) -> bool:
+        return await self._store({(RELAYS_KEY, self._owned("relay")): ()}, get_dht_time() + ttl + 1.0)
+
     # ---- looking up (clients, coordinator) ----
 
     async def get_prefixes(self, prefixes: Sequence[str]) -> dict[str, dict[int, list[ExpertEndpoint]]]:
@@ -212,6 +239,23 @@ class ExpertRegistry:
             leaves.update(frontier if dims is None else {})
         return leaves
 
+    async def list_relays(self) -> list[RelayRecord]:
+        """Relays announced under ``_dmoe.relays``, most free capacity first."""
+        record = (await self.dht.get_many([RELAYS_KEY])).get(RELAYS_KEY)
+        relays = []
+        now = get_dht_time()
+        if record is not None and isinstance(record.value, dict):
+            for subkey, item in record.value.items():
+                value = getattr(item, "value", None)
+                if _subkey_coord(subkey) != "relay" or not isinstance(value, dict) or item.expiration_time < now:
+                    continue
+                try:
+                    relays.append(RelayRecord(str(value["address"]), int(value["tunnels"]), int(value["max_tunnels"]),
+                                              float(item.expiration_time)))
+                except (KeyError, TypeError, ValueError):
+                    continue
+        return sorted(relays, key=lambda r: (-r.free, r.address))
+
     async def list_nodes(self) -> list[NodeRecord]:
         """Every node currently announced under ``_dmoe.nodes``."""
         record = (await self.dht.get_many([NODES_KEY])).get(NODES_KEY)
@@ -255,6 +299,10 @@ def _parse_entry(item: Any, now: float) -> tuple[str, str, float, float] | None:
         return None  # expired, tombstone or garbage
     endpoint, node_id, load = value
     if not isinstance(endpoint, str) or not isinstance(node_id, str) or not isinstance(load, int | float):
+        return None
+    try:
+        parse_endpoint(endpoint)  # neither host:port nor name@relay: nobody can dial it
+    except ValueError:
         return None
     return endpoint, node_id, float(load), float(expiration)
 

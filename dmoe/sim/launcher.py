@@ -102,8 +102,10 @@ class DmoeProcess:
         log_path: str | Path,
         env: dict[str, str] | None = None,
         cwd: str | Path | None = None,
+        netns: str | None = None,
     ) -> None:
         self.subcommand = subcommand
+        self.netns = netns  # run inside this network namespace (``ip netns exec``, which execs: same pid)
         self.args = [str(a) for a in args]
         self.name = name
         self.log_path = Path(log_path)
@@ -125,6 +127,8 @@ class DmoeProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRPC_VERBOSITY": "ERROR", **(self.env or {})}
         cmd = [sys.executable, "-m", "dmoe", self.subcommand, *self.args]
+        if self.netns is not None:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
         self.ready = None
         self._ready_event.clear()
         self.frozen = False
