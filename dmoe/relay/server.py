@@ -158,6 +158,8 @@ class RelayServer:
             self._refuse("protocol", f"relay: dropped a connection from {peer}: {e}")
         except (ConnectionError, OSError):
             pass
+        except asyncio.CancelledError:
+            pass  # the relay stops (asyncio's stream callback would log a cancelled handler as an error)
         finally:
             self._tasks.discard(task)
             if not keep_open:
