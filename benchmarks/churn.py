@@ -158,7 +158,8 @@ async def ramp(*, out: Path, step: int, maximum: int, min_free_gb: float, timeou
     reason = f"reached --ramp-max {maximum}"
     coordinator = DmoeProcess("coordinator", ["--identity", out / "coordinator.key", "--host-maddrs",
                                               "/ip4/127.0.0.1/tcp/0", "--http-host", "127.0.0.1", "--http-port", "0",
-                                              "--peers-file", "none", "--refresh-period", "3"],
+                                              "--peers-file", "none", "--refresh-period", "3",
+                                              "--relay-host", "127.0.0.1", "--relay-port", "0"],
                               name="coordinator", log_path=logs / "coordinator.log")
     procs.append(coordinator.start())
     try:

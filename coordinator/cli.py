@@ -91,18 +91,18 @@ async def _serve(args: argparse.Namespace) -> int:
 
     http = HttpServer({})
     http_host, http_port = http.bind(args.http_host, args.http_port)
-    relay = RelayServer(options_from(RelayOptions, args)) if args.relay else None
-    if relay is not None:
-        try:  # a taken port fails here, in one line, before the DHT starts
-            await relay.start(args.relay_host, args.relay_port)
-        except OSError as e:
-            await http.close()
-            raise CoordinatorStartError(f"{e} (another coordinator running? pass --relay-port or --no-relay)") from None
     identity = Path(args.identity).expanduser()
     peers_file = None if args.peers_file.lower() == "none" else Path(
         f"{identity}.peers.json" if args.peers_file == PEERS_NEXT_TO_IDENTITY else args.peers_file).expanduser()
+    relay = RelayServer(options_from(RelayOptions, args)) if args.relay else None
     try:
         load_or_create_identity(identity)  # a bad identity file fails here, before the DHT starts
+        if relay is not None:
+            try:  # so does a taken relay port
+                await relay.start(args.relay_host, args.relay_port)
+            except OSError as e:
+                raise CoordinatorStartError(f"{e} (another coordinator running? pass --relay-port or --no-relay)") \
+                    from None
         peer = await BootstrapPeer.start(BootstrapOptions(
             identity_path=identity, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs,
             initial_peers=args.initial_peers, known_peers_path=peers_file,
@@ -128,7 +128,9 @@ async def _run(args: argparse.Namespace, stop: asyncio.Event, peer: BootstrapPee
     registry = ExpertRegistry(peer.dht)
     view = SwarmView(registry, prefixes=args.prefixes, period=args.refresh_period, forget_after=args.forget_after)
     maddrs = await peer.visible_maddrs()
-    relay_address = host_port(args.relay_announce_host or guess_public_host(), relay.port) if relay else None
+    wildcard = args.relay_host in ("0.0.0.0", "::", "")
+    relay_address = host_port(args.relay_announce_host or (guess_public_host() if wildcard else args.relay_host),
+                              relay.port) if relay else None
     about: dict[str, Any] = {"peer_id": str(peer.peer_id), "dht": maddrs, "http": http_address, "relay": relay_address}
     metrics = make_registry(view, dht_peers=peer.routing_table_size)
     if relay is not None:

@@ -38,7 +38,8 @@ def free_port() -> int:
 
 def coordinator_args(identity: Path, *extra: str, dht_port: int = 0) -> list[str]:
     return ["--identity", str(identity), "--host-maddrs", f"/ip4/127.0.0.1/tcp/{dht_port}", "--http-host",
-            "127.0.0.1", "--http-port", "0", "--refresh-period", str(REFRESH), *extra]
+            "127.0.0.1", "--http-port", "0", "--relay-host", "127.0.0.1", "--relay-port", "0", "--refresh-period",
+            str(REFRESH), *extra]
 
 
 def node_args(experts: str, initial_peers: list[str]) -> list[str]:

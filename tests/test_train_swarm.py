@@ -103,7 +103,8 @@ def test_training_through_nodes_learns_survives_a_killed_node_and_resumes(launch
 @pytest.mark.timeout(600)
 def test_every_node_gone_for_a_while_skips_steps_then_training_resumes(launch, tmp_path):
     coordinator = launch("coordinator", ["--identity", str(tmp_path / "id.key"), "--host-maddrs",
-                                         "/ip4/127.0.0.1/tcp/0", "--http-host", "127.0.0.1", "--http-port", "0"],
+                                         "/ip4/127.0.0.1/tcp/0", "--http-host", "127.0.0.1", "--http-port", "0",
+                                         "--relay-host", "127.0.0.1", "--relay-port", "0"],
                          name="coordinator", timeout=180)
     bootstrap = coordinator.ready["dht"]
     experts = "layer0.ffn.[0:4].[0:4],layer1.ffn.[0:4].[0:4]"

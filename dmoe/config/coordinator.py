@@ -51,7 +51,8 @@ class CoordinatorOptions:
     relay_port: int = option(RELAY_PORT, parse=port_number)
     """relay port (0: any free port); keep it fixed so nodes can be told HOST:PORT"""
     relay_announce_host: str | None = option(None)
-    """host nodes reach the relay at, announced in the DHT; default: this machine's outbound address"""
+    """host nodes reach the relay at, announced in the DHT; default: --relay-host, or this machine's outbound address
+    when binding 0.0.0.0"""
     peers_save_period: float = option(10.0, cli=False)
     """seconds between saves of the known-peers file"""
     max_known_peers: int = option(64, cli=False)

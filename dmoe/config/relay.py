@@ -52,8 +52,9 @@ class ReachabilityOptions:
     relays: list[str] = option(factory=list, nargs="*", metavar="HOST:PORT")
     """relays to use or to ask for the dial-back check, besides those announced in the DHT (e.g. the coordinator's,
     HOST:31338)"""
-    relay_attachments: int = option(1, parse=positive_int, cli=False)
-    """relays an unreachable node keeps attached at once; it announces the first (the others are warm spares)"""
+    relay_attachments: int = option(2, parse=positive_int, cli=False)
+    """relays an unreachable node keeps attached at once; it announces the first, the others are warm spares (the
+    route moves to one at once when the first dies)"""
     reachability_check_interval: float = option(300.0, parse=non_negative_float)
     """seconds between re-checks of reachability (a changed network, a new port forward); 0 checks only at start"""
     relay_retry: float = option(2.0, parse=positive_float, cli=False)

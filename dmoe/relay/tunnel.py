@@ -201,6 +201,7 @@ class RelayLink:
         loop = asyncio.get_running_loop()
         while True:
             self.attached = [a for a in self.attached if not a.closed.is_set()]
+            self._publish()  # a spare takes over at once, before any slow attempt to attach elsewhere
             if len(self.attached) < self.options.relay_attachments:
                 try:
                     addresses = list(await self.candidates())
@@ -218,9 +219,11 @@ class RelayLink:
                     try:
                         await attachment.attach()
                     except (OSError, TimeoutError, ProtocolError, ValueError) as e:
+                        if address not in self._failed_at:  # once per relay until it accepts again
+                            log.info("cannot attach to relay %s: %s", address, e or type(e).__name__)
                         self._failed_at[address] = loop.time()
-                        log.info("cannot attach to relay %s: %s", address, e or type(e).__name__)
                         continue
+                    self._failed_at.pop(address, None)
                     log.info("attached to relay %s as %s", address, attachment.name)
                     self.attached.append(attachment)
             self._publish()

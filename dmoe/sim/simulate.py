@@ -295,6 +295,7 @@ class Simulation:
             self.bootstrap = DmoeProcess("coordinator", [
                 "--identity", self.out / "coordinator.key", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
                 "--http-host", "127.0.0.1", "--http-port", "0", "--peers-file", "none",
+                "--relay-host", "127.0.0.1", "--relay-port", "0",
                 "--refresh-period", str(min(3.0, sc.node.announce_ttl_s / 2)),
             ], name="coordinator", log_path=logs / "coordinator.log", env=self._child_env())
         else:
