@@ -110,3 +110,38 @@ def test_node_behind_nat_trains_through_a_relay_and_moves_to_another_when_it_die
         skipped_after = len(after) - len(trained_after)
         print(f"NAT: {len(before)} steps through {dead} (loss {before[0]['loss']:.3f} -> {before[-1]['loss']:.3f}), "
               f"relay killed, {len(trained_after)} trained and {skipped_after} skipped through {survivor}")
+
+
+def metric(url: str, name: str) -> float | None:
+    import urllib.request
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+@pytest.mark.timeout(300)
+def test_reachability_on_loopback_is_direct_and_forced_relaying_or_no_relay_is_reported(launch, tmp_path):
+    coordinator = launch("coordinator", coordinator_args(tmp_path, "c", "127.0.0.1"), name="coordinator", timeout=180)
+    peers = coordinator.ready["dht"]
+    common = ["--hidden-dim", "32", "--host", "127.0.0.1", "--initial-peers", *peers, "--metrics-port", "0"]
+    direct = launch("node", ["--experts", "a.[0:2]", *common], name="direct", **PROC)
+    assert direct.ready["reachability"] == "direct" and direct.ready["relay"] is None
+    assert direct.ready["announced"] == direct.ready["grpc"]
+    assert "REACHABLE 127.0.0.1" in Path(direct.log_path).read_text()
+    relayed = launch("node", ["--experts", "b.[0:2]", *common, "--reachability", "relay"], name="relayed", **PROC)
+    assert relayed.ready["reachability"] == "relayed"
+    assert relayed.ready["relay"] == coordinator.ready["relay"]
+    for proc, reachable, via_relay in ((direct, 1, 0), (relayed, 0, 1)):
+        url = f"http://127.0.0.1:{proc.ready['metrics_port']}/metrics"
+        assert metric(url, "dmoe_node_reachable") == reachable and metric(url, "dmoe_node_relayed") == via_relay
+    http = coordinator.ready["http"].replace("0.0.0.0", "127.0.0.1")
+    assert metric(f"http://{http}/metrics", "dmoe_relay_tunnels") == 1
+    # nothing to relay through: the node says it is unreachable and what the volunteer can do
+    alone = launch("node", ["--experts", "c.[0:1]", "--hidden-dim", "32", "--host", "127.0.0.1",
+                            "--reachability", "relay", "--relays", "127.0.0.1:9"], name="alone", **PROC)
+    assert alone.ready["reachability"] == "unreachable" and alone.ready["announced"] is None
+    text = Path(alone.log_path).read_text()
+    assert "forward TCP port" in text and "--relays" in text
