@@ -80,11 +80,12 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     for flag in ("initial_peers", "dht_host_maddrs", "dht_announce_maddrs"):
         _check_maddrs("--" + flag.replace("_", "-"), getattr(args, flag))
     reachability = options_from(ReachabilityOptions, args)
-    for relay in reachability.relays:
-        try:
-            split_host_port(relay)
-        except ValueError as e:
-            raise ConfigError(f"--relays: {e}") from None
+    for flag, values in (("--relays", reachability.relays), ("--tunnel-to", [reachability.tunnel_to or "h:1"])):
+        for value in values:
+            try:
+                split_host_port(value)
+            except ValueError as e:
+                raise ConfigError(f"{flag}: {e}") from None
     if args.relay and reachability.reachability == "relay":
         raise ConfigError("--relay needs a node others can dial; it cannot be combined with --reachability relay")
     return options_from(NodeConfig, args, batching=options_from(BatchingOptions, args),

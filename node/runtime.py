@@ -36,7 +36,7 @@ from dmoe.relay.directory import RelayAnnouncer
 from dmoe.relay.metrics import RelayMetrics
 from dmoe.relay.server import RelayServer
 from dmoe.wire.codec import GRPC_OPTIONS
-from dmoe.wire.endpoints import guess_public_host, host_port
+from dmoe.wire.endpoints import guess_public_host, host_port, split_host_port
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,8 @@ class ExpertNode:
         )
         self.announcer.on_result = lambda ok: self.metrics.announces.labels("ok" if ok else "failed").inc()
         self.route = NodeRoute(cfg, dht=self.dht, registry=registry, grpc_port=self.grpc_port,
-                               local=(local_host, self.grpc_port), own_relay=own_relay,
+                               local=split_host_port(cfg.reachability.tunnel_to) if cfg.reachability.tunnel_to
+                               else (local_host, self.grpc_port), own_relay=own_relay,
                                on_endpoint=self._route_changed)
         self.endpoint = await self.route.start()
         await self.announcer.start()

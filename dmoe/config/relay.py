@@ -55,6 +55,9 @@ class ReachabilityOptions:
     relay_attachments: int = option(2, parse=positive_int, cli=False)
     """relays an unreachable node keeps attached at once; it announces the first, the others are warm spares (the
     route moves to one at once when the first dies)"""
+    tunnel_to: str | None = option(None, metavar="HOST:PORT")
+    """where connections arriving through a relay are handed on; default: this node's own gRPC server (set it to a
+    local proxy in front of the server)"""
     reachability_check_interval: float = option(300.0, parse=non_negative_float)
     """seconds between re-checks of reachability (a changed network, a new port forward); 0 checks only at start"""
     relay_retry: float = option(2.0, parse=positive_float, cli=False)

@@ -278,7 +278,34 @@ def summarize(run: RunData) -> dict[str, Any]:
         "recovery_median_s": statistics.median(rec_values) if rec_values else None,
         "recovery_max_s": max(rec_values) if rec_values else None,
         "unrecovered_events": sum(1 for r in recoveries if r.get("recovered") is False),
+        "nodes_behind_nat": sum(1 for n in run.run.get("nodes", []) if n.get("behind_nat")),
+        "routes": routes_summary(run),
     }
+
+
+def routes_summary(run: RunData) -> dict[str, Any] | None:
+    """Direct vs relayed expert endpoints as the trainers measured them (their ``endpoints`` records at stop):
+    endpoints, answers, failures and the answer-weighted mean forward latency per route; None without records."""
+    routes: dict[str, dict[str, float]] = {}
+    for name in run.trainers:
+        records = [r for r in run.trainers[name] if r.get("type") == "endpoints"]
+        if not records:
+            continue
+        for endpoint, stats in (records[-1].get("endpoints") or {}).items():
+            route = routes.setdefault("relayed" if "@" in endpoint else "direct",
+                                      {"endpoints": 0, "answers": 0, "failures": 0, "_weighted_rtt": 0.0})
+            answers = int(stats.get("answers") or 0)
+            route["endpoints"] += 1
+            route["answers"] += answers
+            route["failures"] += int(stats.get("failures") or 0)
+            if stats.get("rtt") is not None:
+                route["_weighted_rtt"] += float(stats["rtt"]) * answers
+    if not routes:
+        return None
+    for route in routes.values():
+        weighted = route.pop("_weighted_rtt")
+        route["forward_rtt_ms"] = round(1000 * weighted / route["answers"], 2) if route["answers"] else None
+    return routes
 
 
 def _mean_or_none(values: Iterable[float | None]) -> float | None:
@@ -329,6 +356,12 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(f"recovery after disruptive events: median {_fmt(summary['recovery_median_s'], '.2f')} s, "
                      f"max {_fmt(summary['recovery_max_s'], '.2f')} s, not recovered {summary['unrecovered_events']}"
                      f" of {len(summary['recovery'])}")
+    routes = summary.get("routes")
+    if summary.get("nodes_behind_nat") or (routes and "relayed" in routes):
+        parts = [f"{route} {r['endpoints']} endpoint(s), {r['answers']} answers, {r['failures']} failures, forward "
+                 f"{_fmt(r['forward_rtt_ms'])} ms" for route, r in sorted((routes or {}).items())]
+        lines.append(f"nodes behind NAT (served through a relay): {summary.get('nodes_behind_nat', 0)}; "
+                     + ("; ".join(parts) or "no endpoint statistics"))
     if summary["event_errors"]:
         lines.append(f"WARNING: {len(summary['event_errors'])} event(s) could not be applied (see events.jsonl)")
     return "\n".join(lines)

@@ -17,7 +17,7 @@ Layout (all sections optional except where noted; see ``scenarios/*.toml`` for d
     duration_s = 180                # required: how long the swarm runs, s
     seed = 0                        # seeds links, churn and every process
 
-    [swarm]     nodes, trainers, layers, grid, replicas, hidden_dim, expert_cls, bootstrap
+    [swarm]     nodes, trainers, layers, grid, replicas, hidden_dim, expert_cls, bootstrap, nat_share
     [node]      announce_ttl_s, checkpoint_interval_s, extra_args
     [trainer]   batch_size, block_size, n_head, k_best, k_min, lr, eval_every, eval_batches, steps,
                 forward_timeout_s, backward_timeout_s, timeout_after_k_min_s, compression, max_data_mb,
@@ -115,6 +115,9 @@ class SwarmSpec:
     hidden_dim: int = _MODEL.n_embd  # of the trainer's model and so of every node's experts
     expert_cls: str = _MODEL.expert_cls
     bootstrap: str = "auto"  # coordinator if `dmoe coordinator` exists, else a bootstrap node
+    # share of the nodes behind NAT: they announce no address of their own and serve only through a relay
+    # (the coordinator's, or the bootstrap node's); which nodes is drawn from the seed (swarm_layout.behind_nat)
+    nat_share: float = 0.0
 
     @property
     def experts_per_layer(self) -> int:
@@ -419,6 +422,7 @@ def _parse_swarm(t: _Table) -> SwarmSpec:
         hidden_dim=t.integer("hidden_dim", d.hidden_dim, lo=1),
         expert_cls=t.string("expert_cls", d.expert_cls),
         bootstrap=t.string("bootstrap", d.bootstrap, choices=BOOTSTRAP_KINDS),
+        nat_share=t.number("nat_share", d.nat_share, lo=0, hi=1),
     )
     if spec.replicas > spec.nodes:
         raise t.error(t.key("replicas"), f"an integer in [1, swarm.nodes = {spec.nodes}]", spec.replicas)

@@ -53,7 +53,7 @@ from dmoe.sim.launcher import DmoeProcess, ProcessFailed
 from dmoe.sim.links import LinkEmulator, LinkModel
 from dmoe.sim.report import write_report
 from dmoe.sim.scenario import Scenario, dump_json_safe, load_scenario
-from dmoe.sim.swarm_layout import node_args, node_experts, trainer_args
+from dmoe.sim.swarm_layout import behind_nat, node_args, node_experts, reachability_args, trainer_args
 
 logger = logging.getLogger("dmoe.simulate")
 
@@ -77,6 +77,7 @@ class _Node:
     experts: list[str]
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     grpc: str | None = None
+    announced: str | None = None  # what it announced last: its link's address, or its relayed endpoint
     watched_helpers: list[int] = field(default_factory=list)  # frozen helpers in sessions of their own (reaper)
 
 
@@ -205,7 +206,8 @@ class Simulation:
             "grid": list(sc.swarm.grid),
             "bootstrap": self.bootstrap_kind,
             "nodes": [{"index": n.index, "experts": n.experts, "link": self.timeline.links[n.index].to_dict(),
-                       "proxy": n.link.address} for n in self.nodes],
+                       "proxy": n.link.address, "behind_nat": behind_nat(sc.with_seed(self.seed), n.index),
+                       "announced": n.announced} for n in self.nodes],
             "planned_events": [e.to_dict() for e in self.timeline.events],
             "skipped_events": list(self.timeline.skipped),
             **extra,
@@ -300,8 +302,9 @@ class Simulation:
             ], name="coordinator", log_path=logs / "coordinator.log", env=self._child_env())
         else:
             self.bootstrap_kind = "node"
-            self.bootstrap = DmoeProcess("node", [
+            self.bootstrap = DmoeProcess("node", [  # it relays for the nodes behind NAT, if any
                 "--experts", "bootstrap.0", "--hidden-dim", "8", "--host", "127.0.0.1", "--port", "0",
+                "--reachability", "direct", "--relay",
                 "--dht-host-maddrs", "/ip4/127.0.0.1/tcp/0", "--announce-ttl", str(sc.node.announce_ttl_s),
             ], name="bootstrap", log_path=logs / "bootstrap.log", env=self._child_env())
         self._launch(self.bootstrap)
@@ -316,9 +319,11 @@ class Simulation:
             link = LinkEmulator(self.timeline.links[i], seed=self.seed * 10_007 + i, name=f"link{i}")
             await link.start()
             ckpt = self.out / "checkpoints" / f"node{i}"
+            seeded = sc.with_seed(self.seed)
             args = [
-                *node_args(sc.with_seed(self.seed), i), "--host", "127.0.0.1", "--port", "0",
+                *node_args(seeded, i), "--host", "127.0.0.1", "--port", "0",
                 "--announce-host", "127.0.0.1", "--announce-port", link.listen_port,
+                *reachability_args(seeded, i, link_address=f"127.0.0.1:{link.listen_port}"),
                 "--initial-peers", *self.initial_peers, "--dht-host-maddrs", "/ip4/127.0.0.1/tcp/0",
                 "--checkpoint-dir", ckpt,
             ]
@@ -360,6 +365,7 @@ class Simulation:
     def _point_link(self, node: _Node, ready: dict[str, Any]) -> None:
         host, _, port = str(ready["grpc"]).rpartition(":")
         node.grpc = ready["grpc"]
+        node.announced = ready.get("announced")
         node.link.set_target((host or "127.0.0.1", int(port)))
 
     async def _play(self) -> None:

@@ -46,6 +46,23 @@ def node_link(scenario: Scenario, index: int) -> LinkModel:
     return links[index % len(links)]
 
 
+def behind_nat(scenario: Scenario, index: int, nodes: int | None = None) -> bool:
+    """Whether node ``index`` sits behind NAT: ``round(nat_share x nodes)`` slots drawn from the seed (slots wrap)."""
+    n = nodes or scenario.swarm.nodes
+    slots = list(range(n))
+    random.Random(f"nat:{scenario.seed}").shuffle(slots)
+    return index % n in set(slots[:round(scenario.swarm.nat_share * n)])
+
+
+def reachability_args(scenario: Scenario, index: int, *, link_address: str, nodes: int | None = None) -> list[str]:
+    """How node ``index`` is reached. A node behind NAT announces nothing of its own: it serves through a relay,
+    whose connections are handed to its link (``--tunnel-to``), so relayed traffic crosses the home link too. The
+    others are dialable by construction (their link listens on loopback), so they skip the dial-back check."""
+    if behind_nat(scenario, index, nodes):
+        return ["--reachability", "relay", "--tunnel-to", link_address]
+    return ["--reachability", "direct"]
+
+
 def node_args(scenario: Scenario, index: int, nodes: int | None = None) -> list[str]:
     """``dmoe node`` flags that follow from the scenario (network flags are the launcher's business)."""
     swarm, spec = scenario.swarm, scenario.node

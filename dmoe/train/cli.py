@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         watcher = SwarmWatcher(swarm, model) if swarm is not None else None
         trainer = Trainer(model=model, corpus=corpus, options=options, updater=updater,
                           expert_optimizer=expert_optimizer, probe=watcher or LocalWatcher(model), device=device,
-                          data_seed=data_seed)
+                          data_seed=data_seed, endpoint_stats=swarm.health.snapshot if swarm is not None else None)
         trainer.resume()
         ready: dict[str, Any] = {"step": trainer.step, "steps": args.steps, "experts": "local" if args.local_experts
                                  else "remote", "log_file": args.log_file}

@@ -26,6 +26,7 @@ every ``--checkpoint-interval`` seconds and on exit, and ``Trainer`` resumes fro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -241,6 +242,7 @@ class Trainer:
         updater: Updater,
         expert_optimizer: ExpertOptimizer | None = None,
         probe: SwarmProbe | None = None,
+        endpoint_stats: Callable[[], dict[str, Any]] | None = None,
         device: torch.device | str = "cpu",
         skip_errors: tuple[type[BaseException], ...] = (DmoeError,),
         data_seed: int | None = None,
@@ -251,6 +253,7 @@ class Trainer:
         self.updater = updater
         self.expert_optimizer = expert_optimizer
         self.probe = probe
+        self.endpoint_stats = endpoint_stats  # per expert endpoint: latency, answers, failures (logged at stop)
         self.device = torch.device(device)
         self.skip_errors = skip_errors
         self.block_size = model.config.block_size
@@ -533,6 +536,9 @@ class Trainer:
                 val_loss=last_val, tokens_per_s=(self.tokens - tokens_start) / elapsed if elapsed > 0 else 0.0,
                 elapsed=elapsed, stopped_by=stopped_by, evals=self.evals,
             )
+            if self.endpoint_stats is not None:
+                with contextlib.suppress(Exception):  # a diagnostic: never in the way of stopping
+                    self.log.write({"type": "endpoints", "time": time.time(), "endpoints": self.endpoint_stats()})
             self.log.write({"type": "stop", "time": time.time(), **{k: v for k, v in asdict(result).items()
                                                                      if k != "evals"}})
         return result
