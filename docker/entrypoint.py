@@ -6,7 +6,8 @@ Roles:
 * ``node`` — shapes its own interface like a home line (``tc``, see home_link.py), starts the
   ``dmoe.sim.links`` emulator in front of its gRPC port for latency (and download rate when the kernel
   cannot police ingress), finds the coordinator's DHT address from its ``/status`` page, and runs
-  ``dmoe node`` announcing the emulator's address. Which experts it serves follows from its replica
+  ``dmoe node`` announcing the emulator's address (or, for the scenario's ``nat_share`` of the nodes,
+  serving only through the coordinator's relay). Which experts it serves follows from its replica
   number (the ``N`` in the compose container name ``<project>-node-N``, found by reverse DNS).
 * ``trainer`` — finds the coordinator, runs ``dmoe train`` with its metrics log in ``$SWARM_LOG_DIR``.
 * ``chaos`` — ``dmoe chaos`` (needs the Docker socket mounted).
@@ -46,7 +47,7 @@ from home_link import apply_home_link  # noqa: E402
 from dmoe.config.coordinator import DHT_PORT as COORDINATOR_DHT_PORT  # noqa: E402
 from dmoe.config.coordinator import HTTP_PORT as COORDINATOR_HTTP_PORT  # noqa: E402
 from dmoe.sim.scenario import Scenario, load_scenario  # noqa: E402
-from dmoe.sim.swarm_layout import node_args, node_link, trainer_args  # noqa: E402
+from dmoe.sim.swarm_layout import behind_nat, node_args, node_link, reachability_args, trainer_args  # noqa: E402
 
 SCENARIO_DIRS = ("/opt/dmoe-scenarios/docker", "/opt/dmoe-scenarios")
 
@@ -213,9 +214,14 @@ def run_node(extra: list[str]) -> int:
                 "--down-mbit", "inf" if shaped.down_mbit else str(link.down_mbit),
                 "--latency-ms", str(link.latency_ms), "--jitter-ms", str(link.jitter_ms),
                 "--drop-prob", str(link.drop_prob), "--seed", str(scenario.seed * 1000 + index)]
-    node = ["dmoe", "node", *node_args(scenario, index, placement_slots(scenario)),
+    slots = placement_slots(scenario)
+    # a node "behind NAT" (the scenario's nat_share) announces no address: it serves through the coordinator's
+    # relay, whose connections enter through the emulator like everyone else's; the others are checked by dial-back
+    route = reachability_args(scenario, index, link_address=f"127.0.0.1:{NODE_GRPC_PORT}", nodes=slots) \
+        if behind_nat(scenario, index, slots) else []
+    node = ["dmoe", "node", *node_args(scenario, index, slots),
             "--host", "0.0.0.0", "--port", str(NODE_INNER_PORT),
-            "--announce-host", ip, "--announce-port", str(NODE_GRPC_PORT),
+            "--announce-host", ip, "--announce-port", str(NODE_GRPC_PORT), *route,
             "--initial-peers", *peers,
             "--dht-host-maddrs", f"/ip4/0.0.0.0/tcp/{NODE_DHT_PORT}",
             "--dht-announce-maddrs", f"/ip4/{ip}/tcp/{NODE_DHT_PORT}",
