@@ -9,8 +9,9 @@ gets from a stock coordinator: ``--relay-tunnel-mbit`` per node). The client cal
 node and expert three ways in the same run: at its own gRPC address (direct), and through each
 relay (``name@relay``, gRPC's HTTP CONNECT support; ``dmoe.relay``).
 
-* latency: sequential Forward calls of a [batch, hidden] fp32 tensor, p50 / p95, the three ways
-  interleaved call by call so background load falls on all alike;
+* latency: sequential Forward calls of a [batch, hidden] fp32 tensor, p50 / p95, and Ping round
+  trips (no payload, no compute: the transport alone), the three ways interleaved call by call so
+  background load falls on all alike;
 * throughput: ``--concurrency`` calls in flight for ``--window`` seconds per way, in alternating
   rounds; calls/s and payload MB/s (request + reply).
 
@@ -71,6 +72,7 @@ async def measure(endpoints: dict[str, str], *, batch: int, hidden: int, calls: 
     from dmoe.client.remote_call import FORWARD, build_request, call_expert
     from dmoe.wire.codec import serialize_tensors
     from dmoe.wire.endpoints import open_channel
+    from dmoe.wire.proto import expert_pb2 as pb
     from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
 
     x = torch.randn(batch, hidden)
@@ -78,6 +80,11 @@ async def measure(endpoints: dict[str, str], *, batch: int, hidden: int, calls: 
     payload = 2 * x.numel() * 4  # request + reply, bytes
     channels = {way: open_channel(ep) for way, ep in endpoints.items()}
     stubs = {way: pb_grpc.ExpertServiceStub(ch) for way, ch in channels.items()}
+
+    async def ping(way: str) -> float:
+        started = time.perf_counter()
+        await stubs[way].Ping(pb.PingRequest(), timeout=10)
+        return time.perf_counter() - started
 
     async def one(way: str) -> float:
         started = time.perf_counter()
@@ -88,9 +95,11 @@ async def measure(endpoints: dict[str, str], *, batch: int, hidden: int, calls: 
         for _ in range(10):
             await one(way)
     latencies: dict[str, list[float]] = {way: [] for way in endpoints}
+    pings: dict[str, list[float]] = {way: [] for way in endpoints}
     for _ in range(calls):
         for way in endpoints:
             latencies[way].append(await one(way))
+            pings[way].append(await ping(way))
 
     done: dict[str, list[float]] = {way: [] for way in endpoints}  # calls/s per window
     for _ in range(rounds):
@@ -115,6 +124,7 @@ async def measure(endpoints: dict[str, str], *, batch: int, hidden: int, calls: 
         ordered = sorted(latencies[way])
         rate = statistics.median(done[way])
         results[way] = {"p50_ms": 1000 * ordered[len(ordered) // 2], "p95_ms": 1000 * ordered[int(len(ordered) * 0.95)],
+                        "ping_p50_ms": 1000 * statistics.median(pings[way]),
                         "calls_per_s": rate, "mb_per_s": rate * payload / 1e6}
     return results
 
@@ -142,10 +152,13 @@ def main() -> None:
     direct = results["direct"]
     print(f"\nexpert Forward, batch {args.batch} x hidden {args.hidden} fp32, loopback, "
           f"{args.concurrency} in flight for throughput")
-    print(f"{'way':<24}{'p50 ms':>9}{'p95 ms':>9}{'+p50 ms':>9}{'calls/s':>10}{'MB/s':>9}{'of direct':>11}")
+    print(f"{'way':<24}{'p50 ms':>9}{'p95 ms':>9}{'+p50 ms':>9}{'Ping ms':>9}{'+Ping':>8}{'calls/s':>10}{'MB/s':>9}"
+          f"{'of direct':>11}")
     for way, r in results.items():
         print(f"{way:<24}{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}{r['p50_ms'] - direct['p50_ms']:>9.2f}"
+              f"{r['ping_p50_ms']:>9.2f}{r['ping_p50_ms'] - direct['ping_p50_ms']:>8.2f}"
               f"{r['calls_per_s']:>10.1f}{r['mb_per_s']:>9.1f}{r['calls_per_s'] / direct['calls_per_s']:>10.0%}")
+    print("(Ping: the same round trip with no payload and no compute: the relay's transport cost alone)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"config": vars(args) | {"out": str(args.out)}, "results": results,

@@ -69,7 +69,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 def launch(tmp_path: Path) -> Iterator[Callable[..., DmoeProcess]]:
     """``launch("node", [...args], name="n0")`` starts a dmoe subcommand and waits for dmoe-ready.
 
-    Pass ``wait=False`` to skip waiting, ``netns="NAME"`` to run it inside a network namespace. Every process is stopped (SIGTERM, then SIGKILL) at teardown.
+    Pass ``wait=False`` to skip waiting, ``netns="NAME"`` to run it inside a network namespace. Every
+    process is stopped (SIGTERM, then SIGKILL) at teardown.
     Logs go to ``tmp_path/<name>.log``; PYTHONPATH includes tests/ so test-only experts can be loaded.
     """
     started: list[DmoeProcess] = []
