@@ -20,7 +20,7 @@ from typing import Any
 
 import uvloop
 from dmoe.coordinator.bootstrap import BootstrapOptions, BootstrapPeer, CoordinatorStartError, load_or_create_identity
-from dmoe.coordinator.http import HttpServer, coordinator_routes
+from dmoe.coordinator.http import HttpServer, QueryRoute, Response, coordinator_routes
 from dmoe.coordinator.swarm_metrics import make_registry
 from dmoe.coordinator.view import PrefixSpec, SwarmView, parse_prefixes
 from hivemind.utils.multiaddr import Multiaddr
@@ -30,6 +30,7 @@ from dmoe.config.coordinator import PEERS_NEXT_TO_IDENTITY, CoordinatorOptions
 from dmoe.config.relay import RelayOptions
 from dmoe.dht.registry import ExpertRegistry
 from dmoe.errors import ConfigError
+from dmoe.membership import MembershipError, authority_key_from_identity, check_token_request, issue_token, read_members
 from dmoe.ready import print_ready
 from dmoe.relay.directory import RelayAnnouncer
 from dmoe.relay.metrics import RelayMetrics
@@ -97,6 +98,14 @@ async def _serve(args: argparse.Namespace) -> int:
     relay = RelayServer(options_from(RelayOptions, args)) if args.relay else None
     try:
         load_or_create_identity(identity)  # a bad identity file fails here, before the DHT starts
+        if args.members:  # and so does an unreadable members list
+            try:
+                read_members(Path(args.members).expanduser())
+            except OSError as e:
+                raise CoordinatorStartError(f"cannot read the members list {args.members}: {e.strerror or e}") \
+                    from None
+            except MembershipError as e:
+                raise CoordinatorStartError(str(e)) from None
         if relay is not None:
             try:  # so does a taken relay port
                 await relay.start(args.relay_host, args.relay_port)
@@ -135,6 +144,10 @@ async def _run(args: argparse.Namespace, stop: asyncio.Event, peer: BootstrapPee
     metrics = make_registry(view, dht_peers=peer.routing_table_size)
     if relay is not None:
         relay.use_metrics(RelayMetrics(metrics))
+    if args.members:
+        http.routes["/token"] = token_route(Path(args.identity).expanduser(), Path(args.members).expanduser(),
+                                            ttl=args.token_ttl)
+        about["authority"] = str(peer.peer_id)
     http.routes.update(coordinator_routes(view, metrics, about=lambda: {
         **about, "dht_peers": peer.routing_table_size(), "relay_stats": relay.stats() if relay else None}))
     await http.start()
@@ -156,6 +169,39 @@ async def _run(args: argparse.Namespace, stop: asyncio.Event, peer: BootstrapPee
             await relay_announcer.stop()
     logger.info("shutting down")
     return 0
+
+
+def token_route(identity: Path, members_file: Path, *, ttl: float) -> QueryRoute:
+    """``GET /token?member=..&time=..&sig=..``: a membership token for a listed member who proves its key.
+
+    The members file is read again when it changes, so the operator adds or removes members without a restart
+    (a removed member keeps its current token until it expires: keep --token-ttl short)."""
+    authority = authority_key_from_identity(identity.read_bytes())
+    members: set[str] = set()
+    stamp: list[float] = [-1.0]
+
+    def current() -> set[str]:
+        try:
+            mtime = members_file.stat().st_mtime
+            if mtime != stamp[0]:
+                members.clear()
+                members.update(read_members(members_file))
+                stamp[0] = mtime
+                logger.info("members list %s: %d member(s)", members_file, len(members))
+        except (OSError, MembershipError) as e:
+            logger.error("cannot read the members list %s: %s (keeping the previous one)", members_file, e)
+        return members
+
+    def handle(query: dict[str, str]) -> Response:
+        try:
+            member = check_token_request(query, current())
+        except MembershipError as e:
+            return Response(401 if e.unauthenticated else 403, f"{e}\n".encode())
+        logger.info("issued a membership token to %s... (valid %.0fs)", member[:12], ttl)
+        return Response(200, issue_token(authority, member, ttl=ttl).encode())
+
+    current()
+    return QueryRoute(handle)
 
 
 async def _save_peers_periodically(peer: BootstrapPeer, view: SwarmView, stop: asyncio.Event) -> None:

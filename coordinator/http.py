@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +29,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 logger = logging.getLogger(__name__)
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            408: "Request Timeout", 431: "Request Header Fields Too Large", 500: "Internal Server Error"}
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 408: "Request Timeout", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error"}
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,18 @@ class _BadRequest:
 Route = Callable[[], Response | Awaitable[Response]]
 
 
+@dataclass(frozen=True)
+class QueryRoute:
+    """A route that reads the query string (``?a=1&b=2``, decoded; repeated keys: the last one)."""
+
+    handler: Callable[[dict[str, str]], Response]
+
+
 class HttpServer:
     """Serve ``routes`` (path -> handler) for GET and HEAD."""
 
-    def __init__(self, routes: dict[str, Route], *, read_timeout: float = 10.0, max_head_bytes: int = 16384) -> None:
+    def __init__(self, routes: dict[str, Route | QueryRoute], *, read_timeout: float = 10.0,
+                 max_head_bytes: int = 16384) -> None:
         self.routes = routes
         self.read_timeout = read_timeout
         self.max_head_bytes = max_head_bytes
@@ -97,8 +107,8 @@ class HttpServer:
             if isinstance(head, _BadRequest):
                 await self._write(writer, Response(head.status, f"{head.message}\n".encode()), head_only=False)
                 return
-            method, path = head
-            await self._write(writer, await self._dispatch(method, path), head_only=method == "HEAD")
+            method, path, query = head
+            await self._write(writer, await self._dispatch(method, path, query), head_only=method == "HEAD")
         except ConnectionError:
             pass  # the client went away; nothing to answer
         finally:
@@ -106,7 +116,7 @@ class HttpServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _read_head(self, reader: asyncio.StreamReader) -> tuple[str, str] | _BadRequest | None:
+    async def _read_head(self, reader: asyncio.StreamReader) -> tuple[str, str, str] | _BadRequest | None:
         try:
             request_line = (await reader.readline()).decode("latin-1").strip()
             if not request_line:
@@ -124,16 +134,23 @@ class HttpServer:
                     break
         except ValueError:  # a line longer than the stream limit
             return _BadRequest(431, "request head too large")
-        method, target = parts[0].upper(), parts[1]
-        return method, target.split("?", 1)[0].split("#", 1)[0] or "/"
+        method, target = parts[0].upper(), parts[1].split("#", 1)[0]
+        path, _, query = target.partition("?")
+        return method, path or "/", query
 
-    async def _dispatch(self, method: str, path: str) -> Response:
+    async def _dispatch(self, method: str, path: str, query: str = "") -> Response:
         if method not in ("GET", "HEAD"):
             return Response(405, b"only GET and HEAD are supported\n")
         route = self.routes.get(path) or self.routes.get(path.rstrip("/") or "/")
         if route is None:
             return Response(404, f"no such page: {path}; try / /status /metrics\n".encode())
         try:
+            if isinstance(route, QueryRoute):
+                try:
+                    fields = dict(urllib.parse.parse_qsl(query, max_num_fields=16))
+                except ValueError:
+                    return Response(400, b"too many query fields\n")
+                return route.handler(fields)
             result = route()
             return await result if asyncio.iscoroutine(result) else result  # type: ignore[return-value]
         except Exception:
@@ -157,7 +174,7 @@ class HttpServer:
 
 def coordinator_routes(
     view: SwarmView, registry: CollectorRegistry, *, about: Callable[[], dict[str, Any]]
-) -> dict[str, Route]:
+) -> dict[str, Route | QueryRoute]:
     """``/`` (page), ``/status`` (view as JSON plus ``about()``: who this coordinator is), ``/metrics``."""
 
     def status() -> Response:

@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "coordinator": ("dmoe.coordinator.cli", "stable bootstrap peer and live view of a swarm"),
     "simulate": ("dmoe.sim.cli", "run a swarm under churn and home links, write a report"),
     "chaos": ("dmoe.sim.chaos_cli", "inject churn into a docker-compose swarm through the Docker API"),
+    "member": ("dmoe.member_cli", "keys and tokens of a closed swarm (only members train experts)"),
 }
 
 USAGE = "usage: dmoe {" + ",".join(SUBCOMMANDS) + "} [--help] ...\n\n" + "\n".join(

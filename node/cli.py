@@ -86,6 +86,15 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
                 split_host_port(value)
             except ValueError as e:
                 raise ConfigError(f"{flag}: {e}") from None
+    if args.authority:
+        import multihash
+        from hivemind.p2p import PeerID
+
+        try:
+            multihash.decode(PeerID.from_base58(args.authority).to_bytes())
+        except (ValueError, TypeError, multihash.MultihashError):
+            raise ConfigError(f"--authority: {args.authority[:60]!r} is not a peer id (copy \"peer_id\" from the "
+                              "coordinator's dmoe-ready line)") from None
     if args.relay and reachability.reachability == "relay":
         raise ConfigError("--relay needs a node others can dial; it cannot be combined with --reachability relay")
     return options_from(NodeConfig, args, batching=options_from(BatchingOptions, args),

@@ -22,7 +22,7 @@ import grpc
 import torch
 from dmoe.node.announcer import Announcer, start_dht
 from dmoe.node.backend import ExpertBackend
-from dmoe.node.batching import BatchScheduler
+from dmoe.node.batching import BACKWARD, FORWARD, BatchScheduler
 from dmoe.node.checkpoint import CheckpointStore
 from dmoe.node.metrics import NodeMetrics
 from dmoe.node.reachability import NodeRoute
@@ -32,6 +32,7 @@ from dmoe.config.node import NodeConfig
 from dmoe.dht.access import InLoopDHT
 from dmoe.dht.registry import ExpertRegistry
 from dmoe.experts import create_expert, expert_schema
+from dmoe.membership import MembershipCheck
 from dmoe.relay.directory import RelayAnnouncer
 from dmoe.relay.metrics import RelayMetrics
 from dmoe.relay.server import RelayServer
@@ -108,6 +109,8 @@ class ExpertNode:
             self.backends, self.scheduler, metrics=self.metrics, node_id=lambda: self.node_id,
             max_request_bytes=cfg.max_request_bytes, max_calls=cfg.max_calls,
             max_calls_per_peer=cfg.max_calls_per_peer,
+            membership=MembershipCheck(cfg.authority) if cfg.authority else None,
+            members_only=(FORWARD, BACKWARD) if cfg.members_only_forward else (BACKWARD,),
         )
         add_to_server(servicer, self.server)
         self.grpc_port = self.server.add_insecure_port(host_port(cfg.host, cfg.port))
@@ -116,8 +119,11 @@ class ExpertNode:
         await self.server.start()
         wildcard = cfg.host in ("0.0.0.0", "::", "")
         local_host = "127.0.0.1" if wildcard else cfg.host
-        log.info("serving %d %s expert(s) (hidden %d) on %s:%d, device %s", len(self.backends), cfg.expert_cls,
-                 cfg.hidden_dim, cfg.host, self.grpc_port, self.device)
+        log.info("serving %d %s expert(s) (hidden %d) on %s:%d, device %s; %s", len(self.backends), cfg.expert_cls,
+                 cfg.hidden_dim, cfg.host, self.grpc_port, self.device,
+                 f"closed swarm: only members of authority {cfg.authority} may "
+                 + ("call" if cfg.members_only_forward else "train") + " its experts" if cfg.authority
+                 else "open swarm: anyone may train its experts")
 
         default_maddr = "/ip4/0.0.0.0/tcp/0" if wildcard else (
             f"/ip6/{cfg.host}/tcp/0" if ":" in cfg.host else f"/ip4/{cfg.host}/tcp/0")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 import torch
@@ -42,6 +42,7 @@ from google.protobuf.message import DecodeError
 from dmoe.config import NodeConfig, default_of
 from dmoe.errors import WireFormatError, clip
 from dmoe.logs import RateLimitedLog
+from dmoe.membership import MembershipCheck, MembershipError, payload_digest
 from dmoe.wire.codec import OFF_LOOP_BYTES, check_compression, deserialize_tensor, iter_chunks, payload_bytes
 from dmoe.wire.proto import expert_pb2 as pb
 from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
@@ -101,7 +102,11 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         max_request_bytes: int,
         max_calls: int = default_of(NodeConfig, "max_calls"),
         max_calls_per_peer: int = default_of(NodeConfig, "max_calls_per_peer"),
+        membership: MembershipCheck | None = None,
+        members_only: Sequence[str] = (BACKWARD,),
     ) -> None:
+        self.membership = membership  # a closed swarm's authority check; None: an open swarm
+        self.members_only = tuple(members_only)  # FORWARD / BACKWARD: what needs membership
         self.backends = backends
         self.max_calls, self.max_calls_per_peer = max_calls, max_calls_per_peer
         self.calls = 0
@@ -116,7 +121,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
     # ---- core ----
 
-    async def _handle(self, kind: str, request: pb.ExpertRequest, timeout: float | None) -> pb.ExpertReply:
+    async def _handle(self, kind: str, request: pb.ExpertRequest, timeout: float | None,
+                      metadata: Sequence[tuple[str, str | bytes]] = ()) -> pb.ExpertReply:
         if isinstance(request, Undecodable):
             raise invalid(f"undecodable ExpertRequest ({request.size} bytes): {clip(request.error, 120)}", "malformed")
         size = payload_bytes(request.tensors)
@@ -127,6 +133,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                 f"{self.max_request_bytes / 2**20:g}",
                 reason="too_large",
             )
+        if self.membership is not None and kind in self.members_only:
+            await self._check_member(kind, request, metadata, size)
         backend = self.backends.get(request.uid)
         if backend is None:
             listed = ", ".join(list(self.backends)[:8]) + (", ..." if len(self.backends) > 8 else "")
@@ -155,6 +163,18 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         )
         self.metrics.bytes_out.labels(kind).inc(payload_bytes(reply_tensors))
         return pb.ExpertReply(tensors=reply_tensors)
+
+    async def _check_member(self, kind: str, request: pb.ExpertRequest, metadata: Sequence[tuple[str, str | bytes]],
+                            size: int) -> None:
+        """A closed swarm: the call must carry a member's valid token and signature (``dmoe.membership``)."""
+        assert self.membership is not None
+        chunks = [t.data for t in request.tensors]
+        digest = payload_digest(chunks) if size < OFF_LOOP_BYTES else await asyncio.to_thread(payload_digest, chunks)
+        try:
+            self.membership.check(metadata, method=kind, uid=request.uid, digest=digest)
+        except MembershipError as e:
+            code = grpc.StatusCode.UNAUTHENTICATED if e.unauthenticated else grpc.StatusCode.PERMISSION_DENIED
+            raise RpcFailure(code, str(e), reason="unauthenticated" if e.unauthenticated else "not_member") from None
 
     def _decode(self, backend: ExpertBackend, kind: str, request: pb.ExpertRequest) -> tuple[list[torch.Tensor], int]:
         """Decode and check a request's tensors against the expert's schema; (tensors, rows) or RpcFailure."""
@@ -203,7 +223,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         address = None
         try:
             address = self._acquire(context.peer())
-            return await self._handle(kind, request, context.time_remaining())
+            return await self._handle(kind, request, context.time_remaining(), context.invocation_metadata() or ())
         except RpcFailure as failure:
             status = failure.code.name
             self._reject(method, request.uid, failure, context.peer())
@@ -241,7 +261,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             except DecodeError as e:
                 raise invalid(f"malformed streamed ExpertRequest: {e}", "malformed") from None
             uid = request.uid
-            reply = await self._handle(kind, request, context.time_remaining())
+            reply = await self._handle(kind, request, context.time_remaining(), context.invocation_metadata() or ())
             for chunk in iter_chunks(await asyncio.to_thread(reply.SerializeToString)):
                 yield chunk
         except RpcFailure as failure:

@@ -51,6 +51,7 @@ class Node:
     address: str
     metrics: NodeMetrics
     forwards: list[int]  # rows of every forward the experts computed
+    servicer: ExpertServicer
 
 
 @contextlib.asynccontextmanager
@@ -65,12 +66,13 @@ async def serving_node() -> AsyncIterator[Node]:
     metrics = NodeMetrics()
     scheduler = BatchScheduler(backends, options=BatchingOptions(), metrics=metrics)
     server = grpc.aio.server()
-    add_to_server(ExpertServicer(backends, scheduler, metrics=metrics, node_id=lambda: "node-under-test",
-                                 max_request_bytes=64 << 20), server)
+    servicer = ExpertServicer(backends, scheduler, metrics=metrics, node_id=lambda: "node-under-test",
+                              max_request_bytes=64 << 20)
+    add_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        yield Node(f"127.0.0.1:{port}", metrics, forwards)
+        yield Node(f"127.0.0.1:{port}", metrics, forwards, servicer)
     finally:
         await server.stop(None)
         scheduler.close()
@@ -192,6 +194,27 @@ def test_deadlines_and_cancellation_cross_the_relay():
             finally:
                 os.environ.pop("DMOE_SLOW_EXPERT_S", None)
                 await channel.close(None)
+                await tunnel.close()
+
+    asyncio.run(main())
+
+
+def test_relayed_callers_keep_their_own_per_peer_budget_at_the_node():
+    """Through a relay every call would come from 127.0.0.1; the tunnel opens the node's leg from an address
+    standing for the client's, so --max-calls-per-peer still counts per client, not for all relayed ones."""
+
+    async def main() -> None:
+        os.environ["DMOE_SLOW_EXPERT_S"] = "0.5"
+        async with serving_node() as node, relay() as r:
+            tunnel = await attached(node, r)
+            try:
+                call = asyncio.ensure_future(forward(tunnel.endpoint, "slow.0", torch.randn(2, H)))
+                await asyncio.sleep(0.3)
+                seen = set(node.servicer.calls_by_peer)
+                await call
+                assert seen == {f"ipv4:{loopback_source('127.0.0.1')}"}, seen
+            finally:
+                os.environ.pop("DMOE_SLOW_EXPERT_S", None)
                 await tunnel.close()
 
     asyncio.run(main())

@@ -64,8 +64,11 @@ async def call_expert(
     endpoint: str,
     timeout: float,
     expected: Sequence[TensorSpec] | None = None,
+    metadata: Sequence[tuple[str, str]] | None = None,
 ) -> list[torch.Tensor]:
-    """Send ``request`` (built by ``build_request``) and return the validated answer tensors."""
+    """Send ``request`` (built by ``build_request``) and return the validated answer tensors.
+
+    ``metadata`` travels with the call (a closed swarm's membership proof, ``dmoe.membership``)."""
     uid = request.uid
     if timeout <= 0:
         raise DeadlineExceeded(f"no time left to call {uid} at {endpoint}", uid=uid, endpoint=endpoint)
@@ -73,10 +76,10 @@ async def call_expert(
         async with asyncio.timeout(timeout + _GRACE):
             if payload_bytes(request.tensors) <= MAX_UNARY_BYTES:
                 rpc = stub.Forward if method == FORWARD else stub.Backward
-                reply = await rpc(request, timeout=timeout)
+                reply = await rpc(request, timeout=timeout, metadata=metadata)
             else:
                 rpc = stub.ForwardStream if method == FORWARD else stub.BackwardStream
-                call = rpc(iter_chunks(request.SerializeToString()), timeout=timeout)
+                call = rpc(iter_chunks(request.SerializeToString()), timeout=timeout, metadata=metadata)
                 parts = [chunk.payload async for chunk in call]
                 # reassembling megabytes is real work: off the loop, which other calls' answers need
                 reply = await asyncio.to_thread(lambda: pb.ExpertReply.FromString(b"".join(parts)))

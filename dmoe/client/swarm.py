@@ -45,6 +45,9 @@ from dmoe.config.client import HealthOptions, HedgeOptions, LookupOptions, Swarm
 from dmoe.dht.access import DHTAccess, InLoopDHT, ProcessDHT
 from dmoe.dht.registry import ExpertRegistry
 from dmoe.errors import DeadlineExceeded, DmoeError, ExpertCallError
+from dmoe.logs import RateLimitedLog
+from dmoe.membership import Member, payload_digest
+from dmoe.wire.codec import OFF_LOOP_BYTES, payload_bytes
 from dmoe.wire.endpoints import open_channel
 from dmoe.wire.proto import expert_pb2 as pb
 from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
@@ -55,7 +58,9 @@ T = TypeVar("T")
 _SWARM = SwarmOptions()
 BRIDGE_GRACE = 2.0  # seconds a caller thread waits past a deadline the loop enforces itself (Swarm.run)
 _MIN_ATTEMPT = 0.005  # seconds: below this there is no point starting another replica attempt
-_NO_BAN_STATUSES = ("INVALID_ARGUMENT",)  # our request was bad: another node would say the same
+# our request was bad, or we are no member of a closed swarm: another node would say the same
+_NO_BAN_STATUSES = ("INVALID_ARGUMENT", "UNAUTHENTICATED", "PERMISSION_DENIED")
+_MEMBERSHIP_STATUSES = ("UNAUTHENTICATED", "PERMISSION_DENIED")
 _LIVE_SWARMS: weakref.WeakSet[Swarm] = weakref.WeakSet()
 
 
@@ -112,6 +117,9 @@ class Swarm:
         _dht: hivemind.DHT | None = None,
     ) -> None:
         self.health = PeerHealth(health)
+        # a closed swarm's member (key + current token): every call it makes is signed; None in an open swarm
+        self.member: Member | None = None
+        self._refusals = RateLimitedLog(logger, interval=30.0)
         self.hedge = hedge or HedgeOptions()
         self._hedge_tokens = self.hedge.burst
         self._probes: dict[str, asyncio.Task[None]] = {}  # banned endpoints being probed until they answer
@@ -275,8 +283,12 @@ class Swarm:
                     try:
                         tensors = task.result()
                     except ExpertCallError as e:
-                        self._failed(endpoint, method, e.kind, str(e),
-                                     ban=getattr(e, "status", "") not in _NO_BAN_STATUSES, started=started)
+                        status = getattr(e, "status", "")
+                        if status in _MEMBERSHIP_STATUSES:  # the user must act: say so loudly, once in a while
+                            self._refusals.warning(status, f"{e}. This swarm is closed to non-members: start dmoe "
+                                                           "train with --member-key and --token-url (or --token)")
+                        self._failed(endpoint, method, e.kind, str(e), ban=status not in _NO_BAN_STATUSES,
+                                     started=started)
                         last_error = e
                         continue
                     latency = time.monotonic() - started
@@ -323,8 +335,14 @@ class Swarm:
                        expected: Sequence[TensorSpec] | None) -> list[torch.Tensor]:
         self.health.call_started(endpoint)
         try:
+            metadata = None
+            if self.member is not None:  # signed per attempt: a node accepts one signature once
+                chunks = [t.data for t in request.tensors]
+                digest = payload_digest(chunks) if payload_bytes(request.tensors) < OFF_LOOP_BYTES \
+                    else await asyncio.to_thread(payload_digest, chunks)
+                metadata = self.member.metadata(method, request.uid, digest)
             return await call_expert(self.stub(endpoint), request, method=method, endpoint=endpoint,
-                                     timeout=timeout, expected=expected)
+                                     timeout=timeout, expected=expected, metadata=metadata)
         finally:
             self.health.call_ended(endpoint)
 

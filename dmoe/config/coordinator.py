@@ -44,6 +44,12 @@ class CoordinatorOptions:
     peers_file: str = option(PEERS_NEXT_TO_IDENTITY)
     """where to remember peers across restarts, so nodes that knew this coordinator find it again; 'none'
     disables"""
+    members: str | None = option(None, metavar="FILE")
+    """closed swarm: file of member public keys (one per line, from `dmoe member key`); listed members get
+    membership tokens signed with this coordinator's identity from /token. Nodes join the closed swarm with
+    --authority <this coordinator's peer id>"""
+    token_ttl: float = option(3600.0, parse=positive_float)
+    """seconds a membership token is valid (trainers renew theirs at half-life)"""
     relay: bool = option(True, flag="--no-relay")
     """relay for nodes that cannot be dialed (behind NAT); --no-relay turns it off"""
     relay_host: str = option("0.0.0.0")

@@ -93,6 +93,12 @@ class NodeConfig:
     shutdown_grace: float = option(10.0, parse=positive_float, group="checkpoints and metrics")
     """seconds in-flight requests get to finish on SIGTERM before the final checkpoint"""
 
+    authority: str | None = option(None, metavar="PEER_ID", group="membership")
+    """closed swarm: peer id of its authority (the coordinator's "peer_id" in its dmoe-ready line); only members
+    holding a token it signed may train this node's experts (Backward). None: an open swarm"""
+    members_only_forward: bool = option(False, group="membership")
+    """in a closed swarm, require membership for Forward too (not only Backward)"""
+
     relay: bool = option(False, group="relay")
     """also relay for nodes that cannot be dialed (this node must be reachable itself)"""
     relay_port: int = option(0, parse=port_number, group="relay")

@@ -37,6 +37,7 @@ from dmoe.config.train import CollabOptions, DataOptions, ModelConfig, TrainOpti
 from dmoe.dht.placement import experts_pattern, place_experts
 from dmoe.dht.uids import split_uid
 from dmoe.errors import ConfigError, DmoeError
+from dmoe.membership import Member, TokenRenewer, fetch_token, load_or_create_member_key, member_id
 from dmoe.ready import print_ready
 from dmoe.train.collab import CollaborativeUpdater
 from dmoe.train.data import ByteCorpus
@@ -201,6 +202,25 @@ def check_swarm(swarm: Any, config: ModelConfig, *, timeout: float, need: int, s
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
+def join_as_member(swarm: Any, args: argparse.Namespace) -> TokenRenewer | None:
+    """With --member-key: sign every call as a member of a closed swarm (token from --token or --token-url)."""
+    if not args.member_key:
+        if args.token or args.token_url:
+            raise ConfigError("--token and --token-url need --member-key (the key the token is for)")
+        return None
+    key = load_or_create_member_key(args.member_key)
+    log.info("member key %s: member id %s", args.member_key, member_id(key.public_key()))
+    if args.token_url:
+        token = fetch_token(args.token_url, key)
+    elif args.token:
+        token = args.token
+    else:
+        raise ConfigError(f"--member-key needs a token: --token-url COORDINATOR_HTTP, or --token from `dmoe member "
+                          f"issue --member {member_id(key.public_key())}`")
+    swarm.member = Member(key, token)
+    return TokenRenewer(swarm.member, args.token_url).start() if args.token_url else None
+
+
 class SwarmWatcher:
     """``SwarmProbe`` for remote experts: call counters from the Swarm and the layers, and the number of
     announced experts, refreshed in the swarm's loop every ``refresh`` seconds without blocking training."""
@@ -308,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     updater: Updater | None = None
     trainer: Trainer | None = None
     watcher: SwarmWatcher | None = None
+    renewer: TokenRenewer | None = None
     try:
         if not args.local_experts:
             from dmoe.client.moe import RemoteMixtureOfExperts
@@ -324,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                 swarm = Swarm.from_dht(dht)
             else:
                 swarm = Swarm(initial_peers=args.initial_peers)
+            renewer = join_as_member(swarm, args)
             found = check_swarm(swarm, config, timeout=args.startup_timeout, need=moe_options.k_min, seed=args.seed)
             log.info("experts found: %s", ", ".join(f"{p}.: {n}" for p, n in found.items()))
 
@@ -393,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
             updater.shutdown()
         if watcher is not None:
             watcher.close()
+        if renewer is not None:
+            renewer.stop()
         if swarm is not None:
             swarm.shutdown()
         if dht is not None:
