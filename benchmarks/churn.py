@@ -180,7 +180,8 @@ async def ramp(*, out: Path, step: int, maximum: int, min_free_gb: float, timeou
                 experts = ",".join(f"layer{layer}.ffn.{c // 4}.{c % 4}" for layer in range(2) for c in cells)
                 proc = DmoeProcess("node", [
                     "--experts", experts, "--hidden-dim", "64", "--seed", "0", "--host", "127.0.0.1", "--port", "0",
-                    "--announce-host", "127.0.0.1", "--announce-port", link.listen_port, "--initial-peers", *peers,
+                    "--announce-host", "127.0.0.1", "--announce-port", link.listen_port, "--reachability", "direct",
+                    "--initial-peers", *peers,
                     "--dht-host-maddrs", "/ip4/127.0.0.1/tcp/0", "--announce-ttl", "20",
                 ], name=f"node{n}", log_path=logs / f"node{n}.log")
                 links.append(link)

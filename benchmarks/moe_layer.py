@@ -73,7 +73,7 @@ def run_dmoe(*, hidden: int, batches: list[int], warmup: int, repeats: int, logs
 
     def node(experts: str, name: str, peers: list[str]) -> DmoeProcess:
         args = ["--experts", experts, "--hidden-dim", str(hidden), "--host", "127.0.0.1", "--port", "0",
-                "--log-level", "WARNING"]
+                "--log-level", "WARNING", "--backward-rate", "0"]
         if peers:
             args += ["--initial-peers", *peers]
         return DmoeProcess("node", args, name=name, log_path=logs / f"dmoe_{name}.log").start()

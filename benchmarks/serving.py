@@ -237,7 +237,9 @@ def _interleave(stack: ExitStack, groups: list[WorkerGroup], *, duration: float,
 def _start_dmoe_node(stack: ExitStack, uids: list[str], hidden: int, tmp: Path, extra: list[str]) -> tuple[str, int]:
     from dmoe.sim.launcher import DmoeProcess
 
-    args = ["--experts", ",".join(uids), "--hidden-dim", str(hidden), "--host", "127.0.0.1", *extra]
+    # every benchmark client calls from 127.0.0.1, far faster than a trainer: no per-address Backward rate
+    args = ["--experts", ",".join(uids), "--hidden-dim", str(hidden), "--host", "127.0.0.1", "--backward-rate", "0",
+            *extra]
     proc = DmoeProcess("node", args, name="node", log_path=tmp / f"node-{time.time():.0f}.log").start()
     stack.callback(proc.stop)
     return proc.wait_ready(120)["grpc"], proc.pid

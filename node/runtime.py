@@ -111,6 +111,7 @@ class ExpertNode:
             max_calls_per_peer=cfg.max_calls_per_peer,
             membership=MembershipCheck(cfg.authority) if cfg.authority else None,
             members_only=(FORWARD, BACKWARD) if cfg.members_only_forward else (BACKWARD,),
+            backward_rate=cfg.backward_rate, grad_norm_band=cfg.grad_norm_band,
         )
         add_to_server(servicer, self.server)
         self.grpc_port = self.server.add_insecure_port(host_port(cfg.host, cfg.port))

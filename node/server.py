@@ -35,6 +35,7 @@ import grpc
 import torch
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.batching import BACKWARD, FORWARD, BatchScheduler
+from dmoe.node.guards import BackwardRateLimit, GradientGuard
 from dmoe.node.metrics import NodeMetrics
 from dmoe.node.validation import RpcFailure, batch_signature, check_request, invalid
 from google.protobuf.message import DecodeError
@@ -104,7 +105,11 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         max_calls_per_peer: int = default_of(NodeConfig, "max_calls_per_peer"),
         membership: MembershipCheck | None = None,
         members_only: Sequence[str] = (BACKWARD,),
+        backward_rate: float = default_of(NodeConfig, "backward_rate"),
+        grad_norm_band: float = default_of(NodeConfig, "grad_norm_band"),
     ) -> None:
+        self.backward_rate = BackwardRateLimit(backward_rate)  # open swarms only
+        self.gradients = GradientGuard(grad_norm_band)
         self.membership = membership  # a closed swarm's authority check; None: an open swarm
         self.members_only = tuple(members_only)  # FORWARD / BACKWARD: what needs membership
         self.backends = backends
@@ -122,7 +127,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
     # ---- core ----
 
     async def _handle(self, kind: str, request: pb.ExpertRequest, timeout: float | None,
-                      metadata: Sequence[tuple[str, str | bytes]] = ()) -> pb.ExpertReply:
+                      metadata: Sequence[tuple[str, str | bytes]] = (), peer: str = "") -> pb.ExpertReply:
         if isinstance(request, Undecodable):
             raise invalid(f"undecodable ExpertRequest ({request.size} bytes): {clip(request.error, 120)}", "malformed")
         size = payload_bytes(request.tensors)
@@ -135,6 +140,10 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             )
         if self.membership is not None and kind in self.members_only:
             await self._check_member(kind, request, metadata, size)
+        if self.membership is None and kind == BACKWARD and not self.backward_rate.allow(peer):
+            raise RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"more than {self.backward_rate.rate:g} Backward calls/s from your address "
+                             "(--backward-rate); retry later", reason="backward_rate")
         backend = self.backends.get(request.uid)
         if backend is None:
             listed = ", ".join(list(self.backends)[:8]) + (", ..." if len(self.backends) > 8 else "")
@@ -156,6 +165,10 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             tensors, rows = self._decode(backend, kind, request)
         else:  # megabytes to decode and scan for NaN: off the loop, which every other caller needs
             tensors, rows = await asyncio.to_thread(self._decode, backend, kind, request)
+        if self.membership is None and kind == BACKWARD:  # an open swarm: is this gradient plausible?
+            why = self.gradients.check(request.uid, tensors[len(backend.schema.inputs)])
+            if why is not None:
+                raise invalid(why, "grad_norm")
         self.metrics.bytes_in.labels(kind).inc(size)
         reply_tensors = await self.scheduler.submit(
             request.uid, kind, tensors, rows=rows, signature=batch_signature(tensors),
@@ -223,7 +236,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         address = None
         try:
             address = self._acquire(context.peer())
-            return await self._handle(kind, request, context.time_remaining(), context.invocation_metadata() or ())
+            return await self._handle(kind, request, context.time_remaining(), context.invocation_metadata() or (),
+                                      address)
         except RpcFailure as failure:
             status = failure.code.name
             self._reject(method, request.uid, failure, context.peer())
@@ -261,7 +275,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             except DecodeError as e:
                 raise invalid(f"malformed streamed ExpertRequest: {e}", "malformed") from None
             uid = request.uid
-            reply = await self._handle(kind, request, context.time_remaining(), context.invocation_metadata() or ())
+            reply = await self._handle(kind, request, context.time_remaining(), context.invocation_metadata() or (),
+                                       address)
             for chunk in iter_chunks(await asyncio.to_thread(reply.SerializeToString)):
                 yield chunk
         except RpcFailure as failure:

@@ -1,4 +1,4 @@
-"""Closed swarms: only members' calls train experts; everyone else gets a clear status and changes nothing.
+"""Who may train a node's experts: members only in a closed swarm; in an open one, anyone within a rate and a band.
 
 Tokens and signatures are checked on their own first (``dmoe.membership``), then against the
 node's real servicer on a loopback socket, called by the library's own ``Swarm`` and
@@ -110,8 +110,8 @@ def _identity(path: Path) -> bytes:
 
 
 @contextlib.contextmanager
-def closed_node(swarm: Swarm, authority: str) -> Iterator[tuple[str, ExpertBackend]]:
-    """The node's real servicer for one ffn expert, closed to non-members, served in the swarm's loop."""
+def serving(swarm: Swarm, authority: str | None = None, **limits: float) -> Iterator[tuple[str, ExpertBackend]]:
+    """The node's real servicer for one ffn expert (closed to non-members with ``authority``), in the swarm's loop."""
     module = create_expert("ffn", hidden_dim=H, seed=1, uid="ffn.0")
     backend = ExpertBackend("ffn.0", module, schema=expert_schema(module, H), expert_cls="ffn", hidden_dim=H,
                             optimizer=OptimizerOptions(lr=0.1))
@@ -121,8 +121,9 @@ def closed_node(swarm: Swarm, authority: str) -> Iterator[tuple[str, ExpertBacke
     async def start() -> tuple[grpc.aio.Server, int]:
         server = grpc.aio.server()
         add_to_server(ExpertServicer({"ffn.0": backend}, scheduler, metrics=metrics, node_id=lambda: "closed",
-                                     max_request_bytes=1 << 20, membership=MembershipCheck(authority),
-                                     members_only=(BACKWARD,)), server)
+                                     max_request_bytes=1 << 20,
+                                     membership=MembershipCheck(authority) if authority else None,
+                                     members_only=(BACKWARD,), **limits), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         return server, port
@@ -140,7 +141,7 @@ def test_only_members_train_a_closed_swarms_experts(authority, tmp_path):
     alice = load_or_create_member_key(tmp_path / "alice.key")
     mallory = load_or_create_member_key(tmp_path / "mallory.key")
     alice_id = member_id(alice.public_key())
-    with Swarm(use_dht=False) as swarm, closed_node(swarm, peer_id) as (endpoint, backend):
+    with Swarm(use_dht=False) as swarm, serving(swarm, peer_id) as (endpoint, backend):
         before = {name: p.detach().clone() for name, p in backend.module.named_parameters()}
         x, grad = torch.randn(4, H), torch.randn(4, H)
         request = pb.ExpertRequest(uid="ffn.0", tensors=serialize_tensors([x, grad]))
@@ -184,3 +185,53 @@ def test_only_members_train_a_closed_swarms_experts(authority, tmp_path):
         assert x_in.grad is not None and torch.isfinite(x_in.grad).all()
         assert backend.updates == 1
         assert any(not torch.equal(p, before[name]) for name, p in backend.module.named_parameters())
+
+
+async def _raw_backward(endpoint: str, x: torch.Tensor, grad: torch.Tensor) -> tuple[str, str]:
+    channel = grpc.aio.insecure_channel(endpoint)
+    try:
+        request = pb.ExpertRequest(uid="ffn.0", tensors=serialize_tensors([x, grad]))
+        await pb_grpc.ExpertServiceStub(channel).Backward(request, timeout=10)
+        return "OK", ""
+    except grpc.aio.AioRpcError as e:
+        return e.code().name, e.details() or ""
+    finally:
+        await channel.close(None)
+
+
+def test_an_open_swarm_bounds_each_peers_backward_rate():
+    with Swarm(use_dht=False) as swarm, serving(swarm, backward_rate=5.0) as (endpoint, backend):
+        x, grad = torch.randn(2, H), torch.randn(2, H)
+        codes = [swarm.run(_raw_backward(endpoint, x, grad), timeout=20) for _ in range(14)]
+        assert [c for c, _ in codes[:10]] == ["OK"] * 10  # a burst of 2 s worth passes
+        assert any(c == "RESOURCE_EXHAUSTED" and "--backward-rate" in d for c, d in codes[10:]), codes
+        assert backend.updates == sum(c == "OK" for c, _ in codes)
+
+
+def test_an_open_swarm_refuses_gradients_far_outside_an_experts_running_level():
+    with Swarm(use_dht=False) as swarm, serving(swarm, backward_rate=0.0) as (endpoint, backend):
+        x = torch.randn(4, H)
+        for _ in range(25):  # honest gradients of about unit scale
+            assert swarm.run(_raw_backward(endpoint, x, torch.randn(4, H)), timeout=20)[0] == "OK"
+        before = {name: p.detach().clone() for name, p in backend.module.named_parameters()}
+        code, details = swarm.run(_raw_backward(endpoint, x, 1e6 * torch.randn(4, H)), timeout=20)
+        assert code == "INVALID_ARGUMENT" and "--grad-norm-band" in details
+        for name, p in backend.module.named_parameters():
+            assert torch.equal(p, before[name]), name
+        assert swarm.run(_raw_backward(endpoint, x, 3 * torch.randn(4, H)), timeout=20)[0] == "OK"  # within the band
+
+
+def test_guards_alone():
+    from dmoe.node.guards import WARMUP, BackwardRateLimit, GradientGuard
+
+    limit = BackwardRateLimit(2.0)
+    assert [limit.allow("a", now=0.0) for _ in range(5)] == [True] * 4 + [False]
+    assert limit.allow("b", now=0.0) and limit.allow("a", now=0.6)  # per address; refilled after 0.5 s
+    assert BackwardRateLimit(0).allow("a")
+    guard = GradientGuard(100.0)
+    for i in range(WARMUP):
+        assert guard.check("e", torch.full((3, 4), 1.0 + 0.01 * i)) is None
+    assert guard.check("e", torch.full((3, 4), 500.0)) is not None
+    assert guard.check("e", torch.full((3, 4), 0.001)) is not None  # far too small is just as implausible
+    assert guard.check("e", torch.full((3, 4), 5.0)) is None
+    assert guard.check("other", torch.full((3, 4), 500.0)) is None  # per expert: still warming up

@@ -81,6 +81,13 @@ class NodeConfig:
     max_calls_per_peer: int = option(256, parse=positive_int, group="batching and limits")
     """expert calls one peer address may have in flight at once, so no single peer can take the node"""
 
+    backward_rate: float = option(50.0, parse=non_negative_float, group="batching and limits")
+    """open swarm: Backward calls per second one peer address may make (bursts of 2 s worth); more get
+    RESOURCE_EXHAUSTED; 0 disables"""
+    grad_norm_band: float = option(100.0, parse=non_negative_float, group="batching and limits")
+    """open swarm: refuse a Backward whose output-gradient RMS is more than this many times away from the expert's
+    running level (INVALID_ARGUMENT, counted in dmoe_node_rejections{reason="grad_norm"}); 0 disables"""
+
     checkpoint_dir: str | None = option(None, group="checkpoints and metrics")
     """directory for checkpoints; none disables them"""
     checkpoint_interval: float = option(120.0, parse=positive_float, group="checkpoints and metrics")
