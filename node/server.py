@@ -49,6 +49,8 @@ from dmoe.wire.proto import expert_pb2 as pb
 from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+_DRAINS = 8  # refused request streams read to their end at once
+_DRAIN_SECONDS = 2.0
 
 
 class Undecodable:
@@ -108,6 +110,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         backward_rate: float = default_of(NodeConfig, "backward_rate"),
         grad_norm_band: float = default_of(NodeConfig, "grad_norm_band"),
     ) -> None:
+        self._draining = 0  # refused request streams being read to their end (_drain)
         self.backward_rate = BackwardRateLimit(backward_rate)  # open swarms only
         self.gradients = GradientGuard(grad_norm_band)
         self.membership = membership  # a closed swarm's authority check; None: an open swarm
@@ -255,11 +258,12 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         status = "OK"
         uid = ""
         address = None
+        received = False  # the whole request stream was read (the client half-closed)
+        buffer = bytearray()
         try:
             address = self._acquire(context.peer())  # held until the reply is streamed (released in finally)
             # the serialized request may exceed the tensor payload by headers; allow a little slack
             limit = self.max_request_bytes + 64 * 1024
-            buffer = bytearray()
             async for chunk in chunks:
                 if isinstance(chunk, Undecodable):
                     raise invalid(f"undecodable Chunk ({chunk.size} bytes)", "malformed")
@@ -270,6 +274,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                         f"streamed request exceeds --max-request-mb {self.max_request_bytes / 2**20:g}",
                         reason="too_large",
                     )
+            received = True
             try:  # streamed requests are large by definition: parse them off the loop
                 request = await asyncio.to_thread(pb.ExpertRequest.FromString, bytes(buffer))
             except DecodeError as e:
@@ -282,12 +287,37 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         except RpcFailure as failure:
             status = failure.code.name
             self._reject(method, uid, failure, context.peer())
+            if not received:
+                await self._drain(chunks, already=len(buffer))
             await context.abort(failure.code, failure.details)
         finally:
             if address is not None:
                 self._release(address)
             self.metrics.requests.labels(method, status).inc()
             self.metrics.latency.labels(method).observe(time.perf_counter() - start)
+
+    async def _drain(self, chunks: AsyncIterator[pb.Chunk], *, already: int) -> None:
+        """Read (and drop) the rest of a refused request stream, within bounds, before answering.
+
+        grpc's asyncio client reports a status that arrives while it is still writing as INTERNAL ("Internal
+        error from Core", grpc/grpc#36066): a refused stream would look like a broken node instead of, say,
+        RESOURCE_EXHAUSTED. Letting the client finish writing first keeps the status. Bounded: streams up to twice
+        ``max_request_bytes`` in all (``already`` read), ``_DRAIN_SECONDS``, ``_DRAINS`` streams at once, so a
+        flood of endless streams costs little (those get the early status, however grpc shows it)."""
+        if self._draining >= _DRAINS:
+            return
+        self._draining += 1
+        try:
+            budget = 2 * self.max_request_bytes - already
+            async with asyncio.timeout(_DRAIN_SECONDS):
+                async for chunk in chunks:
+                    budget -= len(getattr(chunk, "payload", b""))
+                    if budget < 0:
+                        return
+        except (TimeoutError, grpc.RpcError, asyncio.CancelledError):
+            pass
+        finally:
+            self._draining -= 1
 
     # ---- RPCs ----
 

@@ -1,0 +1,57 @@
+"""A hostile peer for ``test_flood.py``: floods a node with calls and oversized streams, prints its outcomes.
+
+    python tests/flooder.py ENDPOINT SECONDS PER_PEER      # last stdout line: {"OK": n, "RESOURCE_EXHAUSTED": n, ...}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections import Counter
+
+import grpc
+import torch
+
+from dmoe.wire.codec import iter_chunks, serialize_tensors
+from dmoe.wire.proto import expert_pb2 as pb
+from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
+
+H = 256
+
+
+async def flood(endpoint: str, seconds: float, per_peer: int, outcomes: Counter) -> None:
+    channel = grpc.aio.insecure_channel(endpoint)
+    stub = pb_grpc.ExpertServiceStub(channel)
+    big = pb.ExpertRequest(uid="fl.1", tensors=serialize_tensors([torch.randn(256, H)]))
+    oversized = pb.ExpertRequest(uid="fl.1", tensors=serialize_tensors([torch.randn(6 * 2**20 // (4 * H), H)]))
+    await channel.channel_ready()
+    deadline = time.monotonic() + seconds
+    print("flooding", flush=True)  # the test starts measuring now
+
+    async def caller() -> None:
+        while time.monotonic() < deadline:
+            try:
+                await stub.Forward(big, timeout=10)
+                outcomes["OK"] += 1
+            except grpc.aio.AioRpcError as e:
+                outcomes[e.code().name] += 1
+
+    async def streamer() -> None:
+        while time.monotonic() < deadline:
+            try:
+                async for _ in stub.ForwardStream(iter_chunks(oversized.SerializeToString()), timeout=10):
+                    pass
+                outcomes["stream OK"] += 1
+            except grpc.aio.AioRpcError as e:
+                outcomes["stream " + e.code().name] += 1
+
+    await asyncio.gather(*(caller() for _ in range(4 * per_peer)), *(streamer() for _ in range(2)))
+    await channel.close(None)
+
+
+if __name__ == "__main__":
+    counts: Counter = Counter()
+    asyncio.run(flood(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), counts))
+    print(json.dumps(counts))
