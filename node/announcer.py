@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from hivemind.utils.crypto import RSAPrivateKey
+
 from dmoe.dht.access import InLoopDHT, load_or_create_signing_key
 from dmoe.dht.registry import ExpertRegistry
 
@@ -39,6 +41,7 @@ async def start_dht(
     host_maddrs: Sequence[str],
     announce_maddrs: Sequence[str] | None = None,
     identity_dir: Path | None = None,
+    signing_key: RSAPrivateKey | None = None,
     client_mode: bool = False,
 ) -> InLoopDHT:
     """Join (or start) the DHT; with ``identity_dir`` the peer id and the records' signing key survive restarts.
@@ -50,7 +53,9 @@ async def start_dht(
     if identity_dir is not None:
         identity_dir.mkdir(parents=True, exist_ok=True)
         identity = {"identity_path": str(identity_dir / "p2p.key"),
-                    "signing_key": load_or_create_signing_key(identity_dir / "signing.key")}
+                    "signing_key": signing_key or load_or_create_signing_key(identity_dir / "signing.key")}
+    elif signing_key is not None:
+        identity = {"signing_key": signing_key}
     dht = await InLoopDHT.create(initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
                                  client_mode=client_mode, dht_mode="server", **identity)
     if initial_peers:
@@ -85,6 +90,7 @@ class Announcer:
         self._task: asyncio.Task | None = None
         self._rounds: set[asyncio.Task[bool]] = set()
         self.on_result: Callable[[bool], None] | None = None
+        self.certificate: bytes | None = None  # the node's TLS certificate, published with its records
         self._failures = 0
 
     def reannounce(self, endpoint: str | None) -> None:
@@ -105,7 +111,7 @@ class Announcer:
             ok = await asyncio.wait_for(
                 self.registry.announce(
                     self.uids, endpoint=self.endpoint, node_id=self.node_id, load=self.load(), ttl=self.ttl,
-                    node_info=self.node_info(),
+                    node_info=self.node_info(), certificate=self.certificate,
                 ),
                 timeout or self.interval,
             )

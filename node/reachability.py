@@ -36,7 +36,8 @@ from dmoe.dht.registry import ExpertRegistry
 from dmoe.relay.directory import relay_candidates
 from dmoe.relay.reachability import DIRECT, UNKNOWN, UNREACHABLE, Reachability, check_reachability
 from dmoe.relay.tunnel import RelayLink
-from dmoe.wire.endpoints import guess_public_host, host_port
+from dmoe.wire.endpoints import guess_public_host, host_port, tls_endpoint
+from dmoe.wire.tls import certificate_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class NodeRoute:
         local: tuple[str, int],
         own_relay: str | None,
         on_endpoint: Callable[[str | None], None],
+        certificate: bytes | None = None,
     ) -> None:
         self.config = config
         self.options = config.reachability
@@ -64,6 +66,8 @@ class NodeRoute:
         self.local = local  # where a relay's data connections reach this node's server
         self.own_relay = own_relay
         self.on_endpoint = on_endpoint
+        self.certificate = certificate  # TLS: every endpoint announced names its key (dmoe.wire.tls)
+        self.fingerprint = certificate_fingerprint(certificate) if certificate else None
         self.status = UNKNOWN
         self.endpoint: str | None = None
         self.last_check: Reachability | None = None
@@ -78,7 +82,10 @@ class NodeRoute:
     def direct_endpoint(self, observed_host: str | None = None) -> str:
         cfg = self.config
         host = cfg.announce_host or observed_host or (guess_public_host() if self._wildcard else cfg.host)
-        return host_port(host, cfg.announce_port or self.grpc_port)
+        return self._named(host_port(host, cfg.announce_port or self.grpc_port))
+
+    def _named(self, endpoint: str) -> str:
+        return tls_endpoint(self.fingerprint, endpoint) if self.fingerprint else endpoint
 
     async def candidates(self) -> list[str]:
         return await relay_candidates(self.registry, self.options.relays,
@@ -99,7 +106,7 @@ class NodeRoute:
     async def _check_and_route(self) -> None:
         relays = await self.candidates()
         port = self.config.announce_port or self.grpc_port
-        result = await check_reachability(relays, port=port, node_id=self.dht.peer_id)
+        result = await check_reachability(relays, port=port, node_id=self.dht.peer_id, certificate=self.certificate)
         self.last_check = result
         observed = None if self.config.announce_host else result.observed_host
         if result.status == DIRECT:
@@ -142,7 +149,7 @@ class NodeRoute:
         if self.link is None:
             return
         self.status = RELAYED if endpoint is not None else UNREACHABLE
-        self._set_endpoint(endpoint)
+        self._set_endpoint(self._named(endpoint) if endpoint is not None else None)
 
     def _set_endpoint(self, endpoint: str | None) -> None:
         if endpoint != self.endpoint:

@@ -27,9 +27,10 @@ from dmoe.node.checkpoint import CheckpointStore
 from dmoe.node.metrics import NodeMetrics
 from dmoe.node.reachability import NodeRoute
 from dmoe.node.server import ExpertServicer, add_to_server
+from hivemind.utils.crypto import RSAPrivateKey
 
 from dmoe.config.node import NodeConfig
-from dmoe.dht.access import InLoopDHT
+from dmoe.dht.access import InLoopDHT, load_or_create_signing_key
 from dmoe.dht.registry import ExpertRegistry
 from dmoe.experts import create_expert, expert_schema
 from dmoe.membership import MembershipCheck
@@ -38,6 +39,7 @@ from dmoe.relay.metrics import RelayMetrics
 from dmoe.relay.server import RelayServer
 from dmoe.wire.codec import GRPC_OPTIONS
 from dmoe.wire.endpoints import guess_public_host, host_port, split_host_port
+from dmoe.wire.tls import make_certificate
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ class ExpertNode:
         self.server: grpc.aio.Server | None = None
         self.route: NodeRoute | None = None
         self.endpoint: str | None = None
+        # next to the checkpoints: the node that restores its experts also owns its old records
+        self.identity_dir = Path(config.checkpoint_dir) / "identity" if config.checkpoint_dir else None
         self.relay: RelayServer | None = None
         self.relay_announcer: RelayAnnouncer | None = None
         self.grpc_port = 0
@@ -114,7 +118,16 @@ class ExpertNode:
             backward_rate=cfg.backward_rate, grad_norm_band=cfg.grad_norm_band,
         )
         add_to_server(servicer, self.server)
-        self.grpc_port = self.server.add_insecure_port(host_port(cfg.host, cfg.port))
+        # the TLS key is the one that signs our DHT records (its identity file, next to the checkpoints)
+        self.signing_key = load_or_create_signing_key(self.identity_dir / "signing.key") if self.identity_dir \
+            else RSAPrivateKey()
+        self.certificate: bytes | None = None
+        if cfg.uses_tls:
+            key_pem, self.certificate = make_certificate(self.signing_key._private_key)
+            credentials = grpc.ssl_server_credentials([(key_pem, self.certificate)])
+            self.grpc_port = self.server.add_secure_port(host_port(cfg.host, cfg.port), credentials)
+        else:
+            self.grpc_port = self.server.add_insecure_port(host_port(cfg.host, cfg.port))
         if not self.grpc_port:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
         await self.server.start()
@@ -132,8 +145,7 @@ class ExpertNode:
             initial_peers=cfg.initial_peers,
             host_maddrs=cfg.dht_host_maddrs or [default_maddr],
             announce_maddrs=cfg.dht_announce_maddrs,
-            # next to the checkpoints: the node that restores its experts also owns its old records
-            identity_dir=Path(cfg.checkpoint_dir) / "identity" if cfg.checkpoint_dir else None,
+            identity_dir=self.identity_dir, signing_key=self.signing_key,
             # a full DHT peer only once peers are known to be able to dial it (dmoe.node.reachability)
             client_mode=cfg.reachability.reachability != "direct",
         )
@@ -150,7 +162,9 @@ class ExpertNode:
                                "updates": self.total_updates(), "reachability": self.reachability},
         )
         self.announcer.on_result = lambda ok: self.metrics.announces.labels("ok" if ok else "failed").inc()
+        self.announcer.certificate = self.certificate
         self.route = NodeRoute(cfg, dht=self.dht, registry=registry, grpc_port=self.grpc_port,
+                               certificate=self.certificate,
                                local=split_host_port(cfg.reachability.tunnel_to) if cfg.reachability.tunnel_to
                                else (local_host, self.grpc_port), own_relay=own_relay,
                                on_endpoint=self._route_changed)

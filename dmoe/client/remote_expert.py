@@ -79,7 +79,8 @@ class RemoteExpert(nn.Module):
 
         async def _info() -> pb.ExpertInfo:
             try:
-                reply = await self.swarm.stub(self.endpoint).Info(pb.InfoRequest(uid=self.uid), timeout=timeout)
+                stub = await self.swarm.stub_for(self.endpoint)
+                reply = await stub.Info(pb.InfoRequest(uid=self.uid), timeout=timeout)
             except grpc.aio.AioRpcError as e:
                 raise map_rpc_error(e, method="info", uid=self.uid, endpoint=self.endpoint, timeout=timeout) from None
             for expert in reply.experts:

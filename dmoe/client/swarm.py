@@ -44,13 +44,14 @@ from dmoe.client.remote_call import TensorSpec, call_expert
 from dmoe.config.client import HealthOptions, HedgeOptions, LookupOptions, SwarmOptions
 from dmoe.dht.access import DHTAccess, InLoopDHT, ProcessDHT
 from dmoe.dht.registry import ExpertRegistry
-from dmoe.errors import DeadlineExceeded, DmoeError, ExpertCallError
+from dmoe.errors import DeadlineExceeded, DmoeError, ExpertCallError, NodeUnreachable
 from dmoe.logs import RateLimitedLog
 from dmoe.membership import Member, payload_digest
 from dmoe.wire.codec import OFF_LOOP_BYTES, payload_bytes
-from dmoe.wire.endpoints import open_channel
+from dmoe.wire.endpoints import open_channel, parse_endpoint
 from dmoe.wire.proto import expert_pb2 as pb
 from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
+from dmoe.wire.tls import certificate_fingerprint
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -119,6 +120,7 @@ class Swarm:
         self.health = PeerHealth(health)
         # a closed swarm's member (key + current token): every call it makes is signed; None in an open swarm
         self.member: Member | None = None
+        self.certificates: dict[str, bytes] = {}  # key fingerprint -> the node's TLS certificate (pinned)
         self._refusals = RateLimitedLog(logger, interval=30.0)
         self.hedge = hedge or HedgeOptions()
         self._hedge_tokens = self.hedge.burst
@@ -196,17 +198,45 @@ class Swarm:
     # ---- gRPC channels and calls (loop thread only) ----
 
     def stub(self, endpoint: str) -> pb_grpc.ExpertServiceStub:
+        """The stub of a plaintext endpoint, or of a TLS one whose certificate is known (``stub_for`` fetches it)."""
         entry = self._channels.get(endpoint)
         if entry is not None:
             self._channels.move_to_end(endpoint)
             return entry[1]
-        channel = open_channel(endpoint)  # direct, or through the node's relay
+        tls = parse_endpoint(endpoint).tls
+        certificate = self.certificates.get(tls) if tls else None
+        if tls and certificate is None:
+            raise NodeUnreachable(f"{endpoint}: no TLS certificate known for key {tls} (not in the DHT)",
+                                  endpoint=endpoint)
+        channel = open_channel(endpoint, certificate=certificate)  # direct or through its relay; TLS pinned
         stub = pb_grpc.ExpertServiceStub(channel)
         self._channels[endpoint] = (channel, stub)
         while len(self._channels) > self.max_channels:
             _, (old, _) = self._channels.popitem(last=False)
             asyncio.get_running_loop().create_task(old.close(grace=None))
         return stub
+
+    async def stub_for(self, endpoint: str) -> pb_grpc.ExpertServiceStub:
+        """``stub``, after looking up the node's TLS certificate in the DHT when the endpoint needs one."""
+        tls = parse_endpoint(endpoint).tls
+        if tls and tls not in self.certificates and endpoint not in self._channels:
+            certificate = await self.registry.find_certificate(tls) if self.registry is not None else None
+            if certificate is not None:
+                self.certificates[tls] = certificate
+        return self.stub(endpoint)
+
+    def trust(self, certificate: bytes) -> str:
+        """Pin a node's TLS certificate by hand (no DHT, e.g. ``Swarm(use_dht=False)``); returns its fingerprint."""
+        fingerprint = certificate_fingerprint(certificate)
+        if fingerprint is None:
+            raise ValueError("not an RSA certificate")
+        self.certificates[fingerprint] = certificate
+        return fingerprint
+
+    async def _preconnect(self, endpoint: str) -> None:
+        with contextlib.suppress(Exception):  # best effort: the first call connects anyway
+            await self.stub_for(endpoint)
+            await self._connect(self._channels[endpoint][0])
 
     def _found_endpoints(self, found: Sequence[tuple[str, float]]) -> None:
         """Expert lookups saw these (endpoint, announced load): note the loads, connect to new endpoints.
@@ -217,9 +247,7 @@ class Swarm:
         for endpoint, load in found:
             self.health.note_load(endpoint, load)
             if endpoint not in self._channels and len(self._channels) < self.max_channels:
-                self.stub(endpoint)
-                channel = self._channels[endpoint][0]
-                asyncio.get_running_loop().create_task(self._connect(channel))
+                asyncio.get_running_loop().create_task(self._preconnect(endpoint))
 
     @staticmethod
     async def _connect(channel: grpc.aio.Channel) -> None:
@@ -341,7 +369,7 @@ class Swarm:
                 digest = payload_digest(chunks) if payload_bytes(request.tensors) < OFF_LOOP_BYTES \
                     else await asyncio.to_thread(payload_digest, chunks)
                 metadata = self.member.metadata(method, request.uid, digest)
-            return await call_expert(self.stub(endpoint), request, method=method, endpoint=endpoint,
+            return await call_expert(await self.stub_for(endpoint), request, method=method, endpoint=endpoint,
                                      timeout=timeout, expected=expected, metadata=metadata)
         finally:
             self.health.call_ended(endpoint)
@@ -411,8 +439,8 @@ class Swarm:
         self.stats_counters.probes += 1
         metrics.PROBES.labels("sent").inc()
         try:
-            return await self.stub(endpoint).Ping(pb.PingRequest(), timeout=timeout)
-        except (grpc.aio.AioRpcError, TimeoutError):
+            return await (await self.stub_for(endpoint)).Ping(pb.PingRequest(), timeout=timeout)
+        except (grpc.aio.AioRpcError, TimeoutError, NodeUnreachable):
             return None
 
     async def _check_alive(self, endpoint: str, method: str, started: float) -> None:

@@ -13,6 +13,7 @@ from dmoe.config.flags import non_negative_float, option, port_number, positive_
 from dmoe.config.relay import ReachabilityOptions, RelayOptions
 
 OPTIMIZERS = ("adam", "sgd")
+TLS_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,10 @@ class NodeConfig:
     """host announced in the DHT; default: --host, or this machine's outbound address when binding 0.0.0.0"""
     announce_port: int | None = option(None, parse=port_number, group="network")
     """port announced in the DHT (e.g. a proxy in front of the node); default: the bound port"""
+    tls: str = option("auto", choices=TLS_MODES, group="network")
+    """TLS with a certificate of the key that signs this node's DHT records, so clients verify the endpoint is
+    this node's: auto = on unless the node binds a loopback address (a local run); off = plaintext (loopback runs
+    or trusted networks only)"""
     initial_peers: list[str] = option(factory=list, nargs="*", group="network")
     """multiaddrs of peers in the swarm to join; none starts a new swarm"""
     dht_host_maddrs: list[str] | None = option(None, nargs="*", group="network")
@@ -115,6 +120,11 @@ class NodeConfig:
     optimizer: OptimizerOptions = option(factory=OptimizerOptions, cli=False)
     reachability: ReachabilityOptions = option(factory=ReachabilityOptions, cli=False)
     relay_limits: RelayOptions = option(factory=RelayOptions, cli=False)
+
+    @property
+    def uses_tls(self) -> bool:
+        loopback = self.host in ("localhost", "::1") or self.host.startswith("127.")
+        return self.tls == "on" or (self.tls == "auto" and not loopback)
 
     @property
     def max_request_bytes(self) -> int:

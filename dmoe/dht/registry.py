@@ -23,7 +23,9 @@ public key::
 * Relays (``dmoe.relay``) publish themselves under ``_dmoe.relays`` (subkey: ``relay`` + owner)
   with their address and how many nodes they carry, so unreachable nodes find one.
 * An endpoint is ``host:port`` or, for a node served through a relay, ``name@relay-host:port``
-  (``dmoe.wire.endpoints``).
+  (``dmoe.wire.endpoints``), either behind TLS as ``tls:FP@...``. A TLS entry counts only if ``FP`` is
+  the fingerprint of the entry's owner key: nobody can point an expert at an endpoint whose key they do
+  not hold. The certificate lives under ``_dmoe.cert.FP`` (subkey ``cert`` + owner), for clients to pin.
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ from hivemind.utils import get_dht_time
 from dmoe.dht.access import DHTAccess
 from dmoe.dht.uids import UID_DELIMITER, cell_key, split_uid
 from dmoe.wire.endpoints import parse_endpoint
+from dmoe.wire.tls import certificate_fingerprint, key_fingerprint
 
 NODES_KEY = "_dmoe.nodes"
+CERT_KEY_PREFIX = "_dmoe.cert."
 RELAYS_KEY = "_dmoe.relays"
 MAX_PROBE_DEPTH = 8  # grid dimensions a walk probes for when nobody said how many there are
 
@@ -84,12 +88,24 @@ class NodeRecord:
 _OWNED_SUBKEY = re.compile(rb"([0-9A-Za-z_.\-]+)\[owner:([^\]]+)\]")
 
 
-def _subkey_coord(subkey: bytes) -> str | None:
-    """Coordinate (or node id) part of an owner-tagged subkey; None for untagged, malformed or foreign ones."""
+def _owned_subkey(subkey: bytes) -> tuple[str, bytes] | None:
+    """(coordinate or node id, owner public key) of an owner-tagged subkey; None for untagged or malformed ones."""
     if not isinstance(subkey, bytes):
         return None
     match = _OWNED_SUBKEY.fullmatch(subkey)
-    return match.group(1).decode() if match else None
+    return (match.group(1).decode(), match.group(2)) if match else None
+
+
+def _subkey_coord(subkey: bytes) -> str | None:
+    """Coordinate (or node id) part of an owner-tagged subkey; None for untagged, malformed or foreign ones."""
+    owned = _owned_subkey(subkey)
+    return owned[0] if owned else None
+
+
+def _owner_may_announce(endpoint: str, owner: bytes) -> bool:
+    """A TLS endpoint names the key it must present: only that key's owner may announce it."""
+    tls = parse_endpoint(endpoint).tls
+    return tls is None or tls == key_fingerprint(owner)
 
 
 class ExpertRegistry:
@@ -112,8 +128,9 @@ class ExpertRegistry:
         load: float,
         ttl: float,
         node_info: dict[str, Any] | None = None,
+        certificate: bytes | None = None,
     ) -> bool:
-        """Store (or refresh) this node's records for ``uids``; True if every store succeeded."""
+        """Store (or refresh) this node's records for ``uids`` (and its TLS ``certificate``); True if all landed."""
         uids = list(uids)
         expiration = get_dht_time() + ttl
         entries: dict[tuple[str, bytes], Any] = {}
@@ -124,7 +141,33 @@ class ExpertRegistry:
                 entries[(key, self._owned(str(coord)))] = (endpoint, node_id, float(load))
         info = {"endpoint": endpoint, "experts": uids, "load": float(load), **(node_info or {})}
         entries[(NODES_KEY, self._owned(node_id))] = info
+        if certificate is not None:
+            entries[(CERT_KEY_PREFIX + self.fingerprint, self._owned("cert"))] = certificate
         return await self._store(entries, expiration)
+
+    @property
+    def fingerprint(self) -> str:
+        """Fingerprint of this peer's record-signing key (what its TLS endpoints are announced with)."""
+        owned = _owned_subkey(b"x" + self.dht.owner_marker)
+        assert owned is not None, "the DHT's owner marker is not NAME[owner:KEY]"
+        return key_fingerprint(owned[1])
+
+    async def find_certificate(self, fingerprint: str) -> bytes | None:
+        """The TLS certificate published by the owner of key ``fingerprint``, checked to carry that key."""
+        key = CERT_KEY_PREFIX + fingerprint
+        record = (await self.dht.get_many([key])).get(key)
+        now = get_dht_time()
+        if record is None or not isinstance(record.value, dict):
+            return None
+        for subkey, item in record.value.items():
+            owned = _owned_subkey(subkey)
+            value = getattr(item, "value", None)
+            if owned is None or owned[0] != "cert" or key_fingerprint(owned[1]) != fingerprint:
+                continue  # someone else's entry under this key
+            fresh = item.expiration_time >= now
+            if isinstance(value, bytes) and fresh and certificate_fingerprint(value) == fingerprint:
+                return value
+        return None
 
     async def withdraw(self, uids: Iterable[str], *, node_id: str, ttl: float) -> bool:
         """Overwrite this node's records with tombstones (graceful leave of the whole node).
@@ -190,11 +233,14 @@ class ExpertRegistry:
             record = found.get(prefix)
             if record is not None and isinstance(record.value, dict):
                 for subkey, item in record.value.items():
-                    coord = _subkey_coord(subkey)
+                    owned = _owned_subkey(subkey)
                     entry = _parse_entry(item, now)
-                    if coord is None or entry is None or not coord.isdigit():
+                    if owned is None or entry is None or not owned[0].isdigit():
                         continue
+                    coord = owned[0]
                     endpoint, node_id, load, expiration = entry
+                    if not _owner_may_announce(endpoint, owned[1]):
+                        continue  # a TLS endpoint of a key this owner does not hold
                     uid = prefix + coord
                     by_coord[int(coord)].append(ExpertEndpoint(uid, endpoint, node_id, load, expiration))
             result[prefix] = {c: _dedupe(eps) for c, eps in sorted(by_coord.items())}

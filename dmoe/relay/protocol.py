@@ -28,9 +28,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
 
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
+
+from dmoe.wire.tls import key_fingerprint
 
 MAX_LINE = 4096
 PROTOCOL_VERSION = "1"
@@ -63,7 +64,7 @@ async def read_line(reader: asyncio.StreamReader, timeout: float) -> str:
 
 def relay_name(public_key: bytes) -> str:
     """A node's name at every relay: derived from the public key that also signs its DHT records."""
-    return "r-" + hashlib.sha256(public_key).hexdigest()[:32]
+    return "r-" + key_fingerprint(public_key)
 
 
 def encode_key(public_key: bytes) -> str:

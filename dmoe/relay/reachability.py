@@ -16,6 +16,7 @@ address it sees the request coming from, and answers ``REACHABLE <ip> <node id>`
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,22 +45,25 @@ class Reachability:
         return "; ".join(f"{relay} says {answer}" for relay, answer in self.answers.items()) or "no relay known"
 
 
-async def ask_dialback(relay: str, port: int, timeout: float) -> str:
-    """One relay's answer line to ``DMOE-DIALBACK port``; raises OSError/ProtocolError/TimeoutError."""
+async def ask_dialback(relay: str, port: int, timeout: float, certificate: bytes | None = None) -> str:
+    """One relay's answer line to ``DMOE-DIALBACK port [certificate]``; raises OSError/ProtocolError/TimeoutError."""
     host, relay_port = split_host_port(relay)
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, relay_port), timeout)
     try:
-        writer.write(f"{protocol.DIALBACK} {port}\n".encode())
+        cert = f" {base64.b64encode(certificate).decode()}" if certificate else ""
+        writer.write(f"{protocol.DIALBACK} {port}{cert}\n".encode())
         return await read_line(reader, timeout)
     finally:
         close(writer)
 
 
-async def check_reachability(relays: Sequence[str], *, port: int, node_id: str) -> Reachability:
-    """Ask up to ``MAX_ASKED`` relays, all at once, to dial ``port`` back."""
+async def check_reachability(relays: Sequence[str], *, port: int, node_id: str,
+                             certificate: bytes | None = None) -> Reachability:
+    """Ask up to ``MAX_ASKED`` relays, all at once, to dial ``port`` back (over TLS pinned to ``certificate``)."""
     asked = list(dict.fromkeys(relays))[:MAX_ASKED]
     timeout = _DIALBACK_TIMEOUT + 2.0
-    answers = await asyncio.gather(*(ask_dialback(r, port, timeout) for r in asked), return_exceptions=True)
+    answers = await asyncio.gather(*(ask_dialback(r, port, timeout, certificate) for r in asked),
+                                   return_exceptions=True)
     result = Reachability(UNKNOWN)
     refused = False
     for relay, answer in zip(asked, answers, strict=True):

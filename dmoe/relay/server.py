@@ -40,6 +40,8 @@ answered, so the node knows it reached itself.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 import secrets
@@ -55,9 +57,10 @@ from dmoe.relay import protocol
 from dmoe.relay.metrics import RelayMetrics
 from dmoe.relay.protocol import ProtocolError, read_line
 from dmoe.relay.splice import CHUNK, FairShare, TokenBucket, close, splice
-from dmoe.wire.endpoints import host_port, open_channel
+from dmoe.wire.endpoints import host_port, open_channel, tls_endpoint
 from dmoe.wire.proto import expert_pb2 as pb
 from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
+from dmoe.wire.tls import certificate_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -299,8 +302,16 @@ class RelayServer:
     # ---- reachability checks ----
 
     async def _dialback(self, writer: asyncio.StreamWriter, rest: str, client: str) -> None:
-        if not rest.isdigit() or not 0 < int(rest) < 65536:
-            writer.write(b"ERROR expected DMOE-DIALBACK <port>\n")
+        port_text, _, cert_text = rest.partition(" ")
+        certificate = None
+        if cert_text:  # a TLS node: dial it with its certificate pinned
+            with contextlib.suppress(ValueError, binascii.Error):
+                certificate = base64.b64decode(cert_text, validate=True)
+            if certificate is None or certificate_fingerprint(certificate) is None:
+                writer.write(b"ERROR not a certificate\n")
+                return
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            writer.write(b"ERROR expected DMOE-DIALBACK <port> [<base64 certificate>]\n")
             return
         now = time.monotonic()
         recent = self._dialbacks[client]
@@ -311,8 +322,10 @@ class RelayServer:
             self._refuse("dialback_rate", f"relay: too many reachability checks from {client}")
             return
         recent.append(now)
-        address = host_port(client, int(rest))
-        node_id = await ping(address, self.options.dialback_timeout)
+        address = host_port(client, int(port_text))
+        if certificate is not None:
+            address = tls_endpoint(certificate_fingerprint(certificate) or "", address)
+        node_id = await ping(address, self.options.dialback_timeout, certificate=certificate)
         result = "reachable" if node_id is not None else "unreachable"
         if self.metrics is not None:
             self.metrics.dialbacks.labels(result).inc()
@@ -326,9 +339,9 @@ class RelayServer:
             self.metrics.connections.set(sum(t.connections for t in self.tunnels.values()))
 
 
-async def ping(endpoint: str, timeout: float) -> str | None:
+async def ping(endpoint: str, timeout: float, *, certificate: bytes | None = None) -> str | None:
     """The node id a dmoe node at ``endpoint`` answers a Ping with, or None (no dmoe node answered in time)."""
-    channel = open_channel(endpoint)
+    channel = open_channel(endpoint, certificate=certificate)
     try:
         reply = await pb_grpc.ExpertServiceStub(channel).Ping(pb.PingRequest(), timeout=timeout,
                                                               wait_for_ready=False)

@@ -123,7 +123,7 @@ def _in_grid(uid: str, grid_size: Sequence[int]) -> bool:
 async def _info(swarm: Any, endpoint: str, uid: str, timeout: float) -> Any:
     from dmoe.wire.proto import expert_pb2 as pb
 
-    reply = await swarm.stub(endpoint).Info(pb.InfoRequest(uid=uid), timeout=timeout)
+    reply = await (await swarm.stub_for(endpoint)).Info(pb.InfoRequest(uid=uid), timeout=timeout)
     for info in reply.experts:
         if info.uid == uid:
             return info
