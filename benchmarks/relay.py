@@ -1,4 +1,4 @@
-"""Expert calls direct vs through a relay, on loopback: what a relay costs a node behind NAT.
+"""Expert calls direct vs through a relay, and plaintext vs TLS, on loopback: what a relay and TLS cost.
 
     .venv/bin/python benchmarks/relay.py --out runs/bench_relay.json
 
@@ -15,8 +15,12 @@ relay (``name@relay``, gRPC's HTTP CONNECT support; ``dmoe.relay``).
 * throughput: ``--concurrency`` calls in flight for ``--window`` seconds per way, in alternating
   rounds; calls/s and payload MB/s (request + reply).
 
-Goal (issue #14): the relay adds < 1 ms p50 and keeps >= 80 % of direct throughput at batch 64,
-hidden 1024. Prints a table, writes JSON (--out). Numbers depend on the machine and its load.
+A second node serves the same expert behind TLS pinned to its key (``--tls on``; its certificate is
+looked up in the DHT, as a trainer does): plaintext vs TLS in the same run.
+
+Goals: the relay adds < 1 ms p50 and keeps >= 80 % of direct throughput (issue #14); TLS costs
+under 10 % (issue #16), both at batch 64, hidden 1024. Prints a table, writes JSON (--out). Numbers
+depend on the machine and its load.
 """
 
 from __future__ import annotations
@@ -55,18 +59,24 @@ def start_swarm(work: Path, hidden: int) -> tuple[list[DmoeProcess], dict[str, s
     stock = coordinator("relay_default", "--initial-peers", *fast["dht"])
     node = DmoeProcess("node", [
         "--experts", "bench.0", "--hidden-dim", str(hidden), "--host", "127.0.0.1", "--initial-peers", *fast["dht"],
-        "--reachability", "relay", "--relays", fast["relay"], stock["relay"],
+        "--reachability", "relay", "--relays", fast["relay"], stock["relay"], "--tls", "off",
     ], name="node", log_path=work / "node.log", env={"OMP_NUM_THREADS": "1"})
-    procs.append(node.start())
-    ready = node.wait_ready(180)
+    # the same expert (same seed and uid) on a second node, behind TLS pinned to its key: plaintext vs TLS
+    tls_node = DmoeProcess("node", [
+        "--experts", "bench.0", "--hidden-dim", str(hidden), "--host", "127.0.0.1", "--initial-peers", *fast["dht"],
+        "--reachability", "direct", "--tls", "on",
+    ], name="tls_node", log_path=work / "tls_node.log", env={"OMP_NUM_THREADS": "1"})
+    procs += [node.start(), tls_node.start()]
+    ready, tls_ready = node.wait_ready(180), tls_node.wait_ready(180)
     name = ready["announced"].split("@")[0]
-    endpoints = {"direct": ready["grpc"], "relay (limits raised)": f"{name}@{fast['relay']}",
+    endpoints = {"direct": ready["grpc"], "direct, TLS": tls_ready["announced"],
+                 "relay (limits raised)": f"{name}@{fast['relay']}",
                  "relay (default limits)": f"{name}@{stock['relay']}"}
-    return procs, endpoints
+    return procs, endpoints, fast["dht"]
 
 
-async def measure(endpoints: dict[str, str], *, batch: int, hidden: int, calls: int, concurrency: int,
-                  window: float, rounds: int) -> dict[str, dict[str, float]]:
+async def measure(endpoints: dict[str, str], peers: list[str], *, batch: int, hidden: int, calls: int,
+                  concurrency: int, window: float, rounds: int) -> dict[str, dict[str, float]]:
     import torch
 
     from dmoe.client.remote_call import FORWARD, build_request, call_expert
@@ -78,7 +88,19 @@ async def measure(endpoints: dict[str, str], *, batch: int, hidden: int, calls: 
     x = torch.randn(batch, hidden)
     request = build_request("bench.0", serialize_tensors([x]))
     payload = 2 * x.numel() * 4  # request + reply, bytes
-    channels = {way: open_channel(ep) for way, ep in endpoints.items()}
+    from dmoe.dht.access import InLoopDHT
+    from dmoe.dht.registry import ExpertRegistry
+    from dmoe.wire.endpoints import parse_endpoint
+
+    dht = await InLoopDHT.create(initial_peers=peers, client_mode=True)
+    registry = ExpertRegistry(dht)
+    certificates = {}
+    for way, ep in endpoints.items():  # what a trainer does: the TLS node's certificate from the DHT, pinned
+        fingerprint = parse_endpoint(ep).tls
+        if fingerprint:
+            certificates[way] = await registry.find_certificate(fingerprint)
+    await dht.shutdown()
+    channels = {way: open_channel(ep, certificate=certificates.get(way)) for way, ep in endpoints.items()}
     stubs = {way: pb_grpc.ExpertServiceStub(ch) for way, ch in channels.items()}
 
     async def ping(way: str) -> float:
@@ -141,9 +163,9 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="dmoe-bench-relay-") as tmp:
-        procs, endpoints = start_swarm(Path(tmp), args.hidden)
+        procs, endpoints, peers = start_swarm(Path(tmp), args.hidden)
         try:
-            results = asyncio.run(measure(endpoints, batch=args.batch, hidden=args.hidden, calls=args.calls,
+            results = asyncio.run(measure(endpoints, peers, batch=args.batch, hidden=args.hidden, calls=args.calls,
                                           concurrency=args.concurrency, window=args.window, rounds=args.rounds))
         finally:
             for proc in reversed(procs):
