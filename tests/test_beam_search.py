@@ -371,3 +371,23 @@ def test_subkeys_with_a_malformed_owner_marker_are_not_experts(peers):
         assert [e.uid for e in result.experts[0]] == ["mal.0.0"]
     finally:
         client.shutdown()
+
+
+def test_an_owner_growing_a_shared_record_without_bound_is_ignored_there(peers):
+    """One key storing more entries under a grid cell than any grid row has (or absurd coordinates) cannot
+    flood everyone's lookups of that cell; the other owners' entries still resolve."""
+    from dmoe.dht.registry import MAX_ENTRIES_PER_OWNER
+
+    a, b = peers
+    announce(a, ["grow.0", "grow.1"], ENDPOINT_A)
+    expiration = get_dht_time() + 60
+    flood = [("grow.", b.registry._owned(str(c)), (ENDPOINT_B, "grower", 0.0), expiration)
+             for c in range(MAX_ENTRIES_PER_OWNER + 1)]
+    keys, subkeys, values, expirations = map(list, zip(*flood, strict=True))
+    b.host.run(b.dht.store_many(keys, subkeys, values, expirations), timeout=120)
+    huge = b.host.run(b.dht.store_many(["grow."], [b.registry._owned("12345678901")], [(ENDPOINT_B, "g", 0.0)],
+                                       [expiration]), timeout=30)
+    assert huge
+    table = a.host.run(a.registry.get_prefixes(["grow."]), timeout=30)
+    assert sorted(table["grow."]) == [0, 1]
+    assert {e.endpoint for eps in table["grow."].values() for e in eps} == {ENDPOINT_A}

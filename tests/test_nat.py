@@ -139,6 +139,14 @@ def test_reachability_on_loopback_is_direct_and_forced_relaying_or_no_relay_is_r
         assert metric(url, "dmoe_node_reachable") == reachable and metric(url, "dmoe_node_relayed") == via_relay
     http = coordinator.ready["http"].replace("0.0.0.0", "127.0.0.1")
     assert metric(f"http://{http}/metrics", "dmoe_relay_tunnels") == 1
+    # a reachable volunteer can relay too (dmoe node --relay); a node told to use it attaches there
+    volunteer_relay = launch("node", ["--experts", "d.[0:1]", *common, "--relay", "--relay-port", "0"],
+                             name="volunteer_relay", **PROC)
+    assert volunteer_relay.ready["reachability"] == "direct" and volunteer_relay.ready["relay_port"]
+    via_node = f"127.0.0.1:{volunteer_relay.ready['relay_port']}"
+    second = launch("node", ["--experts", "e.[0:1]", *common, "--reachability", "relay", "--relays", via_node],
+                    name="via_volunteer", **PROC)
+    assert second.ready["reachability"] == "relayed" and second.ready["relay"] == via_node
     # nothing to relay through: the node says it is unreachable and what the volunteer can do
     alone = launch("node", ["--experts", "c.[0:1]", "--hidden-dim", "32", "--host", "127.0.0.1",
                             "--reachability", "relay", "--relays", "127.0.0.1:9"], name="alone", **PROC)

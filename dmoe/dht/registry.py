@@ -15,7 +15,8 @@ public key::
   one per expert.
 * Subkeys carry ``[owner:...]``: with hivemind's ``RSASignatureValidator`` only the owner can
   overwrite or erase them; entries without a well-formed owner marker (``NAME[owner:KEY]``, the
-  only form the validator checks) are ignored on read.
+  only form the validator checks) are ignored on read, and so is every entry of an owner with more
+  than ``MAX_ENTRIES_PER_OWNER`` under one key (nobody can grow a shared record for everyone).
 * Records expire (``ttl``); owners re-announce well before expiry, so a dead node vanishes
   within one TTL. A graceful leave overwrites its subkeys with a tombstone (``()``).
 * Every node also publishes itself under ``_dmoe.nodes`` (subkey: node id + owner) with its
@@ -31,7 +32,7 @@ public key::
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,10 @@ NODES_KEY = "_dmoe.nodes"
 CERT_KEY_PREFIX = "_dmoe.cert."
 RELAYS_KEY = "_dmoe.relays"
 MAX_PROBE_DEPTH = 8  # grid dimensions a walk probes for when nobody said how many there are
+# a shared record (one grid cell's key) holds one entry per owner and child coordinate: an owner with more
+# entries than a grid row can have is growing it on purpose, and is ignored there; coordinates are small numbers
+MAX_ENTRIES_PER_OWNER = 1024
+MAX_COORD_DIGITS = 6
 
 
 @dataclass(frozen=True)
@@ -230,13 +235,20 @@ class ExpertRegistry:
         result: dict[str, dict[int, list[ExpertEndpoint]]] = {}
         for prefix in prefixes:
             by_coord: dict[int, list[ExpertEndpoint]] = defaultdict(list)
+            per_owner: Counter[bytes] = Counter()
             record = found.get(prefix)
-            if record is not None and isinstance(record.value, dict):
-                for subkey, item in record.value.items():
-                    owned = _owned_subkey(subkey)
+            items = record.value.items() if record is not None and isinstance(record.value, dict) else ()
+            owned_items = [(_owned_subkey(subkey), item) for subkey, item in items]
+            for owned, _ in owned_items:
+                if owned is not None:
+                    per_owner[owned[1]] += 1
+            if items:
+                for owned, item in owned_items:
                     entry = _parse_entry(item, now)
-                    if owned is None or entry is None or not owned[0].isdigit():
+                    if owned is None or entry is None or not owned[0].isdigit() or len(owned[0]) > MAX_COORD_DIGITS:
                         continue
+                    if per_owner[owned[1]] > MAX_ENTRIES_PER_OWNER:
+                        continue  # one key growing a shared record without bound: all of its entries are ignored
                     coord = owned[0]
                     endpoint, node_id, load, expiration = entry
                     if not _owner_may_announce(endpoint, owned[1]):
