@@ -36,7 +36,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from dmoe.errors import DmoeError
+from dmoe.config.membership import MembershipOptions
+from dmoe.errors import ConfigError, DmoeError
 
 TOKEN_KEY = "dmoe-member-token"  # gRPC metadata keys of a member's call
 SIGNATURE_KEY = "dmoe-member-sig"
@@ -321,6 +322,61 @@ def _token_expiry(text: str) -> float | None:
         return float(json.loads(_unb64(text.partition(".")[0]))["exp"])
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
         return None
+
+
+def read_token_unchecked(text: str) -> Token:
+    """A token's fields without checking its signature (to learn which authority issued one we hold)."""
+    try:
+        fields = json.loads(_unb64(text.partition(".")[0]))
+        key = serialization.load_der_public_key(_unb64(fields["authority"]))
+        if not isinstance(key, rsa.RSAPublicKey):
+            raise ValueError("not an RSA key")
+        return Token(member=str(fields["member"]), issued=float(fields["iat"]), expires=float(fields["exp"]),
+                     authority=peer_id_of(key), text=text)
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise MembershipError("the membership token is malformed") from None
+
+
+def member_from_options(options: MembershipOptions) -> Member | None:
+    """The member a process joins a closed swarm as (--member-key with --token-url or --token); None without a key."""
+    if not options.member_key:
+        if options.token or options.token_url:
+            raise ConfigError("--token and --token-url need --member-key (the key the token is for)")
+        return None
+    key = load_or_create_member_key(options.member_key)
+    if options.token_url:
+        token = fetch_token(options.token_url, key)
+    elif options.token:
+        token = options.token
+    else:
+        raise ConfigError(f"--member-key needs a token: --token-url COORDINATOR_HTTP, or --token from `dmoe member "
+                          f"issue --member {member_id(key.public_key())}`")
+    return Member(key, token)
+
+
+# ---- nodes as members: clients of a closed swarm use only their experts ----
+
+_NODE_CONTEXT = b"dmoe-member-node:"
+
+
+def node_membership(member: Member, owner_fingerprint: str) -> dict[str, str]:
+    """What a member node publishes next to its records (``dmoe.dht.registry``): its token, and its member key's
+    signature over the key that signs its records, so the token cannot be copied into someone else's records."""
+    return {"token": member.token, "proof": _b64(member.key.sign(_NODE_CONTEXT + owner_fingerprint.encode()))}
+
+
+def check_node_membership(published: object, owner_fingerprint: str, *, authority: str,
+                          now: float | None = None) -> float | None:
+    """Until when the owner of ``owner_fingerprint`` is a member (its token's expiry), or None if it is not."""
+    if not isinstance(published, dict):
+        return None
+    try:
+        token = read_token(str(published["token"]), authority=authority)
+        parse_member_id(token.member).verify(_unb64(str(published["proof"])[:256]),
+                                             _NODE_CONTEXT + owner_fingerprint.encode())
+    except (MembershipError, KeyError, InvalidSignature, ValueError, binascii.Error):
+        return None
+    return token.expires if token.seconds_left(now) > 0 else None
 
 
 class TokenRenewer:

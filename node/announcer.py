@@ -91,6 +91,7 @@ class Announcer:
         self._rounds: set[asyncio.Task[bool]] = set()
         self.on_result: Callable[[bool], None] | None = None
         self.certificate: bytes | None = None  # the node's TLS certificate, published with its records
+        self.membership: Callable[[], dict[str, str]] | None = None  # a closed swarm: our token + proof
         self._failures = 0
 
     def reannounce(self, endpoint: str | None) -> None:
@@ -112,6 +113,7 @@ class Announcer:
                 self.registry.announce(
                     self.uids, endpoint=self.endpoint, node_id=self.node_id, load=self.load(), ttl=self.ttl,
                     node_info=self.node_info(), certificate=self.certificate,
+                    membership=self.membership() if self.membership is not None else None,
                 ),
                 timeout or self.interval,
             )

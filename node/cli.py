@@ -30,6 +30,7 @@ from dmoe.config import (
     options_from,
     setup_logging,
 )
+from dmoe.config.membership import MembershipOptions
 from dmoe.config.relay import ReachabilityOptions, RelayOptions
 from dmoe.dht.uids import parse_expert_pattern
 from dmoe.errors import ConfigError
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, OptimizerOptions, groups=groups)
     add_options(p, ReachabilityOptions, groups=groups)
     add_options(p, RelayOptions, groups=groups)
+    add_options(p, MembershipOptions, groups=groups)
     return p
 
 
@@ -95,10 +97,14 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         except (ValueError, TypeError, multihash.MultihashError):
             raise ConfigError(f"--authority: {args.authority[:60]!r} is not a peer id (copy \"peer_id\" from the "
                               "coordinator's dmoe-ready line)") from None
+    if args.authority and not args.member_key:
+        raise ConfigError("--authority (a closed swarm) needs --member-key with --token-url or --token: its members "
+                          "use only experts of nodes that are members too")
     if args.relay and reachability.reachability == "relay":
         raise ConfigError("--relay needs a node others can dial; it cannot be combined with --reachability relay")
     return options_from(NodeConfig, args, batching=options_from(BatchingOptions, args),
                         optimizer=options_from(OptimizerOptions, args), reachability=reachability,
+                        membership=options_from(MembershipOptions, args),
                         relay_limits=options_from(RelayOptions, args))
 
 

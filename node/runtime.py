@@ -33,7 +33,7 @@ from dmoe.config.node import NodeConfig
 from dmoe.dht.access import InLoopDHT, load_or_create_signing_key
 from dmoe.dht.registry import ExpertRegistry
 from dmoe.experts import create_expert, expert_schema
-from dmoe.membership import MembershipCheck
+from dmoe.membership import Member, MembershipCheck, TokenRenewer, member_from_options, node_membership
 from dmoe.relay.directory import RelayAnnouncer
 from dmoe.relay.metrics import RelayMetrics
 from dmoe.relay.server import RelayServer
@@ -64,6 +64,8 @@ class ExpertNode:
         self.announcer: Announcer | None = None
         self.server: grpc.aio.Server | None = None
         self.route: NodeRoute | None = None
+        self.member: Member | None = None
+        self.renewer: TokenRenewer | None = None
         self.endpoint: str | None = None
         # next to the checkpoints: the node that restores its experts also owns its old records
         self.identity_dir = Path(config.checkpoint_dir) / "identity" if config.checkpoint_dir else None
@@ -162,6 +164,13 @@ class ExpertNode:
                                "updates": self.total_updates(), "reachability": self.reachability},
         )
         self.announcer.on_result = lambda ok: self.metrics.announces.labels("ok" if ok else "failed").inc()
+        if cfg.authority:  # a closed swarm: publish our membership, or members' trainers will not use us
+            self.member = await asyncio.to_thread(member_from_options, cfg.membership)
+            if self.member is not None:
+                member, fingerprint = self.member, registry.fingerprint
+                self.announcer.membership = lambda: node_membership(member, fingerprint)
+                if cfg.membership.token_url:
+                    self.renewer = TokenRenewer(member, cfg.membership.token_url).start()
         self.announcer.certificate = self.certificate
         self.route = NodeRoute(cfg, dht=self.dht, registry=registry, grpc_port=self.grpc_port,
                                certificate=self.certificate,
@@ -248,6 +257,8 @@ class ExpertNode:
             await self.relay_announcer.stop()
         if server_stopped is not None:
             await server_stopped
+        if self.renewer is not None:
+            self.renewer.stop()
         if self.route is not None:  # after the server: in-flight relayed calls still need their tunnel
             await self.route.stop()
         if self.relay is not None:

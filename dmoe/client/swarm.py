@@ -38,6 +38,7 @@ import torch
 import uvloop
 
 from dmoe.client import metrics
+from dmoe.client.closed_swarm import MemberNodes
 from dmoe.client.peer_health import PeerHealth
 from dmoe.client.prefix_table import PrefixTable
 from dmoe.client.remote_call import TensorSpec, call_expert
@@ -224,6 +225,14 @@ class Swarm:
             if certificate is not None:
                 self.certificates[tls] = certificate
         return self.stub(endpoint)
+
+    def restrict_to_members(self, authority: str) -> None:
+        """A closed swarm: use only experts of nodes that are members of ``authority`` (its coordinator's peer id)."""
+        if self.registry is None:
+            raise ValueError("restrict_to_members needs a Swarm with a DHT")
+        self.registry.admit = MemberNodes(self.registry, authority)
+        if self.prefixes is not None:
+            self.prefixes.clear()
 
     def trust(self, certificate: bytes) -> str:
         """Pin a node's TLS certificate by hand (no DHT, e.g. ``Swarm(use_dht=False)``); returns its fingerprint."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dmoe.config.flags import non_negative_float, option, port_number, positive_float, positive_int
+from dmoe.config.membership import MembershipOptions
 from dmoe.config.relay import ReachabilityOptions, RelayOptions
 
 OPTIMIZERS = ("adam", "sgd")
@@ -107,7 +108,8 @@ class NodeConfig:
 
     authority: str | None = option(None, metavar="PEER_ID", group="membership")
     """closed swarm: peer id of its authority (the coordinator's "peer_id" in its dmoe-ready line); only members
-    holding a token it signed may train this node's experts (Backward). None: an open swarm"""
+    holding a token it signed may train this node's experts (Backward), and the node needs a token itself
+    (--member-key with --token-url or --token) for clients to use it. None: an open swarm"""
     members_only_forward: bool = option(False, group="membership")
     """in a closed swarm, require membership for Forward too (not only Backward)"""
 
@@ -118,6 +120,7 @@ class NodeConfig:
 
     batching: BatchingOptions = option(factory=BatchingOptions, cli=False)
     optimizer: OptimizerOptions = option(factory=OptimizerOptions, cli=False)
+    membership: MembershipOptions = option(factory=MembershipOptions, cli=False)
     reachability: ReachabilityOptions = option(factory=ReachabilityOptions, cli=False)
     relay_limits: RelayOptions = option(factory=RelayOptions, cli=False)
 

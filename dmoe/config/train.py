@@ -157,13 +157,6 @@ class TrainSwarmOptions:
     """seconds to wait for experts under every layer prefix before giving up"""
     dht_host_maddrs: list[str] | None = option(None, nargs="*")
     """multiaddrs our DHT listens on (with --run-id); default /ip4/0.0.0.0/tcp/0"""
-    member_key: str | None = option(None, metavar="FILE")
-    """closed swarm: this trainer's member key (created if missing; `dmoe member key` prints its id for the
-    operator's members list); every expert call is signed with it"""
-    token: str | None = option(None)
-    """closed swarm: a membership token for --member-key (from `dmoe member issue`)"""
-    token_url: str | None = option(None, metavar="HOST:PORT")
-    """closed swarm: the coordinator's HTTP address to get tokens from (and renew them at half-life)"""
     print_node_command: bool = option(False)
     """print the `dmoe node` commands that host every expert this model needs, then exit"""
     nodes: int = option(1, parse=positive_int)

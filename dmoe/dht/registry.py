@@ -27,13 +27,15 @@ public key::
   (``dmoe.wire.endpoints``), either behind TLS as ``tls:FP@...``. A TLS entry counts only if ``FP`` is
   the fingerprint of the entry's owner key: nobody can point an expert at an endpoint whose key they do
   not hold. The certificate lives under ``_dmoe.cert.FP`` (subkey ``cert`` + owner), for clients to pin.
+* In a closed swarm a node publishes its membership (token + proof, ``dmoe.membership``) under
+  ``_dmoe.member.FP``; a client that sets ``admit`` uses only entries of owners whose membership holds.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +48,7 @@ from dmoe.wire.tls import certificate_fingerprint, key_fingerprint
 
 NODES_KEY = "_dmoe.nodes"
 CERT_KEY_PREFIX = "_dmoe.cert."
+MEMBER_KEY_PREFIX = "_dmoe.member."
 RELAYS_KEY = "_dmoe.relays"
 MAX_PROBE_DEPTH = 8  # grid dimensions a walk probes for when nobody said how many there are
 # a shared record (one grid cell's key) holds one entry per owner and child coordinate: an owner with more
@@ -63,6 +66,7 @@ class ExpertEndpoint:
     node_id: str
     load: float
     expiration: float
+    owner: str = ""  # fingerprint of the key that signed the entry
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,8 @@ class ExpertRegistry:
 
     def __init__(self, dht: DHTAccess) -> None:
         self.dht = dht
+        # a closed swarm's filter: owner fingerprints -> those that are members (None: an open swarm)
+        self.admit: Callable[[set[str]], Awaitable[set[str]]] | None = None
 
     # ---- announcing (nodes) ----
 
@@ -134,6 +140,7 @@ class ExpertRegistry:
         ttl: float,
         node_info: dict[str, Any] | None = None,
         certificate: bytes | None = None,
+        membership: dict[str, str] | None = None,
     ) -> bool:
         """Store (or refresh) this node's records for ``uids`` (and its TLS ``certificate``); True if all landed."""
         uids = list(uids)
@@ -148,6 +155,8 @@ class ExpertRegistry:
         entries[(NODES_KEY, self._owned(node_id))] = info
         if certificate is not None:
             entries[(CERT_KEY_PREFIX + self.fingerprint, self._owned("cert"))] = certificate
+        if membership is not None:
+            entries[(MEMBER_KEY_PREFIX + self.fingerprint, self._owned("member"))] = membership
         return await self._store(entries, expiration)
 
     @property
@@ -254,9 +263,33 @@ class ExpertRegistry:
                     if not _owner_may_announce(endpoint, owned[1]):
                         continue  # a TLS endpoint of a key this owner does not hold
                     uid = prefix + coord
-                    by_coord[int(coord)].append(ExpertEndpoint(uid, endpoint, node_id, load, expiration))
+                    by_coord[int(coord)].append(ExpertEndpoint(uid, endpoint, node_id, load, expiration,
+                                                               key_fingerprint(owned[1])))
             result[prefix] = {c: _dedupe(eps) for c, eps in sorted(by_coord.items())}
+        if self.admit is not None:  # a closed swarm: only entries of member owners
+            owners = {e.owner for table in result.values() for eps in table.values() for e in eps}
+            admitted = await self.admit(owners) if owners else set()
+            for prefix, table in result.items():
+                kept = {c: [e for e in eps if e.owner in admitted] for c, eps in table.items()}
+                result[prefix] = {c: eps for c, eps in kept.items() if eps}
         return result
+
+    async def find_memberships(self, fingerprints: Iterable[str]) -> dict[str, Any]:
+        """What each owner published as its membership (``dmoe.membership.node_membership``), by key fingerprint."""
+        keys = {MEMBER_KEY_PREFIX + fp: fp for fp in fingerprints}
+        found = await self.dht.get_many(list(keys)) if keys else {}
+        now = get_dht_time()
+        out: dict[str, Any] = {}
+        for key, fp in keys.items():
+            record = found.get(key)
+            if record is None or not isinstance(record.value, dict):
+                continue
+            for subkey, item in record.value.items():
+                owned = _owned_subkey(subkey)
+                if owned is not None and owned[0] == "member" and key_fingerprint(owned[1]) == fp \
+                        and item.expiration_time >= now:
+                    out[fp] = item.value
+        return out
 
     async def find_experts(self, uids: Sequence[str]) -> dict[str, list[ExpertEndpoint]]:
         """Endpoints serving each full uid (empty list when none is alive)."""

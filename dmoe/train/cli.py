@@ -33,11 +33,12 @@ from typing import Any
 import torch
 
 from dmoe.config import MoEOptions, add_options, make_parser, options_from, setup_logging
+from dmoe.config.membership import MembershipOptions
 from dmoe.config.train import CollabOptions, DataOptions, ModelConfig, TrainOptions, TrainSwarmOptions
 from dmoe.dht.placement import experts_pattern, place_experts
 from dmoe.dht.uids import split_uid
 from dmoe.errors import ConfigError, DmoeError
-from dmoe.membership import Member, TokenRenewer, fetch_token, load_or_create_member_key, member_id
+from dmoe.membership import TokenRenewer, member_from_options, read_token_unchecked
 from dmoe.ready import print_ready
 from dmoe.train.collab import CollaborativeUpdater
 from dmoe.train.data import ByteCorpus
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, TrainOptions, groups=groups)
     add_options(p, DataOptions, groups=groups)
     add_options(p, CollabOptions, groups=groups)
+    add_options(p, MembershipOptions, groups=groups)
     return p
 
 
@@ -203,22 +205,16 @@ def check_swarm(swarm: Any, config: ModelConfig, *, timeout: float, need: int, s
 
 
 def join_as_member(swarm: Any, args: argparse.Namespace) -> TokenRenewer | None:
-    """With --member-key: sign every call as a member of a closed swarm (token from --token or --token-url)."""
-    if not args.member_key:
-        if args.token or args.token_url:
-            raise ConfigError("--token and --token-url need --member-key (the key the token is for)")
+    """With --member-key: a member of a closed swarm. Every call is signed, and only experts of nodes that are
+    members of the token's authority are used."""
+    member = member_from_options(options_from(MembershipOptions, args))
+    if member is None:
         return None
-    key = load_or_create_member_key(args.member_key)
-    log.info("member key %s: member id %s", args.member_key, member_id(key.public_key()))
-    if args.token_url:
-        token = fetch_token(args.token_url, key)
-    elif args.token:
-        token = args.token
-    else:
-        raise ConfigError(f"--member-key needs a token: --token-url COORDINATOR_HTTP, or --token from `dmoe member "
-                          f"issue --member {member_id(key.public_key())}`")
-    swarm.member = Member(key, token)
-    return TokenRenewer(swarm.member, args.token_url).start() if args.token_url else None
+    swarm.member = member
+    swarm.restrict_to_members(read_token_unchecked(member.token).authority)
+    log.info("closed swarm of authority %s: member %s", read_token_unchecked(member.token).authority, member.id)
+    url = args.token_url
+    return TokenRenewer(swarm.member, url).start() if url else None
 
 
 class SwarmWatcher:
