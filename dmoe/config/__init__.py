@@ -14,6 +14,8 @@ demo deliberately differs from a default, its TOML file says so and why.
 ``train``              ``ModelConfig``, ``TrainOptions``, ``DataOptions``, ``TrainSwarmOptions``,
                        ``CollabOptions`` (``dmoe train``)
 ``coordinator``        ``CoordinatorOptions`` (``dmoe coordinator``)
+``relay``              ``RelayOptions`` (what a relay carries), ``ReachabilityOptions`` (direct or relayed)
+``membership``         ``MembershipOptions`` (a closed swarm's member key and token)
 ``sim``                ``SimulationOptions`` (``dmoe simulate``), ``ChaosOptions`` (``dmoe chaos``)
 =====================  ==========================================================================
 
