@@ -87,9 +87,10 @@ class NodeConfig:
     max_calls_per_peer: int = option(256, parse=positive_int, group="batching and limits")
     """expert calls one peer address may have in flight at once, so no single peer can take the node"""
 
-    backward_rate: float = option(50.0, parse=non_negative_float, group="batching and limits")
+    backward_rate: float = option(500.0, parse=non_negative_float, group="batching and limits")
     """open swarm: Backward calls per second one peer address may make (bursts of 2 s worth); more get
-    RESOURCE_EXHAUSTED; 0 disables"""
+    RESOURCE_EXHAUSTED; 0 disables. A trainer sends one per chosen expert on this node and layer per step, so
+    even a fast one stays well below it (several trainers behind one home router share it)"""
     grad_norm_band: float = option(100.0, parse=non_negative_float, group="batching and limits")
     """open swarm: refuse a Backward whose output-gradient RMS is more than this many times away from the expert's
     running level (INVALID_ARGUMENT, counted in dmoe_node_rejections{reason="grad_norm"}); 0 disables"""
