@@ -227,9 +227,11 @@ def test_replica_pair_loses_nothing_then_all_gone(swarm, victims):
     for _ in range(20):  # make it the clear favourite: the first attempt is drawn by 1 / wait**2
         swarm.health.record_success(preferred, 1e-4)
     pair[endpoints.index(preferred)].kill()
-    retries = swarm.stats["retries"]
+    retries, hedges = swarm.stats["retries"], swarm.stats["hedges"]
     y, elapsed = step(layer, x)
-    assert swarm.stats["retries"] - retries >= 4  # every expert retried on its other replica
+    # every expert reached its other replica: retried after the refusal, or hedged there first when the refusal
+    # took longer than the hedge delay (the favourite's p95 is tiny here; a loaded machine refuses slowly)
+    assert swarm.stats["retries"] - retries + swarm.stats["hedges"] - hedges >= 4
     assert layer.stats["not_enough"] == 0  # k_min=4: no token lost any of its 4 experts
     assert elapsed < layer.forward_timeout
     torch.testing.assert_close(y, local(x), rtol=1e-4, atol=1e-4)  # replicas share the seed

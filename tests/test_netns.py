@@ -102,6 +102,11 @@ def test_cleanup_when_body_raises():
             names = topo.namespaces
             # a process left running inside a namespace must not keep it alive
             sleeper = topo.popen(topo.home, "sleep", "60", stdin=subprocess.DEVNULL)
+            for _ in range(200):  # `ip netns exec` enters the namespace, then execs: wait until it is in there
+                if str(sleeper.pid) in subprocess.run(["ip", "netns", "pids", topo.home], capture_output=True,
+                                                      text=True).stdout.split():
+                    break
+                time.sleep(0.05)
             assert set(names) <= list_namespaces()
             raise Boom
     assert len(names) == 3
