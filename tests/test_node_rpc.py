@@ -18,7 +18,7 @@ from node_rpc import call, call_request, close_channels, find_experts, status_of
 
 from dmoe.experts import create_expert
 from dmoe.sim.launcher import DmoeProcess
-from dmoe.wire.codec import serialize_tensor, serialize_tensors
+from dmoe.wire.codec import deserialize_tensors, serialize_tensor, serialize_tensors
 from dmoe.wire.proto import expert_pb2 as pb
 
 pytestmark = pytest.mark.integration  # real processes
@@ -363,3 +363,19 @@ def test_one_peer_cannot_take_the_node(launch):
     assert results == [torch.Size([1, H])] * 2
     (y,) = call(ep, "Forward", "cap.1", [torch.randn(1, H)], timeout=30)  # slots are back
     assert y.shape == (1, H)
+
+
+@pytest.mark.parametrize("compression", ["uniform8", "quantile8"])
+def test_eight_bit_requests_and_replies(nodes, compression):
+    """A node decodes 8-bit inputs and answers in the codec the request asked for (float16 for tiny replies)."""
+    ep = nodes["ffn"]["grpc"]
+    x = torch.randn(128, H)  # 4096 elements: past the size where a codebook pays off
+    request = pb.ExpertRequest(uid="ffn.2", tensors=[serialize_tensor(x, compression)], compression=compression)
+    raw = stub(ep).Forward(request, timeout=10)
+    assert raw.tensors[0].wire_dtype == compression and len(raw.tensors[0].data) < 0.35 * x.numel() * 4  # + codebook
+    (y,) = deserialize_tensors(raw.tensors)
+    with torch.no_grad():
+        expected = local("ffn.2")(x)
+    assert float((y - expected).norm() / expected.norm()) < 0.1
+    tiny = pb.ExpertRequest(uid="ffn.2", tensors=serialize_tensors([x[:2]]), compression=compression)
+    assert stub(ep).Forward(tiny, timeout=10).tensors[0].wire_dtype == "float16"

@@ -58,6 +58,44 @@ def test_compression_halves_bytes_and_restores_dtype(compression):
     assert serialize_tensor(half, "float16").wire_dtype == "", "already in the wire dtype"
 
 
+@pytest.mark.parametrize(("compression", "max_error"), [("uniform8", 0.03), ("quantile8", 0.05)])
+def test_eight_bit_codecs_quarter_the_bytes_and_small_tensors_stay_float16(compression, max_error):
+    t = torch.randn(64, 1024)  # an activation batch: hidden 1024, 64 rows
+    msg = serialize_tensor(t, compression)
+    assert msg.wire_dtype == compression and len(msg.data) <= 0.3 * t.numel() * 4  # codebook + 1 byte per element
+    back = deserialize_tensor(msg)
+    assert back.dtype == torch.float32 and back.shape == t.shape
+    assert float((back - t).norm() / t.norm()) < max_error
+    bf = deserialize_tensor(serialize_tensor(t.bfloat16(), compression))
+    assert bf.dtype == torch.bfloat16  # the receiver restores the sender's dtype
+    small = serialize_tensor(torch.randn(2, 16), compression)  # a codebook would cost more than it saves
+    assert small.wire_dtype == "float16" and len(small.data) == 2 * 16 * 2
+    assert serialize_tensor(torch.arange(5000), compression).wire_dtype == "", "integers are never compressed"
+
+
+def test_malformed_eight_bit_tensors_raise_wire_errors():
+    good = serialize_tensor(torch.randn(64, 64), "uniform8")
+    size = 256
+    data = bytearray(good.data)
+    data[8 + 4 * size] = 255  # still in range for a full codebook
+    too_far = bytearray(good.data)
+    too_far[0:8] = (16).to_bytes(8, "little")  # a 16-entry codebook, but the indices run to 255
+    cases = {
+        "too short": pb.Tensor(dtype="float32", shape=[64, 64], data=b"\x01", wire_dtype="uniform8"),
+        "do not match": pb.Tensor(dtype="float32", shape=[64, 65], data=good.data, wire_dtype="uniform8"),
+        "only allowed for float": pb.Tensor(dtype="int64", shape=[64, 64], data=good.data, wire_dtype="uniform8"),
+        "more than 10": pb.Tensor(dtype="float32", shape=[64, 64], data=good.data, wire_dtype="uniform8"),
+    }
+    for needle, msg in cases.items():
+        with pytest.raises(WireFormatError, match=needle):
+            deserialize_tensor(msg, max_elements=10 if needle == "more than 10" else None)
+    truncated = bytes(too_far[: 8 + 4 * 16]) + bytes(too_far[8 + 4 * size:])
+    with pytest.raises(WireFormatError, match="past its codebook"):
+        deserialize_tensor(pb.Tensor(dtype="float32", shape=[64, 64], data=truncated, wire_dtype="uniform8"))
+    assert deserialize_tensor(pb.Tensor(dtype="float32", shape=[64, 64], data=bytes(data), wire_dtype="uniform8"
+                                        )).shape == (64, 64)
+
+
 def test_malformed_tensors_raise_wire_errors_naming_the_problem():
     good = serialize_tensor(torch.randn(4, 4))
     cases = {

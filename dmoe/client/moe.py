@@ -57,7 +57,7 @@ from dmoe.client.remote_call import BACKWARD, FORWARD, TensorSpec, build_request
 from dmoe.client.swarm import BRIDGE_GRACE, Swarm
 from dmoe.config.client import MoEOptions
 from dmoe.errors import NotEnoughExperts
-from dmoe.wire.codec import check_compression, serialize_tensor
+from dmoe.wire.codec import check_compression, serialize_tensor, warm_up
 from dmoe.wire.proto import expert_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -302,6 +302,7 @@ class RemoteMixtureOfExperts(nn.Module):
         self.search_timeout = _finite_positive("search_timeout", search_timeout)
         self.allow_zero_outputs = allow_zero_outputs
         self.compression = check_compression(compression)
+        warm_up(self.compression)
         self.gate = GridGate(in_features, self.grid_size)
         self.beam_search = BeamSearch(swarm, self.uid_prefix, self.grid_size, beam_size=beam_size)
         self.aux_loss: torch.Tensor | None = None

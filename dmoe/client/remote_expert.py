@@ -27,7 +27,7 @@ from dmoe.client.remote_call import BACKWARD, FORWARD, TensorSpec, build_request
 from dmoe.client.swarm import BRIDGE_GRACE, Swarm
 from dmoe.config.client import MoEOptions
 from dmoe.errors import BadAnswer
-from dmoe.wire.codec import check_compression, serialize_tensors
+from dmoe.wire.codec import check_compression, serialize_tensors, warm_up
 from dmoe.wire.proto import expert_pb2 as pb
 
 _DEFAULTS = MoEOptions()  # the same call deadlines as RemoteMixtureOfExperts
@@ -66,6 +66,7 @@ class RemoteExpert(nn.Module):
         self.forward_timeout = float(forward_timeout)
         self.backward_timeout = float(backward_timeout)
         self.compression = check_compression(compression)
+        warm_up(self.compression)
         self._info: pb.ExpertInfo | None = None
 
     def info(self, timeout: float | None = None) -> pb.ExpertInfo:

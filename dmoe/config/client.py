@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from dmoe.config.flags import non_negative_int, option, positive_float, positive_int
 
-COMPRESSIONS = ("none", "float16", "bfloat16")
+COMPRESSIONS = ("none", "float16", "bfloat16", "uniform8", "quantile8")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,9 @@ class MoEOptions:
     search_timeout: float = option(2.0, cli=False)
     """seconds the expert search may take (at most half of forward_timeout)"""
     compression: str = option("none", choices=COMPRESSIONS)
-    """how activations and gradients travel: none (float32), float16 or bfloat16"""
+    """how activations and gradients travel: none (float32), float16, bfloat16, or 8 bits with a codebook (uniform8:
+    uniform bins over +-3 standard deviations; quantile8: bins at the tensor's quantiles); tensors too small for a
+    codebook to pay off travel as float16"""
     allow_zero_outputs: bool = option(False, cli=False)
     """a token with fewer than k_min answers gets a zero output instead of raising NotEnoughExperts"""
 
