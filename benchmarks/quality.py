@@ -7,6 +7,10 @@
     of every layer's grid (the first grid coordinate 0..g/2-1 on node A, the rest on node B).
 (c) ``nodes_kill``: as (b), but node B is SIGKILLed when the trainer passes half of the steps;
     the trainer carries on with node A's experts alone.
+(d) ``nodes:CODEC``: as (b), with activations and gradients travelling as ``--compression CODEC``
+    (``float16``, ``bfloat16``, ``uniform8``, ``quantile8``). The table gives each run's wire bytes
+    per activation row (a 64-row call encoded by ``dmoe.wire.codec``, what every call carries), so
+    ``--modes local,nodes,nodes:float16,nodes:uniform8,nodes:quantile8`` compares the codecs.
 
 Every run uses the same seed, so (a) and (b) start from identical weights (nodes build expert
 ``U`` from ``(--seed, U)`` exactly as the in-process baseline does) and read the same batches;
@@ -31,7 +35,20 @@ from typing import Any
 
 from dmoe.sim.launcher import DmoeProcess
 
-MODES = ("local", "nodes", "nodes_kill")
+MODES = ("local", "nodes", "nodes_kill")  # plus nodes:CODEC
+
+
+def split_mode(mode: str) -> tuple[str, str]:
+    base, _, codec = mode.partition(":")
+    return base, codec or "none"
+
+
+def bytes_per_row(codec: str, hidden: int, rows: int = 64) -> float:
+    import torch
+
+    from dmoe.wire.codec import serialize_tensor
+
+    return len(serialize_tensor(torch.randn(rows, hidden), "" if codec == "none" else codec).data) / rows
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
@@ -69,6 +86,7 @@ def summarize(mode: str, log: Path, *, killed_at: int | None) -> dict[str, Any]:
 
 
 def run_mode(mode: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    base_mode, codec = split_mode(mode)
     grid = [int(g) for g in args.grid_size.split("x")]
     half = grid[0] // 2
     rest = "".join(f".[0:{g}]" for g in grid[1:])
@@ -78,12 +96,12 @@ def run_mode(mode: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
              "--block-size", str(args.block_size), "--batch-size", str(args.batch_size), "--grid-size", args.grid_size,
              "--k-best", str(args.k_best), "--steps", str(args.steps), "--eval-every", str(args.eval_every),
              "--eval-batches", str(args.eval_batches), "--seed", str(args.seed), "--no-progress",
-             "--torch-threads", str(args.torch_threads)]
-    log = workdir / f"{mode}.jsonl"
+             "--torch-threads", str(args.torch_threads), "--compression", codec]
+    log = workdir / f"{mode.replace(':', '_')}.jsonl"
     procs: list[DmoeProcess] = []
     killed_at = None
     try:
-        if mode == "local":
+        if base_mode == "local":
             trainer = DmoeProcess("train", [*model, "--local-experts", "--log-file", str(log)], name=mode,
                                   log_path=workdir / f"{mode}.log", env=env).start()
             procs.append(trainer)
@@ -92,21 +110,22 @@ def run_mode(mode: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
                            "--expert-cls", "ffn"]
             experts_a = ",".join(f"{p}.[0:{half}]{rest}" for p in prefixes)
             experts_b = ",".join(f"{p}.[{half}:{grid[0]}]{rest}" for p in prefixes)
-            node_a = DmoeProcess("node", ["--experts", experts_a, *node_common], name=f"{mode}_node_a",
-                                 log_path=workdir / f"{mode}_node_a.log", env=env).start()
+            name = mode.replace(":", "_")
+            node_a = DmoeProcess("node", ["--experts", experts_a, *node_common], name=f"{name}_node_a",
+                                 log_path=workdir / f"{name}_node_a.log", env=env).start()
             procs.append(node_a)
             peers = node_a.wait_ready(120)["dht"]
             node_b = DmoeProcess("node", ["--experts", experts_b, *node_common, "--initial-peers", *peers],
-                                 name=f"{mode}_node_b", log_path=workdir / f"{mode}_node_b.log", env=env).start()
+                                 name=f"{name}_node_b", log_path=workdir / f"{name}_node_b.log", env=env).start()
             procs.append(node_b)
             node_b.wait_ready(120)
-            trainer = DmoeProcess("train", [*model, "--initial-peers", *peers, "--log-file", str(log)], name=mode,
-                                  log_path=workdir / f"{mode}.log", env=env).start()
+            trainer = DmoeProcess("train", [*model, "--initial-peers", *peers, "--log-file", str(log)], name=name,
+                                  log_path=workdir / f"{name}.log", env=env).start()
             procs.append(trainer)
         trainer.wait_ready(300)
         print(f"  {mode}: training ({trainer.log_path})", flush=True)
         while trainer.alive():
-            if mode == "nodes_kill" and killed_at is None and last_step(log) >= args.steps // 2:
+            if base_mode == "nodes_kill" and killed_at is None and last_step(log) >= args.steps // 2:
                 procs[1].kill()  # node B: SIGKILL, mid-run
                 killed_at = last_step(log)
                 print(f"  {mode}: node B killed at step {killed_at}", flush=True)
@@ -116,7 +135,8 @@ def run_mode(mode: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
     finally:
         for proc in reversed(procs):
             proc.stop(20)
-    return summarize(mode, log, killed_at=killed_at)
+    return {**summarize(mode, log, killed_at=killed_at), "compression": codec,
+            "bytes_per_row": None if base_mode == "local" else bytes_per_row(codec, args.hidden_dim)}
 
 
 def main() -> int:
@@ -138,8 +158,11 @@ def main() -> int:
     p.add_argument("--workdir", default=None, help="logs of every process (default: a temp folder)")
     args = p.parse_args()
     modes = [m for m in args.modes.split(",") if m]
-    if unknown := set(modes) - set(MODES):
-        p.error(f"unknown modes: {', '.join(sorted(unknown))}")
+    from dmoe.config.client import COMPRESSIONS
+
+    if unknown := {m for m in modes if split_mode(m)[0] not in MODES or split_mode(m)[1] not in COMPRESSIONS}:
+        p.error(f"unknown modes: {', '.join(sorted(unknown))} (modes: {', '.join(MODES)}, or nodes:CODEC with a "
+                f"CODEC of {', '.join(COMPRESSIONS)})")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dmoe-quality-"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"quality benchmark: {args.steps} steps, batch {args.batch_size}x{args.block_size}, "
@@ -150,8 +173,8 @@ def main() -> int:
 
     base = next((r for r in results if r["mode"] == "local"), None)
     print()
-    print(f"{'run':<12} {'val loss':>9} {'vs local':>9} {'tokens/s':>9} {'steps':>6} {'skipped':>8} "
-          f"{'failed calls':>13}")
+    print(f"{'run':<16} {'val loss':>9} {'vs local':>9} {'tokens/s':>9} {'steps':>6} {'skipped':>8} "
+          f"{'failed calls':>13} {'bytes/row':>10}")
     for r in results:
         rel = ""
         if base and base["val_loss"] and r["val_loss"] is not None:
@@ -159,12 +182,13 @@ def main() -> int:
             rel = f"{r['val_loss_vs_local_percent']:+.2f}%"
         tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
         vl = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"
-        print(f"{r['mode']:<12} {vl:>9} {rel:>9} {tps:>9} {r['steps']!s:>6} {r['skipped']:>8} "
-              f"{sum(r['failures'].values()):>13}")
+        row_bytes = f"{r['bytes_per_row']:,.0f}" if r["bytes_per_row"] else "-"
+        print(f"{r['mode']:<16} {vl:>9} {rel:>9} {tps:>9} {r['steps']!s:>6} {r['skipped']:>8} "
+              f"{sum(r['failures'].values()):>13} {row_bytes:>10}")
     print()
     for r in results:
         curve = "  ".join(f"{e['step']}:{e['val_loss']:.3f}" for e in r["evals"] if e["val_loss"] is not None)
-        print(f"{r['mode']:<12} validation curve  {curve}")
+        print(f"{r['mode']:<16} validation curve  {curve}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({

@@ -37,7 +37,7 @@ from dmoe.membership import Member, MembershipCheck, TokenRenewer, member_from_o
 from dmoe.relay.directory import RelayAnnouncer
 from dmoe.relay.metrics import RelayMetrics
 from dmoe.relay.server import RelayServer
-from dmoe.wire.codec import EIGHT_BIT, GRPC_OPTIONS, warm_up
+from dmoe.wire.codec import GRPC_OPTIONS
 from dmoe.wire.endpoints import guess_public_host, host_port, split_host_port
 from dmoe.wire.tls import make_certificate
 
@@ -110,8 +110,6 @@ class ExpertNode:
     async def start(self) -> dict[str, Any]:
         cfg = self.config
         await asyncio.get_running_loop().run_in_executor(None, self.restore)
-        for codec in EIGHT_BIT:  # in the background: a first 8-bit reply would otherwise take ~0.6 s longer
-            asyncio.get_running_loop().run_in_executor(None, warm_up, codec)
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
         servicer = ExpertServicer(
             self.backends, self.scheduler, metrics=self.metrics, node_id=lambda: self.node_id,

@@ -44,7 +44,15 @@ from dmoe.config import NodeConfig, default_of
 from dmoe.errors import WireFormatError, clip
 from dmoe.logs import RateLimitedLog
 from dmoe.membership import MembershipCheck, MembershipError, payload_digest
-from dmoe.wire.codec import OFF_LOOP_BYTES, check_compression, deserialize_tensor, iter_chunks, payload_bytes
+from dmoe.wire.codec import (
+    EIGHT_BIT,
+    OFF_LOOP_BYTES,
+    check_compression,
+    deserialize_tensor,
+    iter_chunks,
+    payload_bytes,
+    warm_up,
+)
 from dmoe.wire.proto import expert_pb2 as pb
 from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
 
@@ -111,6 +119,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         grad_norm_band: float = default_of(NodeConfig, "grad_norm_band"),
     ) -> None:
         self._draining = 0  # refused request streams being read to their end (_drain)
+        self._warmed: set[str] = set()  # 8-bit codecs warmed up (dmoe.wire.codec.warm_up)
         self.backward_rate = BackwardRateLimit(backward_rate)  # open swarms only
         self.gradients = GradientGuard(grad_norm_band)
         self.membership = membership  # a closed swarm's authority check; None: an open swarm
@@ -159,6 +168,9 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             compression = check_compression(request.compression)
         except WireFormatError as e:
             raise invalid(str(e), "compression") from None
+        if compression in EIGHT_BIT and compression not in self._warmed:  # its first use costs ~0.6 s: not here
+            self._warmed.add(compression)
+            asyncio.get_running_loop().run_in_executor(None, warm_up, compression)
         n_expected = len(backend.schema.inputs) + (len(backend.schema.outputs) if kind == BACKWARD else 0)
         if len(request.tensors) != n_expected:
             check_request(backend.schema, [None] * len(request.tensors), backward=kind == BACKWARD)  # raises
