@@ -56,7 +56,7 @@ from dmoe.logs import RateLimitedLog
 from dmoe.relay import protocol
 from dmoe.relay.metrics import RelayMetrics
 from dmoe.relay.protocol import ProtocolError, read_line
-from dmoe.relay.splice import CHUNK, FairShare, TokenBucket, close, splice
+from dmoe.relay.splice import CHUNK, FairShare, TunnelBudget, close, splice
 from dmoe.wire.endpoints import host_port, open_channel, tls_endpoint
 from dmoe.wire.proto import expert_pb2 as pb
 from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
@@ -76,7 +76,7 @@ class Tunnel:
     name: str
     control: asyncio.StreamWriter
     peer: str  # the node's address as this relay sees it
-    bucket: TokenBucket
+    bucket: TunnelBudget
     attached_at: float = field(default_factory=time.monotonic)
     pending: dict[str, asyncio.Future[Stream]] = field(default_factory=dict)
     connections: int = 0

@@ -8,7 +8,8 @@ in between, which is what keeps a relay's added latency well under a millisecond
 Flow control is the transports' own: when one side's write buffer fills, reading from the other
 side pauses until it drains.
 
-``FairShare`` is the relay's bandwidth policy: every tunnel has a token bucket whose rate is
+``FairShare`` is the relay's bandwidth policy: every tunnel has a token bucket (the link emulator's,
+``dmoe.ratelimit``) whose rate is
 ``min(per-tunnel cap, total / busy tunnels)``, recomputed as tunnels become busy or idle (busy =
 moved bytes within the last ``BUSY_WINDOW`` seconds). An idle tunnel takes no share, so one busy
 node may use up to its own cap, and N busy nodes split the relay's total evenly, whoever sends
@@ -22,32 +23,29 @@ import contextlib
 import time
 from collections.abc import Callable
 
+from dmoe.ratelimit import TokenBucket
+
 CHUNK = 1 << 20
 BUSY_WINDOW = 1.0  # seconds after its last bytes a tunnel still counts as busy
-BURST_SECONDS = 0.05  # a bucket holds this many seconds of its rate (at least one CHUNK)
 
 
-class TokenBucket:
-    """Bytes/s budget of one tunnel; ``charge`` may run into debt (a chunk is never split) and says how long to wait."""
+class TunnelBudget:
+    """One tunnel's share of the relay's bandwidth: a ``TokenBucket`` whose rate follows ``FairShare``."""
 
     def __init__(self, share: FairShare) -> None:
         self.share = share
-        self.tokens = float(CHUNK)  # starts with a burst's worth: a fresh tunnel's first calls are not throttled
-        self.stamp = time.monotonic()
+        self.bucket = TokenBucket(share.tunnel_rate * 8 / 1e6)
+        self.bucket.tokens = self.bucket.burst  # a fresh tunnel's first calls are not throttled
         self.last_used = 0.0
         self.throttled = 0.0  # seconds reading was paused for budget
 
     def charge(self, nbytes: int) -> float:
         """Take ``nbytes``; returns the seconds to pause before taking more (0 within budget)."""
-        now = time.monotonic()
-        self.last_used = now
+        self.last_used = time.monotonic()
         rate = self.share.rate_for(self)
-        burst = max(float(CHUNK), rate * BURST_SECONDS)
-        self.tokens = min(burst, self.tokens + (now - self.stamp) * rate) - nbytes
-        self.stamp = now
-        if self.tokens >= 0:
-            return 0.0
-        wait = -self.tokens / rate
+        if rate != self.bucket.rate:
+            self.bucket.set_rate(rate * 8 / 1e6)
+        wait = self.bucket.reserve(nbytes)
         self.throttled += wait
         return wait
 
@@ -58,17 +56,17 @@ class FairShare:
     def __init__(self, *, tunnel_bytes_per_s: float, total_bytes_per_s: float) -> None:
         self.tunnel_rate = tunnel_bytes_per_s
         self.total_rate = total_bytes_per_s
-        self.buckets: set[TokenBucket] = set()
+        self.buckets: set[TunnelBudget] = set()
 
-    def bucket(self) -> TokenBucket:
-        bucket = TokenBucket(self)
+    def bucket(self) -> TunnelBudget:
+        bucket = TunnelBudget(self)
         self.buckets.add(bucket)
         return bucket
 
-    def release(self, bucket: TokenBucket) -> None:
+    def release(self, bucket: TunnelBudget) -> None:
         self.buckets.discard(bucket)
 
-    def rate_for(self, bucket: TokenBucket) -> float:
+    def rate_for(self, bucket: TunnelBudget) -> float:
         now = time.monotonic()
         busy = sum(1 for b in self.buckets if b is bucket or now - b.last_used < BUSY_WINDOW)
         return min(self.tunnel_rate, self.total_rate / max(1, busy))
@@ -77,7 +75,7 @@ class FairShare:
 class _Pipe(asyncio.Protocol):
     """Receives from one transport and writes to the other side's; pauses on backpressure or budget."""
 
-    def __init__(self, transport: asyncio.Transport, done: asyncio.Future[None], bucket: TokenBucket | None,
+    def __init__(self, transport: asyncio.Transport, done: asyncio.Future[None], bucket: TunnelBudget | None,
                  count: Callable[[int], None] | None) -> None:
         self.transport = transport
         self.peer: _Pipe | None = None
@@ -134,7 +132,7 @@ async def splice(
     a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
     b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
     *,
-    bucket: TokenBucket | None = None,
+    bucket: TunnelBudget | None = None,
     count_ab: Callable[[int], None] | None = None,
     count_ba: Callable[[int], None] | None = None,
 ) -> None:
