@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +111,17 @@ def _subkey_coord(subkey: bytes) -> str | None:
     return owned[0] if owned else None
 
 
+def _owned_entries(record: Any, now: float) -> Iterator[tuple[str, bytes, Any, float]]:
+    """(name, owner key, value, expiration) of every unexpired, well-owned entry of a dictionary record."""
+    if record is None or not isinstance(record.value, dict):
+        return
+    for subkey, item in record.value.items():
+        owned = _owned_subkey(subkey)
+        expiration = getattr(item, "expiration_time", 0.0)
+        if owned is not None and expiration >= now:
+            yield owned[0], owned[1], getattr(item, "value", None), float(expiration)
+
+
 def _owner_may_announce(endpoint: str, owner: bytes) -> bool:
     """A TLS endpoint names the key it must present: only that key's owner may announce it."""
     tls = parse_endpoint(endpoint).tls
@@ -170,16 +181,9 @@ class ExpertRegistry:
         """The TLS certificate published by the owner of key ``fingerprint``, checked to carry that key."""
         key = CERT_KEY_PREFIX + fingerprint
         record = (await self.dht.get_many([key])).get(key)
-        now = get_dht_time()
-        if record is None or not isinstance(record.value, dict):
-            return None
-        for subkey, item in record.value.items():
-            owned = _owned_subkey(subkey)
-            value = getattr(item, "value", None)
-            if owned is None or owned[0] != "cert" or key_fingerprint(owned[1]) != fingerprint:
-                continue  # someone else's entry under this key
-            fresh = item.expiration_time >= now
-            if isinstance(value, bytes) and fresh and certificate_fingerprint(value) == fingerprint:
+        for name, owner, value, _ in _owned_entries(record, get_dht_time()):
+            if name == "cert" and key_fingerprint(owner) == fingerprint and isinstance(value, bytes) \
+                    and certificate_fingerprint(value) == fingerprint:  # not someone else's entry under this key
                 return value
         return None
 
@@ -281,14 +285,9 @@ class ExpertRegistry:
         now = get_dht_time()
         out: dict[str, Any] = {}
         for key, fp in keys.items():
-            record = found.get(key)
-            if record is None or not isinstance(record.value, dict):
-                continue
-            for subkey, item in record.value.items():
-                owned = _owned_subkey(subkey)
-                if owned is not None and owned[0] == "member" and key_fingerprint(owned[1]) == fp \
-                        and item.expiration_time >= now:
-                    out[fp] = item.value
+            for name, owner, value, _ in _owned_entries(found.get(key), now):
+                if name == "member" and key_fingerprint(owner) == fp:
+                    out[fp] = value
         return out
 
     async def find_experts(self, uids: Sequence[str]) -> dict[str, list[ExpertEndpoint]]:
@@ -334,43 +333,29 @@ class ExpertRegistry:
         """Relays announced under ``_dmoe.relays``, most free capacity first."""
         record = (await self.dht.get_many([RELAYS_KEY])).get(RELAYS_KEY)
         relays = []
-        now = get_dht_time()
-        if record is not None and isinstance(record.value, dict):
-            for subkey, item in record.value.items():
-                value = getattr(item, "value", None)
-                if _subkey_coord(subkey) != "relay" or not isinstance(value, dict) or item.expiration_time < now:
-                    continue
-                try:
-                    relays.append(RelayRecord(str(value["address"]), int(value["tunnels"]), int(value["max_tunnels"]),
-                                              float(item.expiration_time)))
-                except (KeyError, TypeError, ValueError):
-                    continue
+        for name, _, value, expiration in _owned_entries(record, get_dht_time()):
+            if name != "relay" or not isinstance(value, dict):
+                continue
+            try:
+                relays.append(RelayRecord(str(value["address"]), int(value["tunnels"]), int(value["max_tunnels"]),
+                                          expiration))
+            except (KeyError, TypeError, ValueError):
+                continue
         return sorted(relays, key=lambda r: (-r.free, r.address))
 
     async def list_nodes(self) -> list[NodeRecord]:
         """Every node currently announced under ``_dmoe.nodes``."""
         record = (await self.dht.get_many([NODES_KEY])).get(NODES_KEY)
         nodes = []
-        now = get_dht_time()
-        if record is not None and isinstance(record.value, dict):
-            for subkey, item in record.value.items():
-                node_id = _subkey_coord(subkey)
-                value = getattr(item, "value", None)
-                if node_id is None or not isinstance(value, dict) or item.expiration_time < now:
-                    continue
-                try:
-                    nodes.append(
-                        NodeRecord(
-                            node_id=node_id,
-                            endpoint=str(value["endpoint"]),
-                            experts=[str(u) for u in value["experts"]],
-                            load=float(value["load"]),
-                            expiration=float(item.expiration_time),
-                            info=value,
-                        )
-                    )
-                except (KeyError, TypeError, ValueError):
-                    continue
+        for node_id, _, value, expiration in _owned_entries(record, get_dht_time()):
+            if not isinstance(value, dict):
+                continue
+            try:
+                nodes.append(NodeRecord(node_id=node_id, endpoint=str(value["endpoint"]),
+                                        experts=[str(u) for u in value["experts"]], load=float(value["load"]),
+                                        expiration=expiration, info=value))
+            except (KeyError, TypeError, ValueError):
+                continue
         return sorted(nodes, key=lambda n: n.endpoint)
 
 
