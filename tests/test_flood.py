@@ -14,7 +14,6 @@ import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from loop_thread import LoopThread
 
 from dmoe.relay.splice import splice
 from dmoe.wire.codec import serialize_tensors
@@ -32,22 +32,6 @@ pytestmark = pytest.mark.integration
 
 H = 256
 PER_PEER = 8
-
-
-class LoopThread:
-    """An asyncio loop in a thread of its own (the flooder, the forwarder)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 60.0):  # noqa: ANN001, ANN201 - any coroutine
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 async def forwarder(target: tuple[str, int], source: str) -> asyncio.Server:
@@ -108,6 +92,6 @@ def test_a_flooding_peer_is_refused_and_another_peer_keeps_its_latency(launch):
         node_log = node.log_path.read_text()
         assert "Traceback" not in node_log
     finally:
-        side.stop()
+        side.close()
         if flooder is not None and flooder.poll() is None:
             flooder.kill()
