@@ -219,8 +219,10 @@ class Swarm:
 
     async def stub_for(self, endpoint: str) -> pb_grpc.ExpertServiceStub:
         """``stub``, after looking up the node's TLS certificate in the DHT when the endpoint needs one."""
+        if endpoint in self._channels:  # every call after the first: no parsing on the hot path
+            return self.stub(endpoint)
         tls = parse_endpoint(endpoint).tls
-        if tls and tls not in self.certificates and endpoint not in self._channels:
+        if tls and tls not in self.certificates:
             certificate = await self.registry.find_certificate(tls) if self.registry is not None else None
             if certificate is not None:
                 self.certificates[tls] = certificate

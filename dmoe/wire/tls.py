@@ -19,6 +19,7 @@ Certificates name ``TLS_NAME`` (every node alike): identity is the pinned key, n
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 
 from cryptography import x509
@@ -30,6 +31,7 @@ TLS_NAME = "dmoe-node"
 FINGERPRINT_HEX = 32  # hex digits of a key fingerprint (128 bits)
 
 
+@functools.lru_cache(maxsize=4096)  # every lookup fingerprints the owner of every entry it reads
 def key_fingerprint(openssh_public_key: bytes) -> str:
     """Fingerprint of a public key in OpenSSH form (what DHT owner markers carry)."""
     return hashlib.sha256(openssh_public_key).hexdigest()[:FINGERPRINT_HEX]
