@@ -19,17 +19,25 @@ that vanished (kept for ``forget_after`` seconds), and when each node last re-an
 expiration moved forward). The grid shape is the one declared with ``--prefixes ffn.[0:4].[0:8]``,
 or else the bounding box (from 0) of every coordinate ever seen, so coverage means "alive cells out of
 the grid people are using".
+
+Replication (issue 15): an expert's *holders* are the nodes the DHT lists as serving it (its replicas).
+Per prefix, ``/status`` shows ``replication`` (alive uid -> holders), ``at_risk`` (alive experts with
+exactly one holder: one departure loses their trained state) and ``unserved`` (experts with no holder:
+every cell of a declared grid, or, for an undeclared grid, every uid this coordinator has seen
+announced, that nobody serves now); swarm-wide, ``experts_at_risk``, ``experts_unserved`` and
+``replication_histogram`` (holders -> experts, ``"0"`` for the unserved ones).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +46,7 @@ from hivemind.utils import get_dht_time
 from dmoe.config import default_of
 from dmoe.config.coordinator import CoordinatorOptions
 from dmoe.dht.registry import ExpertEndpoint, ExpertRegistry, NodeRecord
-from dmoe.dht.uids import UID_DELIMITER, split_uid
+from dmoe.dht.uids import UID_DELIMITER, make_uid, split_uid
 from dmoe.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -108,6 +116,7 @@ class PrefixState:
     grid: tuple[tuple[int, int], ...]  # [lo, hi) per dimension; () when nothing is known yet
     declared: bool
     experts: dict[str, list[ExpertEndpoint]]  # alive uid -> replicas
+    known: frozenset[str] = frozenset()  # every uid of this prefix the view has seen announced
 
     @property
     def cells(self) -> int:
@@ -120,8 +129,26 @@ class PrefixState:
     def coverage(self) -> float:
         return self.alive_in_grid() / self.cells if self.cells else 0.0
 
+    def replication(self) -> dict[str, int]:
+        """Alive uid -> holders (nodes serving it), in grid order."""
+        return {uid: len(eps) for uid, eps in sorted(self.experts.items(), key=lambda kv: _order(kv[0]))}
+
+    def at_risk(self) -> list[str]:
+        """Alive experts with exactly one holder, in grid order."""
+        return [uid for uid, n in self.replication().items() if n == 1]
+
+    def unserved(self) -> list[str]:
+        """Experts nobody serves: cells of a declared grid, else uids seen announced before; grid order."""
+        if self.declared:
+            cells: Iterable[str] = (make_uid(self.prefix, c) for c in itertools.product(*(range(lo, hi)
+                                                                                          for lo, hi in self.grid)))
+        else:
+            cells = (uid for uid in self.known if _in_grid(_coords(uid), self.grid))
+        return sorted((uid for uid in cells if not self.experts.get(uid)), key=_order)
+
     def to_json(self) -> dict[str, Any]:
         replicas = [len(eps) for eps in self.experts.values()]
+        replication = self.replication()
         return {
             "prefix": self.prefix,
             "grid": [list(r) for r in self.grid],
@@ -131,6 +158,9 @@ class PrefixState:
             "coverage": round(self.coverage, 6),
             "replicas_min": min(replicas, default=0),
             "replicas_max": max(replicas, default=0),
+            "replication": replication,
+            "at_risk": [uid for uid, n in replication.items() if n == 1],
+            "unserved": self.unserved(),
             "experts": {
                 uid: [{"endpoint": e.endpoint, "node_id": e.node_id, "load": e.load} for e in eps]
                 for uid, eps in sorted(self.experts.items(), key=lambda kv: split_uid(kv[0])[1])
@@ -191,6 +221,7 @@ class SwarmView:
         self.counters = SwarmCounters()
         self._dims: dict[str, int] = {n: len(s.grid) for n, s in self.declared.items() if s.grid}
         self._seen_max: dict[str, list[int]] = {}  # prefix -> max coordinate seen per dimension
+        self._known: dict[str, set[str]] = {}  # prefix -> every uid seen announced (node records or walks)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Refresh until ``stop`` is set; a failed refresh is logged and counted, never fatal.
@@ -227,7 +258,7 @@ class SwarmView:
             spec = self.declared.get(name)
             declared = spec is not None and spec.grid is not None
             grid = spec.grid if declared else tuple((0, m + 1) for m in self._seen_max.get(name, []))
-            prefixes[name] = PrefixState(name, grid, declared, experts)
+            prefixes[name] = PrefixState(name, grid, declared, experts, frozenset(self._known.get(name, ())))
         previous = self.snapshot
         snapshot = SwarmSnapshot(now, time.perf_counter() - started, nodes, prefixes)
         self._track_losses(previous, snapshot, now)
@@ -258,6 +289,7 @@ class SwarmView:
             except ConfigError:
                 continue  # a node announcing a non-grid uid; nothing to map
             self._dims[prefix] = max(self._dims.get(prefix, 0), len(coords))
+            self._known.setdefault(prefix, set()).add(uid)
             seen = self._seen_max.setdefault(prefix, [])
             seen.extend([0] * (len(coords) - len(seen)))
             for i, c in enumerate(coords):
@@ -300,6 +332,7 @@ class SwarmView:
             "refresh_period_s": self.period,
             "nodes": [n.to_json(now) for n in sorted(snap.nodes.values(), key=lambda n: n.endpoint)],
             "prefixes": {name: p.to_json() for name, p in snap.prefixes.items()},
+            **replication_totals(snap.prefixes.values()),
             "gone": {
                 "nodes": [g.to_json(now) for g in sorted(snap.gone_nodes.values(), key=lambda g: -g.gone_at)],
                 "experts": [g.to_json(now) for g in sorted(snap.gone_experts.values(), key=lambda g: -g.gone_at)],
@@ -314,6 +347,33 @@ class SwarmView:
                 "expert_disappearances": dict(self.counters.expert_disappearances),
             },
         }
+
+
+def replication_totals(prefixes: Iterable[PrefixState]) -> dict[str, Any]:
+    """Swarm-wide ``experts_at_risk``, ``experts_unserved`` and ``replication_histogram`` (holders -> experts)."""
+    histogram: dict[int, int] = {}
+    at_risk = unserved = 0
+    for state in prefixes:
+        for n in state.replication().values():
+            histogram[n] = histogram.get(n, 0) + 1
+        at_risk += len(state.at_risk())
+        missing = len(state.unserved())
+        unserved += missing
+        if missing:
+            histogram[0] = histogram.get(0, 0) + missing
+    return {"experts_at_risk": at_risk, "experts_unserved": unserved,
+            "replication_histogram": {str(n): histogram[n] for n in sorted(histogram)}}
+
+
+def _coords(uid: str) -> tuple[int, ...]:
+    try:
+        return split_uid(uid)[1]
+    except ConfigError:
+        return ()
+
+
+def _order(uid: str) -> tuple[tuple[int, ...], str]:
+    return _coords(uid), uid
 
 
 def _in_grid(coords: tuple[int, ...], grid: tuple[tuple[int, int], ...]) -> bool:

@@ -24,12 +24,13 @@ from dmoe.coordinator.swarm_metrics import make_registry
 from dmoe.coordinator.view import PrefixSpec, SwarmView, parse_prefixes
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
+from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dmoe.dht.access import InLoopDHT
-from dmoe.dht.registry import ExpertRegistry
+from dmoe.dht.registry import ExpertEndpoint, ExpertRegistry, NodeRecord
 from dmoe.errors import ConfigError
 
 
@@ -226,3 +227,48 @@ def test_known_peers_file_round_trip_skips_garbage(tmp_path):
     assert read_known_peers(tmp_path / "missing.json", own_peer_id=own) == []
     Path(tmp_path / "broken.json").write_text("{not json")
     assert read_known_peers(tmp_path / "broken.json", own_peer_id=own) == []
+
+
+class _FakeRegistry:
+    """``list_nodes`` and ``walk_grid`` answered from a dict node_id -> experts (no DHT, no processes)."""
+
+    def __init__(self) -> None:
+        self.serving: dict[str, list[str]] = {}
+
+    async def list_nodes(self) -> list[NodeRecord]:
+        return [NodeRecord(node, f"10.0.0.{i}:1", uids, 0.0, get_dht_time() + 30)
+                for i, (node, uids) in enumerate(sorted(self.serving.items()))]
+
+    async def walk_grid(self, prefix: str, dims: int | None) -> dict[str, list[ExpertEndpoint]]:
+        out: dict[str, list[ExpertEndpoint]] = {}
+        for node, uids in sorted(self.serving.items()):
+            for uid in uids:
+                if uid.startswith(prefix + "."):
+                    out.setdefault(uid, []).append(ExpertEndpoint(uid, f"{node}:1", node, 0.0, get_dht_time() + 30))
+        return out
+
+
+def test_status_shows_replication_at_risk_and_unserved_experts():
+    fake = _FakeRegistry()
+    fake.serving = {"a": ["ffn.0.0", "ffn.0.1", "attn.0"], "b": ["ffn.0.0", "attn.1"], "c": ["ffn.0.0", "attn.1"]}
+    view = SwarmView(fake, prefixes=parse_prefixes("ffn.[0:2].[0:2]"))  # type: ignore[arg-type]
+    asyncio.run(view.refresh())
+    status = json.loads(json.dumps(view.to_json()))
+    ffn, attn = status["prefixes"]["ffn"], status["prefixes"]["attn"]
+    assert ffn["replication"] == {"ffn.0.0": 3, "ffn.0.1": 1}
+    assert ffn["at_risk"] == ["ffn.0.1"]
+    assert ffn["unserved"] == ["ffn.1.0", "ffn.1.1"]  # declared grid: every cell nobody serves
+    assert attn["replication"] == {"attn.0": 1, "attn.1": 2} and attn["at_risk"] == ["attn.0"]
+    assert attn["unserved"] == []
+    assert (status["experts_at_risk"], status["experts_unserved"]) == (2, 2)
+    assert status["replication_histogram"] == {"0": 2, "1": 2, "2": 1, "3": 1}
+
+    # a leaves for good: ffn.0.1 and attn.0 lose their only holder; an undeclared grid lists the uids it saw
+    del fake.serving["a"]
+    asyncio.run(view.refresh())
+    status = json.loads(json.dumps(view.to_json()))
+    ffn, attn = status["prefixes"]["ffn"], status["prefixes"]["attn"]
+    assert ffn["unserved"] == ["ffn.0.1", "ffn.1.0", "ffn.1.1"] and ffn["at_risk"] == []
+    assert attn["unserved"] == ["attn.0"] and attn["replication"] == {"attn.1": 2}
+    assert (status["experts_at_risk"], status["experts_unserved"]) == (0, 4)
+    assert status["replication_histogram"] == {"0": 4, "2": 2}
