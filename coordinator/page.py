@@ -1,4 +1,4 @@
-"""The coordinator's human page (``/``): a node table and a grid map of alive experts.
+"""The coordinator's human page (``/``): a node table, a grid map of alive experts and their replication.
 
 One self-contained HTML document (no external scripts, fonts or CDNs: operators may watch a swarm
 from a machine without internet). The script fetches ``/status`` every two seconds and rebuilds the
@@ -40,6 +40,9 @@ PAGE_HTML = """<!DOCTYPE html>
   .legend span { display: inline-block; width: 12px; height: 12px; border-radius: 2px; margin: 0 4px 0 12px;
                  vertical-align: -2px; }
   ul.gone { margin: 4px 0; padding-left: 18px; }
+  .replication { margin: 2px 0 6px; }
+  .at-risk { margin: 6px 0 0; max-width: 100ch; }
+  .at-risk code { margin-right: 6px; }
 </style>
 </head>
 <body>
@@ -98,6 +101,8 @@ function renderCards(status) {
     add(name + " experts alive", p.alive + (p.cells ? " / " + p.cells : ""));
     add(name + " coverage", (100 * p.coverage).toFixed(1) + " %");
   }
+  add("experts at risk (1 holder)", status.experts_at_risk);
+  add("experts unserved", status.experts_unserved);
   add("gone recently", status.gone.nodes.length + " nodes, " + status.gone.experts.length + " experts");
 }
 
@@ -123,6 +128,7 @@ function renderGrid(name, p) {
   const box = el("div");
   box.append(el("h3", {}, name + "  (" + p.grid.map(r => r[1] - r[0]).join(" \\u00d7 ") + ", " + p.alive + " alive)"));
   if (!p.grid.length) { box.append(el("div", {class: "muted"}, "no experts seen yet")); return box; }
+  box.append(replicationLine(name, p));
   const dims = p.grid.map(r => r[1] - r[0]);
   const cols = dims[dims.length - 1];
   const rows = dims.slice(0, -1).reduce((a, b) => a * b, 1);
@@ -145,6 +151,31 @@ function renderGrid(name, p) {
     }
   }
   box.append(grid);
+  const risky = renderAtRisk(name, p);
+  if (risky) box.append(risky);
+  return box;
+}
+
+function replicationLine(name, p) {
+  const counts = {};
+  for (const n of Object.values(p.replication)) counts[n] = (counts[n] || 0) + 1;
+  const parts = Object.keys(counts).map(Number).sort((a, b) => a - b)
+    .map(n => counts[n] + " with " + n + " holder" + (n === 1 ? "" : "s"));
+  if (p.unserved.length) parts.push(p.unserved.length + " unserved");
+  return el("div", {class: "muted replication", "data-prefix": name},
+    "replication: " + (parts.join(", ") || "no experts"));
+}
+
+function renderAtRisk(name, p) {
+  if (!p.at_risk.length) return null;
+  const box = el("div", {class: "warn at-risk", "data-prefix": name},
+    p.at_risk.length + " at risk (one holder): ");
+  const shown = p.at_risk.slice(0, 50);
+  for (const uid of shown) {
+    const holder = (p.experts[uid] || [])[0];
+    box.append(el("code", {class: "risky", "data-uid": uid, title: holder ? holder.endpoint : ""}, uid));
+  }
+  if (p.at_risk.length > shown.length) box.append("\u2026 and " + (p.at_risk.length - shown.length) + " more");
   return box;
 }
 

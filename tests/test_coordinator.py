@@ -124,6 +124,10 @@ def test_status_lists_nodes_and_their_experts(swarm):
     assert sorted(e["endpoint"] for e in ffn["experts"]["ffn.1.3"]) == sorted([n0, n1])
     assert [e["endpoint"] for e in ffn["experts"]["ffn.3.0"]] == [n2]
     assert ffn["replicas_min"] == 1 and ffn["replicas_max"] == 2
+    assert ffn["replication"]["ffn.1.3"] == 2 and ffn["replication"]["ffn.3.0"] == 1
+    assert ffn["at_risk"] == [f"ffn.{i}.{j}" for i in (2, 3) for j in range(4)] and ffn["unserved"] == []
+    assert st["experts_at_risk"] == 8 and st["experts_unserved"] == 0
+    assert st["replication_histogram"] == {"1": 8, "2": 8}
     assert st["counters"]["refresh_errors"] == 0 and st["counters"]["refreshes"] > 0
 
 
@@ -212,6 +216,7 @@ def test_page_renders_node_table_in_headless_chromium(swarm, tmp_path):
         assert proc.ready["announced"] in html
     # grid map: one cell per expert, classed by replica count (the legend has no data-uid)
     assert html.count('class="cell r2" data-uid=') == 8 and html.count('class="cell r1" data-uid=') == 8
+    assert html.count('class="risky" data-uid=') == 8  # ffn.[2:4].* have one holder (n2)
 
     png = tmp_path / "page.png"
     shot = _headless(chromium, tmp_path / "profile-shot", f"--screenshot={png}", url)

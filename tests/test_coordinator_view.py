@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dmoe.coordinator.bootstrap import (
@@ -20,6 +23,7 @@ from dmoe.coordinator.bootstrap import (
     write_known_peers,
 )
 from dmoe.coordinator.http import HttpServer, Response
+from dmoe.coordinator.page import PAGE_HTML
 from dmoe.coordinator.swarm_metrics import make_registry
 from dmoe.coordinator.view import PrefixSpec, SwarmView, parse_prefixes
 from hivemind.dht.crypto import RSASignatureValidator
@@ -272,3 +276,61 @@ def test_status_shows_replication_at_risk_and_unserved_experts():
     assert attn["unserved"] == ["attn.0"] and attn["replication"] == {"attn.1": 2}
     assert (status["experts_at_risk"], status["experts_unserved"]) == (0, 4)
     assert status["replication_histogram"] == {"0": 4, "2": 2}
+
+
+# the page's script run in node against a minimal DOM (elements with children, classes, attributes, text)
+_DOM_SHIM = """
+const vm = require("vm");
+class Elem {
+  constructor(tag) { this.tag = tag; this.children = []; this.attrs = {}; this.className = ""; this.dataset = {};
+                     this.style = {}; this.own = ""; }
+  setAttribute(k, v) { this.attrs[k] = String(v); }
+  set textContent(v) { this.children = []; this.own = String(v); }
+  get textContent() { return this.own + this.children.map(c => typeof c === "string" ? c : c.textContent).join(""); }
+  append(...xs) { this.children.push(...xs); }
+  replaceChildren(...xs) { this.own = ""; this.children = xs; }
+}
+const byId = {};
+const document = {createElement: tag => new Elem(tag), body: new Elem("body"),
+                  getElementById: id => byId[id] || (byId[id] = new Elem("div"))};
+const ctx = vm.createContext({document, setTimeout: () => 0, fetch: () => new Promise(() => {}), console});
+vm.runInContext(process.argv[process.argv.length - 1], ctx);
+ctx.render(JSON.parse(require("fs").readFileSync(0, "utf8")));
+const flat = [];
+const walk = (n, id) => {
+  if (typeof n === "string") return;
+  flat.push({id, tag: n.tag, class: n.className, attrs: n.attrs, text: n.textContent});
+  n.children.forEach(c => walk(c));
+};
+for (const [id, n] of Object.entries(byId)) walk(n, id);
+process.stdout.write(JSON.stringify(flat));
+"""
+
+
+def _render_page(status: dict[str, Any]) -> list[dict[str, Any]]:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node (JavaScript) is not installed")
+    script = PAGE_HTML.split("<script>", 1)[1].split("</script>", 1)[0]
+    done = subprocess.run([node, "-e", _DOM_SHIM, "--", script], input=json.dumps(status).encode(),
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.integration  # runs the page script in node
+def test_page_shows_replication_line_and_at_risk_experts():
+    fake = _FakeRegistry()
+    fake.serving = {"a": ["ffn.0.0", "ffn.0.1"], "b": ["ffn.0.0"]}
+    view = SwarmView(fake, prefixes=parse_prefixes("ffn.[0:2].[0:2]"))  # type: ignore[arg-type]
+    asyncio.run(view.refresh())
+    elements = _render_page({"coordinator": {"peer_id": "Qm", "dht": []}, **json.loads(json.dumps(view.to_json()))})
+    line = next(e for e in elements if e["class"] == "muted replication")
+    assert line["attrs"]["data-prefix"] == "ffn"
+    assert line["text"] == "replication: 1 with 1 holder, 1 with 2 holders, 2 unserved"
+    risky = next(e for e in elements if e["class"] == "warn at-risk")
+    assert risky["text"].startswith("1 at risk (one holder): ")
+    assert [(e["attrs"]["data-uid"], e["attrs"]["title"]) for e in elements if e["class"] == "risky"] == [
+        ("ffn.0.1", "a:1")]
+    cards = " | ".join(e["text"] for e in elements if e["class"] == "card")
+    assert "1experts at risk (1 holder)" in cards and "2experts unserved" in cards
