@@ -9,7 +9,9 @@ same ones):
   ``t0`` (plus ``ready`` records when a returning node serves again, and ``error`` records);
 * ``trainers/*.jsonl``: the trainers' own metrics logs (``step``, ``eval``, ``start``, ``stop``
   records with unix ``time``);
-* ``swarm.jsonl`` (optional): the coordinator's view of the DHT sampled during the run.
+* ``swarm.jsonl`` (optional): the coordinator's view of the DHT sampled during the run (``t`` in
+  seconds from ``t0``); a sample may carry ``replication`` (uid -> live holders, see
+  ``swarm_replication``) or the ``/status`` ``prefixes`` with their ``replication``.
 
 Outputs: ``summary.json``, ``report.png`` and a printed table. Definitions used in the summary:
 
@@ -24,6 +26,12 @@ Outputs: ``summary.json``, ``report.png`` and a printed table. Definitions used 
   when the step succeeds; an event training did not notice recovers in about one step time. The
   failed calls and skipped steps in between are reported as the event's impact. With several
   trainers the slowest one counts.
+* **expert states lost** (``expert_states_lost``): an expert counts as *state lost* once it had at
+  least one live holder in an earlier coordinator sample and then has zero holders in two
+  consecutive samples (nobody holds its trained weights; a departed volunteer's disk does not
+  count). Cumulative, each uid once: an expert served again later still counts, since it came back
+  from initial weights or a stale checkpoint. It is counted at the second empty sample. Only samples
+  with per-expert replication take part; a run without any has ``None`` (and no plot panel).
 """
 
 from __future__ import annotations
@@ -136,6 +144,59 @@ def alive_series(run: RunData) -> tuple[list[float], dict[str, list[int]]]:
         for prefix, uids in layers.items():
             series[prefix].append(len(uids & served))
     return cuts, series
+
+
+def swarm_replication(status: dict[str, Any]) -> dict[str, int] | None:
+    """Uid -> live holders from a coordinator ``/status`` (or a swarm.jsonl sample); None if it has none.
+
+    A sample's own ``replication`` wins; else the ``replication`` of every prefix in ``prefixes``
+    (coordinators before issue 15 have none). An expert without holders is absent or 0.
+    """
+    flat = status.get("replication")
+    if isinstance(flat, dict):
+        return {str(uid): int(n) for uid, n in flat.items()}
+    prefixes = status.get("prefixes")
+    if not isinstance(prefixes, dict):
+        return None
+    tables = [p.get("replication") for p in prefixes.values() if isinstance(p, dict)]
+    tables = [table for table in tables if isinstance(table, dict)]
+    if not tables:
+        return None
+    return {str(uid): int(n) for table in tables for uid, n in table.items()}
+
+
+@dataclass
+class StateLoss:
+    """Expert states lost over the run (definition in the module docstring)."""
+
+    times: list[float]  # sample times (s from t0) of the samples with replication
+    lost: list[int]  # cumulative states lost at each of those samples
+    at_risk: list[int]  # experts with exactly one live holder at each sample
+    uids: dict[str, float]  # lost uid -> time it was counted
+
+
+def expert_states_lost(swarm: Sequence[dict[str, Any]]) -> StateLoss | None:
+    """Walk the swarm samples in time order; None when no sample carries per-expert replication."""
+    samples = [(float(rec["t"]), rep) for rec in swarm if "t" in rec and (rep := swarm_replication(rec)) is not None]
+    if not samples:
+        return None
+    samples.sort(key=lambda s: s[0])
+    held: set[str] = set()  # uids with a live holder in some earlier sample
+    empty: dict[str, int] = {}  # uid -> consecutive samples without a holder
+    out = StateLoss([], [], [], {})
+    for t, replication in samples:
+        for uid in held:
+            if replication.get(uid, 0) > 0:
+                empty[uid] = 0
+                continue
+            empty[uid] = empty.get(uid, 0) + 1
+            if empty[uid] >= 2 and uid not in out.uids:
+                out.uids[uid] = t
+        held.update(uid for uid, n in replication.items() if n > 0)
+        out.times.append(t)
+        out.lost.append(len(out.uids))
+        out.at_risk.append(sum(1 for n in replication.values() if n == 1))
+    return out
 
 
 def time_below(cuts: Sequence[float], counts: Sequence[int], k: int) -> float:
@@ -257,6 +318,7 @@ def summarize(run: RunData) -> dict[str, Any]:
     total["failed_calls_total"] = sum(total["failed_calls"].values())
     total["failed_calls_before_first_fault"] = sum(t["failed_calls_before_first_fault"] for t in trainers.values())
     first_fault = first_fault_time(run)
+    states = expert_states_lost(run.swarm)
     return {
         "scenario": scenario.get("name"),
         "seed": run.run.get("seed"),
@@ -280,6 +342,9 @@ def summarize(run: RunData) -> dict[str, Any]:
         "unrecovered_events": sum(1 for r in recoveries if r.get("recovered") is False),
         "nodes_behind_nat": sum(1 for n in run.run.get("nodes", []) if n.get("behind_nat")),
         "routes": routes_summary(run),
+        "expert_states_lost": None if states is None else len(states.uids),
+        "expert_states_lost_uids": None if states is None else sorted(states.uids, key=states.uids.__getitem__),
+        "experts_at_risk_max": None if states is None else max(states.at_risk, default=0),
     }
 
 
@@ -362,6 +427,12 @@ def format_table(summary: dict[str, Any]) -> str:
                  f"{_fmt(r['forward_rtt_ms'])} ms" for route, r in sorted((routes or {}).items())]
         lines.append(f"nodes behind NAT (served through a relay): {summary.get('nodes_behind_nat', 0)}; "
                      + ("; ".join(parts) or "no endpoint statistics"))
+    if summary.get("expert_states_lost") is not None:
+        lost_uids = summary.get("expert_states_lost_uids") or []
+        shown = ", ".join(lost_uids[:8]) + (", ..." if len(lost_uids) > 8 else "")
+        lines.append(f"expert states lost (no live holder in 2 consecutive coordinator samples): "
+                     f"{summary['expert_states_lost']}" + (f" ({shown})" if shown else "")
+                     + f"; most experts at risk (one holder) at once: {summary.get('experts_at_risk_max')}")
     if summary["event_errors"]:
         lines.append(f"WARNING: {len(summary['event_errors'])} event(s) could not be applied (see events.jsonl)")
     return "\n".join(lines)
@@ -372,9 +443,22 @@ def plot(run: RunData, summary: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(4, 1, figsize=(11, 12), sharex=True, constrained_layout=True)
-    ax_loss, ax_alive, ax_step, ax_fail = axes
+    states = expert_states_lost(run.swarm)
+    fig, axes = plt.subplots(4 + (states is not None), 1, figsize=(11, 12 + 2.5 * (states is not None)), sharex=True,
+                             constrained_layout=True)
+    ax_loss, ax_alive, ax_step, ax_fail = axes[:4]
+    if states is not None:
+        ax_lost = axes[4]
+        ax_lost.step(states.times, states.lost, where="post", color="tab:red", lw=1.5,
+                     label="expert states lost (cumulative)")
+        ax_lost.plot(states.times, states.at_risk, lw=0.8, color="tab:orange", alpha=0.8,
+                     label="experts at risk (one live holder)")
+        ax_lost.set_ylabel("experts")
+        ax_lost.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_lost.set_title(f"expert states lost: {len(states.uids)} (no live holder in 2 consecutive coordinator "
+                          "samples)", fontsize=9)
     t0 = run.t0
     for name in run.trainers:
         steps = run.steps(name)
@@ -428,7 +512,7 @@ def plot(run: RunData, summary: dict[str, Any], path: Path) -> None:
     ax_alive.set_ylabel("experts alive")
     ax_step.set_ylabel("step time (s)")
     ax_fail.set_ylabel("failed calls (cumulative)")
-    ax_fail.set_xlabel("time since start (s)")
+    axes[-1].set_xlabel("time since start (s)")
     for ax in axes:
         handles, labels = ax.get_legend_handles_labels()
         if handles:
