@@ -4,7 +4,8 @@ All methods run in a worker thread (never on the event loop) and take the expert
 checkpoint snapshot never sees a half-applied optimizer step. Forward runs under inference mode;
 backward recomputes the forward with autograd (the node keeps no activations between calls),
 backpropagates the caller's ``grad_outputs``, clips, steps the optimizer and returns the
-gradients w.r.t. the inputs.
+gradients w.r.t. the inputs. Snapshots, transfers and merges of its state (``dmoe.node.state``) take the
+same lock.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import threading
 from typing import Any
 
 import torch
+from dmoe.node.state import ExpertState, apply_merge
 from torch import nn
 
 from dmoe.config.node import OptimizerOptions
@@ -68,6 +70,7 @@ class ExpertBackend:
         self.updates = 0
         self.num_parameters = sum(p.numel() for p in self.module.parameters())
         self.lock = threading.Lock()
+        self._updates_at_snapshot = 0  # updates when the last sync snapshot was taken (its weight's origin)
 
     def _to_device(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.device.type == "cpu":
@@ -130,3 +133,30 @@ class ExpertBackend:
             self.module.load_state_dict(state["module"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.updates = int(state["updates"])
+            self._updates_at_snapshot = self.updates
+
+    # ---- replicas (dmoe.node.replicas) ----
+
+    def snapshot(self) -> ExpertState:
+        """A copy of the current state; its weight is the steps trained since the previous snapshot."""
+        state = self.state_dict()
+        weight = float(state["updates"] - self._updates_at_snapshot)
+        self._updates_at_snapshot = state["updates"]
+        return ExpertState(module=state["module"], optimizer=state["optimizer"], updates=state["updates"],
+                           weight=weight)
+
+    def current_state(self) -> ExpertState:
+        state = self.state_dict()
+        return ExpertState(module=state["module"], optimizer=state["optimizer"], updates=state["updates"])
+
+    def load_state(self, state: ExpertState) -> None:
+        """Take over a checked state (a transfer from a live replica)."""
+        self.load_state_dict({"module": state.module, "optimizer": state.optimizer, "updates": state.updates})
+
+    def merge(self, snapshot: ExpertState, merged: ExpertState) -> None:
+        """Move from ``snapshot`` to ``merged``, keeping the steps taken since the snapshot."""
+        with self.lock:
+            apply_merge(self.module, self.optimizer, snapshot, merged)
+            gained = self.updates - snapshot.updates
+            self.updates = max(self.updates, merged.updates + gained)
+            self._updates_at_snapshot = max(self._updates_at_snapshot, self.updates - gained)

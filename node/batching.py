@@ -204,6 +204,13 @@ class BatchScheduler:
         if not batch:
             return
         uid, kind, _ = key
+        backend = self.backends.get(uid)
+        if backend is None:  # the node gave this expert up (dmoe.node.keeper) while these waited
+            for task in batch:
+                task.future.set_exception(RpcFailure(grpc.StatusCode.NOT_FOUND,
+                                                     f"expert {uid} is no longer served by this node",
+                                                     reason="unknown_uid"))
+            return
         now = self._loop.time()
         for task in batch:
             self.metrics.queue_wait.labels(kind).observe(now - task.enqueued)
@@ -211,7 +218,7 @@ class BatchScheduler:
         self.busy_uids.add(uid)
         self.inflight_rows += rows
         self._idle.clear()
-        fut = self._loop.run_in_executor(self.executor, _run_batch, self.backends[uid], kind, batch, self.metrics)
+        fut = self._loop.run_in_executor(self.executor, _run_batch, backend, kind, batch, self.metrics)
         fut.add_done_callback(lambda f: self._finish_batch(uid, kind, batch, rows, f))
 
     def _finish_batch(self, uid: str, kind: str, batch: list[Task], rows: int, fut: asyncio.Future) -> None:

@@ -31,6 +31,7 @@ from dmoe.config import (
     setup_logging,
 )
 from dmoe.config.membership import MembershipOptions
+from dmoe.config.node import AUTO
 from dmoe.config.relay import ReachabilityOptions, RelayOptions
 from dmoe.dht.uids import parse_expert_pattern
 from dmoe.errors import ConfigError
@@ -39,14 +40,18 @@ from dmoe.wire.endpoints import split_host_port
 
 log = logging.getLogger("dmoe.node")
 
-EPILOG = """example:
+EPILOG = """examples:
   dmoe node --experts 'ffn.[0:4].[0:8]' --expert-cls ffn --hidden-dim 1024 \\
             --host 0.0.0.0 --announce-host 203.0.113.7 --initial-peers /ip4/.../tcp/.../p2p/... \\
             --checkpoint-dir ckpt --metrics-port 9100
+  dmoe node --experts auto --capacity 4 --hidden-dim 1024 --initial-peers /ip4/.../tcp/.../p2p/...
+            # serve the 4 experts the swarm needs most, with their trained state from live holders
 """
 
 
 def _expert_pattern(text: str) -> list[str]:
+    if text.strip() == AUTO:
+        return [AUTO]
     try:
         return parse_expert_pattern(text)
     except ConfigError as e:
@@ -100,6 +105,13 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     if args.authority and not args.member_key:
         raise ConfigError("--authority (a closed swarm) needs --member-key with --token-url or --token: its members "
                           "use only experts of nodes that are members too")
+    if args.grid:
+        try:
+            parse_expert_pattern(args.grid)
+        except ConfigError as e:
+            raise ConfigError(f"--grid: {e}") from None
+    if args.capacity is not None and args.experts != [AUTO] and args.capacity < len(args.experts):
+        raise ConfigError(f"--capacity {args.capacity} is less than the {len(args.experts)} experts of --experts")
     if args.relay and reachability.reachability == "relay":
         raise ConfigError("--relay needs a node others can dial; it cannot be combined with --reachability relay")
     return options_from(NodeConfig, args, batching=options_from(BatchingOptions, args),

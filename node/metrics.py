@@ -63,6 +63,20 @@ class NodeMetrics(MetricsExporter):
             "dmoe_node_route_changes", "changes of the announced route, by new reachability", ["reachability"],
             registry=r,
         )
+        self.syncs = Counter(
+            "dmoe_node_replica_syncs", "expert sync rounds, by result (merged, alone: no replica answered)",
+            ["result"], registry=r,
+        )
+        self.state_transfers = Counter(
+            "dmoe_node_state_transfers", "expert states sent or received, by direction and result",
+            ["direction", "result"], registry=r,
+        )
+        self.adoptions = Counter(
+            "dmoe_node_adoptions", "experts taken over or handed off, by how", ["how"], registry=r
+        )
+        self.snapshot_bytes = Gauge(
+            "dmoe_node_sync_snapshot_bytes", "memory held by sync-round snapshots, bytes", registry=r
+        )
         self._server = None
 
     def set_route(self, reachability: str, *, relayed: bool) -> None:

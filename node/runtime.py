@@ -4,9 +4,11 @@ Everything runs in one asyncio loop (uvloop under ``dmoe node``): the grpc.aio s
 DHTNode, the announcer, the checkpoint timer and the batch scheduler. Torch compute and checkpoint
 disk I/O run in worker threads.
 
-Lifecycle: ``start()`` restores the newest checkpoint, starts gRPC, joins the DHT, announces, and
-returns the ready-line fields. ``shutdown()`` (on SIGTERM/SIGINT) stops taking new work, withdraws
-the DHT records, lets in-flight requests finish, saves a checkpoint and leaves the DHT.
+Lifecycle: ``start()`` restores the newest checkpoint, starts gRPC, joins the DHT, picks its experts
+(``--experts auto``) and takes the swarm's state of any expert a live holder is ahead on
+(``dmoe.node.keeper``), announces, starts replica sync (``dmoe.node.replicas``) and returns the ready-line
+fields. ``shutdown()`` (on SIGTERM/SIGINT) hands experts only it holds to other nodes, stops taking new
+work, withdraws the DHT records, lets in-flight requests finish, saves a checkpoint and leaves the DHT.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from dmoe.node.announcer import Announcer, start_dht
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.batching import BACKWARD, FORWARD, BatchScheduler
 from dmoe.node.checkpoint import CheckpointStore
+from dmoe.node.keeper import ExpertKeeper
 from dmoe.node.metrics import NodeMetrics
+from dmoe.node.peers import PeerClient
 from dmoe.node.reachability import NodeRoute
+from dmoe.node.replicas import ReplicaSync
 from dmoe.node.server import ExpertServicer, add_to_server
 from hivemind.utils.crypto import RSAPrivateKey
 
@@ -49,13 +54,9 @@ class ExpertNode:
         self.config = config
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.metrics = NodeMetrics()
-        self.backends: dict[str, ExpertBackend] = {}
-        for uid in config.experts:
-            module = create_expert(config.expert_cls, hidden_dim=config.hidden_dim, seed=config.seed, uid=uid)
-            self.backends[uid] = ExpertBackend(
-                uid, module, schema=expert_schema(module, config.hidden_dim), expert_cls=config.expert_cls,
-                hidden_dim=config.hidden_dim, optimizer=config.optimizer, device=self.device,
-            )
+        self.backends: dict[str, ExpertBackend] = {}  # shared with the scheduler and servicer; the keeper edits it
+        for uid in [] if config.auto else config.experts:
+            self.backends[uid] = self.make_backend(uid)
         self.metrics.experts.set(len(self.backends))
         self.scheduler = BatchScheduler(self.backends, options=config.batching, metrics=self.metrics)
         self.checkpoints = CheckpointStore(config.checkpoint_dir, keep=config.checkpoint_keep) \
@@ -73,9 +74,19 @@ class ExpertNode:
         self.relay_announcer: RelayAnnouncer | None = None
         self.grpc_port = 0
         self.metrics_port: int | None = None
+        self.peers: PeerClient | None = None
+        self.keeper: ExpertKeeper | None = None
+        self.replicas: ReplicaSync | None = None
         self._checkpoint_task: asyncio.Task | None = None
         self._save_lock = asyncio.Lock()
         self._updates_at_last_save = -1
+
+    def make_backend(self, uid: str) -> ExpertBackend:
+        """A backend for ``uid`` with its initial weights (seed ``(--seed, uid)``), not yet served."""
+        cfg = self.config
+        module = create_expert(cfg.expert_cls, hidden_dim=cfg.hidden_dim, seed=cfg.seed, uid=uid)
+        return ExpertBackend(uid, module, schema=expert_schema(module, cfg.hidden_dim), expert_cls=cfg.expert_cls,
+                             hidden_dim=cfg.hidden_dim, optimizer=cfg.optimizer, device=self.device)
 
     @property
     def node_id(self) -> str:
@@ -92,6 +103,11 @@ class ExpertNode:
             return
         path, payload = found
         restored, skipped = 0, []
+        cfg = self.config
+        if cfg.auto:  # a returning --experts auto volunteer resumes the experts it held
+            for uid, state in list(payload["experts"].items())[:cfg.max_experts]:
+                if state.get("expert_cls") == cfg.expert_cls and state.get("hidden_dim") == cfg.hidden_dim:
+                    self.backends[uid] = self.make_backend(uid)
         for uid, state in payload["experts"].items():
             backend = self.backends.get(uid)
             if backend is None or state.get("expert_cls") != backend.expert_cls \
@@ -161,7 +177,8 @@ class ExpertNode:
             registry, uids=list(self.backends), endpoint=None, node_id=self.node_id,
             ttl=cfg.announce_ttl, load=lambda: self.scheduler.load,
             node_info=lambda: {"expert_cls": cfg.expert_cls, "hidden_dim": cfg.hidden_dim,
-                               "updates": self.total_updates(), "reachability": self.reachability},
+                               "updates": self.total_updates(), "reachability": self.reachability,
+                               "capacity": cfg.max_experts},
         )
         self.announcer.on_result = lambda ok: self.metrics.announces.labels("ok" if ok else "failed").inc()
         if cfg.authority:  # a closed swarm: publish our membership, or members' trainers will not use us
@@ -172,6 +189,17 @@ class ExpertNode:
                 if cfg.membership.token_url:
                     self.renewer = TokenRenewer(member, cfg.membership.token_url).start()
         self.announcer.certificate = self.certificate
+        self.peers = PeerClient(registry, member=self.member)
+        self.keeper = ExpertKeeper(cfg, backends=self.backends, registry=registry, peers=self.peers,
+                                   metrics=self.metrics, own_owner=registry.fingerprint, node_id=lambda: self.node_id,
+                                   make_backend=self.make_backend, add=self._add_expert, drop=self._drop_expert)
+        servicer.keeper = self.keeper
+        if cfg.auto:
+            for uid in await self.keeper.choose_initial():
+                self.backends[uid] = self.make_backend(uid)
+        await self.keeper.catch_up()  # the swarm's state of our experts where a live holder is ahead
+        self.announcer.uids = list(self.backends)
+        self.metrics.experts.set(len(self.backends))
         self.route = NodeRoute(cfg, dht=self.dht, registry=registry, grpc_port=self.grpc_port,
                                certificate=self.certificate,
                                local=split_host_port(cfg.reachability.tunnel_to) if cfg.reachability.tunnel_to
@@ -186,6 +214,14 @@ class ExpertNode:
             else:
                 log.warning("--relay ignored: this node is not reachable itself (%s)", self.route.status)
 
+        self.peers.own_endpoint = self.endpoint or ""
+        if cfg.sync_interval > 0:
+            self.replicas = ReplicaSync(self.backends, registry, self.peers, interval=cfg.sync_interval,
+                                        own_owner=registry.fingerprint, own_endpoint=lambda: self.endpoint,
+                                        metrics=self.metrics)
+            servicer.replicas = self.replicas
+            self.replicas.start()
+        self.keeper.start()
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(cfg.metrics_port, host=cfg.host)
         if self.checkpoints is not None:
@@ -209,9 +245,32 @@ class ExpertNode:
 
     def _route_changed(self, endpoint: str | None) -> None:
         self.endpoint = endpoint
+        if self.peers is not None:
+            self.peers.own_endpoint = endpoint or ""
         self.metrics.set_route(self.reachability, relayed=self.route is not None and self.route.relay is not None)
         if self.announcer is not None:
             self.announcer.reannounce(endpoint)
+
+    # ---- experts coming and going (dmoe.node.keeper) ----
+
+    async def _add_expert(self, uid: str, backend: ExpertBackend) -> bool:
+        """Serve ``backend`` (its state already loaded) and announce it; True once the announce landed."""
+        self.backends[uid] = backend
+        self.metrics.experts.set(len(self.backends))
+        if self.announcer is None:
+            return False
+        self.announcer.uids = list(self.backends)
+        return await self.announcer.announce_once()
+
+    async def _drop_expert(self, uid: str) -> None:
+        """Stop announcing ``uid``, tombstone its records (not those its siblings share), then stop serving it."""
+        if self.announcer is not None:
+            self.announcer.uids = [u for u in self.announcer.uids if u != uid]
+            with contextlib.suppress(TimeoutError, OSError, RuntimeError):
+                await asyncio.wait_for(self.announcer.registry.withdraw_some(
+                    [uid], kept=self.announcer.uids, ttl=self.config.announce_ttl), 10)
+        self.backends.pop(uid, None)
+        self.metrics.experts.set(len(self.backends))
 
     # ---- checkpoints ----
 
@@ -244,6 +303,15 @@ class ExpertNode:
     # ---- stop ----
 
     async def shutdown(self, *, save: bool = True) -> None:
+        if self.keeper is not None:
+            await self.keeper.stop()
+            if save and self.server is not None:  # still serving: the adopters pull our state
+                try:
+                    await asyncio.wait_for(self.keeper.hand_off(self.endpoint), self.config.handoff_timeout)
+                except TimeoutError:
+                    log.warning("hand-off did not finish within --handoff-timeout %.0fs", self.config.handoff_timeout)
+        if self.replicas is not None:
+            await self.replicas.stop()
         log.info("shutting down: no new requests, finishing in-flight work")
         self.scheduler.stop_accepting()
         if self._checkpoint_task is not None:
@@ -272,6 +340,8 @@ class ExpertNode:
                 await self.save_checkpoint(force=True)
             except OSError as e:
                 log.error("final checkpoint failed: %s", e)
+        if self.peers is not None:
+            await self.peers.close()
         if self.dht is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.dht.shutdown(), 10)

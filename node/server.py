@@ -36,12 +36,17 @@ import torch
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.batching import BACKWARD, FORWARD, BatchScheduler
 from dmoe.node.guards import BackwardRateLimit, GradientGuard
+from dmoe.node.keeper import ExpertKeeper
 from dmoe.node.metrics import NodeMetrics
+from dmoe.node.peers import ADOPT, GET_STATE
+from dmoe.node.replicas import NoSnapshot, ReplicaSync
+from dmoe.node.state import chunks, digest
 from dmoe.node.validation import RpcFailure, batch_signature, check_request, invalid
 from google.protobuf.message import DecodeError
 
 from dmoe.config import NodeConfig, default_of
-from dmoe.errors import WireFormatError, clip
+from dmoe.dht.uids import split_uid
+from dmoe.errors import ConfigError, WireFormatError, clip
 from dmoe.logs import RateLimitedLog
 from dmoe.membership import MembershipCheck, MembershipError, payload_digest
 from dmoe.wire.codec import (
@@ -53,6 +58,7 @@ from dmoe.wire.codec import (
     payload_bytes,
     warm_up,
 )
+from dmoe.wire.endpoints import parse_endpoint
 from dmoe.wire.proto import expert_pb2 as pb
 from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
 
@@ -88,7 +94,12 @@ _METHODS = {
     "BackwardStream": ("stream", pb.Chunk, pb.Chunk),
     "Info": ("unary", pb.InfoRequest, pb.InfoReply),
     "Ping": ("unary", pb.PingRequest, pb.PingReply),
+    "GetState": ("unary_stream", pb.StateRequest, pb.StateChunk),
+    "Adopt": ("unary", pb.AdoptRequest, pb.AdoptReply),
 }
+_HANDLERS = {"unary": grpc.unary_unary_rpc_method_handler, "stream": grpc.stream_stream_rpc_method_handler,
+             "unary_stream": grpc.unary_stream_rpc_method_handler}
+_STATE_SERVES = 2  # expert states serialized and streamed at once (each is a copy of the expert in memory)
 
 
 def add_to_server(servicer: ExpertServicer, server: grpc.aio.Server) -> None:
@@ -96,8 +107,7 @@ def add_to_server(servicer: ExpertServicer, server: grpc.aio.Server) -> None:
     deserializers that turn undecodable bytes into ``Undecodable`` instead of a logged exception."""
     handlers = {}
     for name, (shape, request, reply) in _METHODS.items():
-        make = grpc.unary_unary_rpc_method_handler if shape == "unary" else grpc.stream_stream_rpc_method_handler
-        handlers[name] = make(getattr(servicer, name), request_deserializer=_tolerant(request.FromString),
+        handlers[name] = _HANDLERS[shape](getattr(servicer, name), request_deserializer=_tolerant(request.FromString),
                               response_serializer=reply.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("dmoe.ExpertService", handlers),))
 
@@ -119,6 +129,10 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         grad_norm_band: float = default_of(NodeConfig, "grad_norm_band"),
     ) -> None:
         self._draining = 0  # refused request streams being read to their end (_drain)
+        self._state_serves = 0  # GetState streams in progress
+        self._adopting = False  # an Adopt in progress (one at a time)
+        self.replicas: ReplicaSync | None = None  # round snapshots for GetState(round > 0)
+        self.keeper: ExpertKeeper | None = None  # takes Adopt requests
         self._warmed: set[str] = set()  # 8-bit codecs warmed up (dmoe.wire.codec.warm_up)
         self.backward_rate = BackwardRateLimit(backward_rate)  # open swarms only
         self.gradients = GradientGuard(grad_norm_band)
@@ -151,7 +165,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                 reason="too_large",
             )
         if self.membership is not None and kind in self.members_only:
-            await self._check_member(kind, request, metadata, size)
+            await self._check_member(kind, request.uid, [t.data for t in request.tensors], metadata, size)
         if self.membership is None and kind == BACKWARD and not self.backward_rate.allow(peer):
             raise RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"more than {self.backward_rate.rate:g} Backward calls/s from your address "
@@ -192,14 +206,13 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self.metrics.bytes_out.labels(kind).inc(payload_bytes(reply_tensors))
         return pb.ExpertReply(tensors=reply_tensors)
 
-    async def _check_member(self, kind: str, request: pb.ExpertRequest, metadata: Sequence[tuple[str, str | bytes]],
-                            size: int) -> None:
+    async def _check_member(self, kind: str, uid: str, chunks: list[bytes],
+                            metadata: Sequence[tuple[str, str | bytes]], size: int) -> None:
         """A closed swarm: the call must carry a member's valid token and signature (``dmoe.membership``)."""
         assert self.membership is not None
-        chunks = [t.data for t in request.tensors]
         digest = payload_digest(chunks) if size < OFF_LOOP_BYTES else await asyncio.to_thread(payload_digest, chunks)
         try:
-            self.membership.check(metadata, method=kind, uid=request.uid, digest=digest)
+            self.membership.check(metadata, method=kind, uid=uid, digest=digest)
         except MembershipError as e:
             code = grpc.StatusCode.UNAUTHENTICATED if e.unauthenticated else grpc.StatusCode.PERMISSION_DENIED
             raise RpcFailure(code, str(e), reason="unauthenticated" if e.unauthenticated else "not_member") from None
@@ -383,3 +396,84 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         return pb.PingReply(
             node_id=self.node_id(), time=time.time(), load=self.scheduler.load, num_experts=len(self.backends)
         )
+
+    # ---- replicas: state transfer and adoption (dmoe.node.replicas, dmoe.node.keeper) ----
+
+    async def GetState(  # noqa: N802
+        self, request: pb.StateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StateChunk]:
+        status = "OK"
+        serving = False
+        try:
+            if isinstance(request, Undecodable):
+                raise invalid(f"undecodable StateRequest ({request.size} bytes)", "malformed")
+            if self.membership is not None:  # a closed swarm's weights are for its members
+                await self._check_member(GET_STATE, request.uid, [], context.invocation_metadata() or (), 0)
+            backend = self.backends.get(request.uid)
+            if backend is None:
+                raise RpcFailure(grpc.StatusCode.NOT_FOUND, f"expert {clip(request.uid)} is not served by this node",
+                                 reason="unknown_uid")
+            if self._state_serves >= _STATE_SERVES:
+                raise RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"{self._state_serves} expert states are being sent already; retry later",
+                                 reason="state_busy")
+            self._state_serves += 1
+            serving = True
+            if request.round > 0:
+                if self.replicas is None:
+                    raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, "this node does not sync replicas",
+                                     reason="no_snapshot")
+                try:
+                    state = self.replicas.snapshot_of(request.uid, request.round)
+                except NoSnapshot as e:
+                    raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, str(e), reason="no_snapshot") from None
+            else:
+                state = await asyncio.to_thread(backend.current_state)
+            payload = await asyncio.to_thread(state.pack)
+            header = pb.StateHeader(uid=backend.uid, expert_cls=backend.expert_cls, hidden_dim=backend.hidden_dim,
+                                    updates=state.updates, weight=state.weight, round=max(0, request.round),
+                                    size=len(payload), sha256=await asyncio.to_thread(digest, payload))
+            for i, piece in enumerate(chunks(payload)):
+                yield pb.StateChunk(header=header, payload=piece) if i == 0 else pb.StateChunk(payload=piece)
+            self.metrics.state_transfers.labels("out", "ok").inc()
+        except RpcFailure as failure:
+            status = failure.code.name
+            if failure.reason != "no_snapshot":  # a replica asking a little early is normal
+                self._reject("GetState", getattr(request, "uid", ""), failure, context.peer())
+            await context.abort(failure.code, failure.details)
+        finally:
+            if serving:
+                self._state_serves -= 1
+            self.metrics.requests.labels("GetState", status).inc()
+
+    async def Adopt(self, request: pb.AdoptRequest, context: grpc.aio.ServicerContext) -> pb.AdoptReply:  # noqa: N802
+        status = "OK"
+        try:
+            if isinstance(request, Undecodable):
+                raise invalid(f"undecodable AdoptRequest ({request.size} bytes)", "malformed")
+            if self.membership is not None:
+                await self._check_member(ADOPT, request.uid, [], context.invocation_metadata() or (), 0)
+            try:
+                split_uid(request.uid)
+                parse_endpoint(request.source)
+            except (ConfigError, ValueError):
+                raise invalid(f"adopt {clip(request.uid)} from {clip(request.source)}: not a grid uid and an "
+                              "endpoint", "malformed") from None
+            if self.keeper is None:
+                return pb.AdoptReply(accepted=False, detail="this node does not adopt experts")
+            if self._adopting:
+                raise RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, "adopting another expert right now; retry later",
+                                 reason="adopt_busy")
+            self._adopting = True
+            try:
+                accepted, detail = await self.keeper.accept_adoption(request.uid, request.source)
+            finally:
+                self._adopting = False
+            return pb.AdoptReply(accepted=accepted, detail=detail)
+        except RpcFailure as failure:
+            status = failure.code.name
+            self._reject("Adopt", getattr(request, "uid", ""), failure, context.peer())
+            await context.abort(failure.code, failure.details)
+            raise  # unreachable: abort raises
+        finally:
+            self.metrics.requests.labels("Adopt", status).inc()

@@ -14,6 +14,8 @@ from dmoe.config.membership import MembershipOptions
 from dmoe.config.relay import ReachabilityOptions, RelayOptions
 
 OPTIMIZERS = ("adam", "sgd")
+AUTO = "auto"  # --experts auto: the node picks what the swarm needs (dmoe.node.keeper)
+AUTO_CAPACITY = 4  # experts an --experts auto node serves unless --capacity says otherwise
 TLS_MODES = ("auto", "on", "off")
 
 
@@ -48,7 +50,8 @@ class NodeConfig:
     """experts"""
 
     experts: list[str] = option(metavar="PATTERN")
-    """uid pattern: PREFIX.[a:b].[c:d] grids (half-open ranges) and/or comma-separated uids"""
+    """uid pattern: PREFIX.[a:b].[c:d] grids (half-open ranges) and/or comma-separated uids; or "auto": serve the
+    experts the swarm needs most (fewest live holders first, then the most requested), see --capacity"""
     expert_cls: str = option("ffn")
     """ffn, transformer, or package.module:Class"""
     hidden_dim: int = option(1024, parse=positive_int)
@@ -107,6 +110,22 @@ class NodeConfig:
     shutdown_grace: float = option(10.0, parse=positive_float, group="checkpoints and metrics")
     """seconds in-flight requests get to finish on SIGTERM before the final checkpoint"""
 
+    capacity: int | None = option(None, parse=positive_int, group="replicas and placement")
+    """experts this node may serve; spare room adopts experts with fewer than --replicas live holders and takes
+    over experts of leaving holders. Default: the number of --experts, or 4 with --experts auto"""
+    replicas: int = option(2, parse=positive_int, group="replicas and placement")
+    """live holders the swarm should keep of every expert (adoption fills up to it where capacity allows)"""
+    sync_interval: float = option(60.0, parse=non_negative_float, group="replicas and placement")
+    """seconds between replica syncs: holders of one expert average its weights and optimizer state; 0 disables"""
+    placement_interval: float = option(60.0, parse=positive_float, group="replicas and placement")
+    """seconds between checks for under-replicated experts to adopt (--experts auto nodes also move at most one
+    expert per check, from one with more than --replicas holders to one with fewer)"""
+    grid: str | None = option(None, metavar="PATTERN", group="replicas and placement")
+    """the experts an --experts auto node chooses from, e.g. 'ffn.[0:4].[0:4]'; default: the grids the swarm's
+    trainers publish in the DHT (those matching --expert-cls and --hidden-dim)"""
+    handoff_timeout: float = option(20.0, parse=positive_float, group="replicas and placement")
+    """on SIGTERM, seconds to find another node for experts this node is the last holder of, before withdrawing"""
+
     authority: str | None = option(None, metavar="PEER_ID", group="membership")
     """closed swarm: peer id of its authority (the coordinator's "peer_id" in its dmoe-ready line); only members
     holding a token it signed may train this node's experts (Backward), and the node needs a token itself
@@ -129,6 +148,17 @@ class NodeConfig:
     def uses_tls(self) -> bool:
         loopback = self.host in ("localhost", "::1") or self.host.startswith("127.")
         return self.tls == "on" or (self.tls == "auto" and not loopback)
+
+    @property
+    def auto(self) -> bool:
+        return self.experts == [AUTO]
+
+    @property
+    def max_experts(self) -> int:
+        """How many experts this node may serve (``--capacity`` or its default)."""
+        if self.capacity is not None:
+            return self.capacity
+        return AUTO_CAPACITY if self.auto else len(self.experts)
 
     @property
     def max_request_bytes(self) -> int:

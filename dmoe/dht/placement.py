@@ -13,10 +13,15 @@ all layers); copy ``r`` of expert ``k`` lives on node ``(k + r) mod N`` for ``r 
 * Node loads differ by at most one expert per replica, and counting across layers spreads every
   layer's grid over all nodes instead of giving node ``i`` the same cells in every layer.
 * With ``replicas = 1`` a node's crash removes exactly its own experts.
+
+Nodes started with ``--experts auto`` place themselves instead (``neediest``, ``swap_candidate``):
+the experts with the fewest live holders first, then the most requested, moving at most one expert at a
+time and only from one with more than ``replicas`` holders to one with fewer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Sequence
 
@@ -58,3 +63,33 @@ def experts_pattern(uids: Sequence[str]) -> str:
                 continue
         items.extend(make_uid(prefix, c) for c in cells)
     return ",".join(items)
+
+
+# ---- automatic placement (``dmoe node --experts auto``) ----
+
+def neediest(wanted: Sequence[str], holders: dict[str, int], loads: dict[str, float], *, exclude: Sequence[str] = (),
+             salt: str = "") -> list[str]:
+    """``wanted`` uids ordered by need: fewest live holders first, then the most requested (highest announced
+    load), then a per-node order (``salt``: the node's id) so that nodes joining together spread out instead of
+    all taking the same expert."""
+    skip = set(exclude)
+    return sorted((u for u in wanted if u not in skip),
+                  key=lambda u: (holders.get(u, 0), -loads.get(u, 0.0), _spread(salt, u)))
+
+
+def _spread(salt: str, uid: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{salt}/{uid}".encode(), digest_size=4).digest(), "big")
+
+
+def swap_candidate(mine: Sequence[str], wanted: Sequence[str], holders: dict[str, int], loads: dict[str, float], *,
+                   replicas: int, salt: str = "") -> tuple[str, str] | None:
+    """(expert to give up, expert to take) when a full node should move one expert, else None.
+
+    Only when the move cannot make things worse anywhere: the expert given up keeps at least ``replicas``
+    holders without us (it has ``replicas + 1`` or more), and the one taken has fewer than ``replicas``.
+    The margin is what keeps nodes from flapping: after the move neither condition holds for that pair.
+    """
+    needy = [u for u in neediest(wanted, holders, loads, exclude=mine, salt=salt) if holders.get(u, 0) < replicas]
+    spare = sorted((u for u in mine if holders.get(u, 0) > replicas),
+                   key=lambda u: (-holders.get(u, 0), loads.get(u, 0.0), _spread(salt, u)))
+    return (spare[0], needy[0]) if needy and spare else None

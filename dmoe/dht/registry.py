@@ -27,12 +27,16 @@ public key::
   (``dmoe.wire.endpoints``), either behind TLS as ``tls:FP@...``. A TLS entry counts only if ``FP`` is
   the fingerprint of the entry's owner key: nobody can point an expert at an endpoint whose key they do
   not hold. The certificate lives under ``_dmoe.cert.FP`` (subkey ``cert`` + owner), for clients to pin.
+* Trainers publish the grids they train under ``_dmoe.grids`` (subkey: prefix + owner) with the grid's
+  shape, expert class and hidden size, so nodes started with ``--experts auto`` know which experts the
+  swarm wants, including those nobody serves.
 * In a closed swarm a node publishes its membership (token + proof, ``dmoe.membership``) under
   ``_dmoe.member.FP``; a client that sets ``admit`` uses only entries of owners whose membership holds.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
@@ -43,6 +47,7 @@ from hivemind.utils import get_dht_time
 
 from dmoe.dht.access import DHTAccess
 from dmoe.dht.uids import UID_DELIMITER, cell_key, split_uid
+from dmoe.errors import ConfigError
 from dmoe.wire.endpoints import parse_endpoint
 from dmoe.wire.tls import certificate_fingerprint, key_fingerprint
 
@@ -50,6 +55,8 @@ NODES_KEY = "_dmoe.nodes"
 CERT_KEY_PREFIX = "_dmoe.cert."
 MEMBER_KEY_PREFIX = "_dmoe.member."
 RELAYS_KEY = "_dmoe.relays"
+GRIDS_KEY = "_dmoe.grids"
+MAX_GRID_EXPERTS = 65536  # a published grid larger than this is ignored (it would only cost lookups)
 MAX_PROBE_DEPTH = 8  # grid dimensions a walk probes for when nobody said how many there are
 # a shared record (one grid cell's key) holds one entry per owner and child coordinate: an owner with more
 # entries than a grid row can have is growing it on purpose, and is ignored there; coordinates are small numbers
@@ -79,6 +86,17 @@ class RelayRecord:
     @property
     def free(self) -> int:
         return self.max_tunnels - self.tunnels
+
+
+@dataclass(frozen=True)
+class GridRecord:
+    """A grid some trainer trains: ``prefix`` with ``grid`` cells per dimension."""
+
+    prefix: str
+    grid: tuple[int, ...]
+    expert_cls: str
+    hidden_dim: int
+    expiration: float
 
 
 @dataclass
@@ -158,10 +176,8 @@ class ExpertRegistry:
         expiration = get_dht_time() + ttl
         entries: dict[tuple[str, bytes], Any] = {}
         for uid in uids:
-            prefix, coords = split_uid(uid)
-            for level, coord in enumerate(coords):
-                key = cell_key(prefix, coords[:level])
-                entries[(key, self._owned(str(coord)))] = (endpoint, node_id, float(load))
+            for key, coord in _cell_entries(uid):
+                entries[(key, self._owned(coord))] = (endpoint, node_id, float(load))
         info = {"endpoint": endpoint, "experts": uids, "load": float(load), **(node_info or {})}
         entries[(NODES_KEY, self._owned(node_id))] = info
         if certificate is not None:
@@ -196,12 +212,43 @@ class ExpertRegistry:
         expiration = get_dht_time() + ttl + 1.0  # must outlive the record it replaces
         entries: dict[tuple[str, bytes], Any] = {}
         for uid in uids:
-            prefix, coords = split_uid(uid)
-            for level, coord in enumerate(coords):
-                key = cell_key(prefix, coords[:level])
-                entries[(key, self._owned(str(coord)))] = ()
+            for key, coord in _cell_entries(uid):
+                entries[(key, self._owned(coord))] = ()
         entries[(NODES_KEY, self._owned(node_id))] = ()
         return await self._store(entries, expiration)
+
+    async def withdraw_some(self, dropped: Iterable[str], *, kept: Iterable[str], ttl: float) -> bool:
+        """Tombstone the records of ``dropped`` uids only, keeping every inner-level entry ``kept`` uids share."""
+        keep = {e for uid in kept for e in _cell_entries(uid)}
+        gone = {e for uid in dropped for e in _cell_entries(uid)} - keep
+        if not gone:
+            return True
+        entries = {(key, self._owned(coord)): () for key, coord in gone}
+        return await self._store(entries, get_dht_time() + ttl + 1.0)
+
+    async def announce_grids(self, grids: Sequence[tuple[str, Sequence[int], str, int]], *, ttl: float) -> bool:
+        """Publish (prefix, grid shape, expert class, hidden size) of each grid this trainer trains."""
+        entries = {(GRIDS_KEY, self._owned(prefix)): {"grid": [int(g) for g in grid], "expert_cls": str(cls),
+                                                       "hidden_dim": int(hidden)}
+                   for prefix, grid, cls, hidden in grids}
+        return await self._store(entries, get_dht_time() + ttl)
+
+    async def list_grids(self) -> list[GridRecord]:
+        """Grids published under ``_dmoe.grids`` (one per prefix: the freshest), sanity-bounded."""
+        record = (await self.dht.get_many([GRIDS_KEY])).get(GRIDS_KEY)
+        best: dict[str, GridRecord] = {}
+        for prefix, _, value, expiration in _owned_entries(record, get_dht_time()):
+            try:
+                grid = tuple(int(g) for g in value["grid"])
+                found = GridRecord(prefix, grid, str(value["expert_cls"])[:200], int(value["hidden_dim"]), expiration)
+                split_uid(prefix + UID_DELIMITER + "0")
+            except (KeyError, TypeError, ValueError, ConfigError):
+                continue
+            if not 1 <= len(grid) <= MAX_PROBE_DEPTH or min(grid) < 1 or math.prod(grid) > MAX_GRID_EXPERTS:
+                continue
+            if prefix not in best or expiration > best[prefix].expiration:
+                best[prefix] = found
+        return sorted(best.values(), key=lambda g: g.prefix)
 
     async def _store(self, entries: dict[tuple[str, bytes], Any], expiration: float) -> bool:
         keys = [k for k, _ in entries]
@@ -357,6 +404,12 @@ class ExpertRegistry:
             except (KeyError, TypeError, ValueError):
                 continue
         return sorted(nodes, key=lambda n: n.endpoint)
+
+
+def _cell_entries(uid: str) -> list[tuple[str, str]]:
+    """(DHT key, coordinate) of every entry announcing ``uid``, one per grid level."""
+    prefix, coords = split_uid(uid)
+    return [(cell_key(prefix, coords[:level]), str(coord)) for level, coord in enumerate(coords)]
 
 
 def _identity(value: Any) -> Any:

@@ -95,3 +95,55 @@ class PingReply(_message.Message):
     load: float
     num_experts: int
     def __init__(self, node_id: _Optional[str] = ..., time: _Optional[float] = ..., load: _Optional[float] = ..., num_experts: _Optional[int] = ...) -> None: ...
+
+class StateRequest(_message.Message):
+    __slots__ = ("uid", "round")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    round: int
+    def __init__(self, uid: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
+class StateHeader(_message.Message):
+    __slots__ = ("uid", "expert_cls", "hidden_dim", "updates", "weight", "round", "size", "sha256")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_CLS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_DIM_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    expert_cls: str
+    hidden_dim: int
+    updates: int
+    weight: float
+    round: int
+    size: int
+    sha256: str
+    def __init__(self, uid: _Optional[str] = ..., expert_cls: _Optional[str] = ..., hidden_dim: _Optional[int] = ..., updates: _Optional[int] = ..., weight: _Optional[float] = ..., round: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class StateChunk(_message.Message):
+    __slots__ = ("header", "payload")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    header: StateHeader
+    payload: bytes
+    def __init__(self, header: _Optional[_Union[StateHeader, _Mapping]] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class AdoptRequest(_message.Message):
+    __slots__ = ("uid", "source")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    source: str
+    def __init__(self, uid: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+
+class AdoptReply(_message.Message):
+    __slots__ = ("accepted", "detail")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    detail: str
+    def __init__(self, accepted: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...

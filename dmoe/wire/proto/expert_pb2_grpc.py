@@ -64,6 +64,16 @@ class ExpertServiceStub:
                 request_serializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.PingRequest.SerializeToString,
                 response_deserializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.PingReply.FromString,
                 _registered_method=True)
+        self.GetState = channel.unary_stream(
+                '/dmoe.ExpertService/GetState',
+                request_serializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.StateRequest.SerializeToString,
+                response_deserializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.StateChunk.FromString,
+                _registered_method=True)
+        self.Adopt = channel.unary_unary(
+                '/dmoe.ExpertService/Adopt',
+                request_serializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.AdoptRequest.SerializeToString,
+                response_deserializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.AdoptReply.FromString,
+                _registered_method=True)
 
 
 class ExpertServiceServicer:
@@ -105,6 +115,19 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetState(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Adopt(self, request, context):
+        """a leaving holder asks a node with spare capacity to take over uid (it pulls the state from source)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +160,16 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.Ping,
                     request_deserializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.PingRequest.FromString,
                     response_serializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.PingReply.SerializeToString,
+            ),
+            'GetState': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetState,
+                    request_deserializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.StateRequest.FromString,
+                    response_serializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.StateChunk.SerializeToString,
+            ),
+            'Adopt': grpc.unary_unary_rpc_method_handler(
+                    servicer.Adopt,
+                    request_deserializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.AdoptRequest.FromString,
+                    response_serializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.AdoptReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +334,60 @@ class ExpertService:
             '/dmoe.ExpertService/Ping',
             dmoe_dot_wire_dot_proto_dot_expert__pb2.PingRequest.SerializeToString,
             dmoe_dot_wire_dot_proto_dot_expert__pb2.PingReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dmoe.ExpertService/GetState',
+            dmoe_dot_wire_dot_proto_dot_expert__pb2.StateRequest.SerializeToString,
+            dmoe_dot_wire_dot_proto_dot_expert__pb2.StateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Adopt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmoe.ExpertService/Adopt',
+            dmoe_dot_wire_dot_proto_dot_expert__pb2.AdoptRequest.SerializeToString,
+            dmoe_dot_wire_dot_proto_dot_expert__pb2.AdoptReply.FromString,
             options,
             channel_credentials,
             insecure,
