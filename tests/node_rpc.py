@@ -84,3 +84,28 @@ async def _find(initial_peers: Sequence[str], uids: Sequence[str]) -> dict[str, 
 def find_experts(initial_peers: Sequence[str], uids: Sequence[str]) -> dict[str, list[ExpertEndpoint]]:
     """Look experts up through a fresh DHT peer that joins via ``initial_peers``."""
     return asyncio.run(_find(initial_peers, uids))
+
+
+def expert_weights(endpoint: str, uid: str, *, round_: int = 0) -> dict[str, torch.Tensor]:
+    """An expert's current weights, read through ``GetState`` and unpacked by hand (checks the wire contract:
+    a header with size and SHA-256 first, then the torch.save'd payload)."""
+    import hashlib
+    import io
+
+    payload = bytearray()
+    header = None
+    for chunk in stub(endpoint).GetState(pb.StateRequest(uid=uid, round=round_), timeout=60):
+        if header is None:
+            assert chunk.HasField("header"), "the first chunk carries the header"
+            header = chunk.header
+        payload += chunk.payload
+    assert header is not None and header.size == len(payload)
+    assert hashlib.sha256(payload).hexdigest() == header.sha256
+    return torch.load(io.BytesIO(bytes(payload)), weights_only=True)["module"]
+
+
+def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """||a - b|| / ||b|| over all float tensors."""
+    num = sum(float((a[k].double() - v.double()).pow(2).sum()) for k, v in b.items() if v.is_floating_point())
+    den = sum(float(v.double().pow(2).sum()) for v in b.values() if v.is_floating_point())
+    return (num / den) ** 0.5

@@ -42,6 +42,7 @@ from dmoe.membership import TokenRenewer, member_from_options, read_token_unchec
 from dmoe.ready import print_ready
 from dmoe.train.collab import CollaborativeUpdater
 from dmoe.train.data import ByteCorpus
+from dmoe.train.grids import GridPublisher
 from dmoe.train.model import GPT, ExpertOptimizer, local_moe_factory
 from dmoe.train.trainer import LocalUpdater, SwarmSnapshot, Trainer, Updater
 
@@ -91,16 +92,20 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
 
 
 def node_commands(config: ModelConfig, *, seed: int, nodes: int = 1, replicas: int = 1,
-                  initial_peers: Sequence[str] = ()) -> list[str]:
+                  initial_peers: Sequence[str] = (), auto: bool = False) -> list[str]:
     """``dmoe node`` commands that together serve every expert of ``config``, placed over ``nodes`` nodes
-    with ``replicas`` copies each by ``dmoe.dht.placement`` (the rule ``dmoe simulate`` and docker-compose use)."""
+    with ``replicas`` copies each by ``dmoe.dht.placement`` (the rule ``dmoe simulate`` and docker-compose use);
+    with ``auto``, ``--experts auto`` commands of the same capacity that place themselves."""
     if replicas > nodes:
         raise ConfigError(f"--replicas {replicas} is more than --nodes {nodes}: copies of an expert need different "
                           "nodes")
     placed = place_experts(config.prefixes, config.grid_size, nodes=nodes, replicas=replicas)
     commands = []
     for uids in placed:
-        cmd = (f"dmoe node --experts '{experts_pattern(uids)}' --expert-cls {config.expert_cls} "
+        # auto: the same capacity, but the node picks what the swarm lacks (its trainers publish the grids)
+        experts = f"auto --capacity {max(len(u) for u in placed)} --replicas {replicas}" if auto \
+            else f"'{experts_pattern(uids)}'"
+        cmd = (f"dmoe node --experts {experts} --expert-cls {config.expert_cls} "
                f"--hidden-dim {config.n_embd} --seed {seed}")
         if initial_peers:
             cmd += " --initial-peers " + " ".join(initial_peers)
@@ -299,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     collab = options_from(CollabOptions, args)
     if args.print_node_command:
         for command in node_commands(config, seed=args.seed, nodes=args.nodes, replicas=args.replicas,
-                                     initial_peers=args.initial_peers):
+                                     initial_peers=args.initial_peers, auto=args.auto_placement):
             print(command)
         return 0
     if args.local_experts and args.run_id:
@@ -325,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer: Trainer | None = None
     watcher: SwarmWatcher | None = None
     renewer: TokenRenewer | None = None
+    grids: GridPublisher | None = None
     try:
         if not args.local_experts:
             from dmoe.client.moe import RemoteMixtureOfExperts
@@ -342,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 swarm = Swarm(initial_peers=args.initial_peers)
             renewer = join_as_member(swarm, args)
+            grids = GridPublisher(swarm, config).start()  # before waiting: --experts auto nodes need it
             found = check_swarm(swarm, config, timeout=args.startup_timeout, need=moe_options.k_min, seed=args.seed)
             log.info("experts found: %s", ", ".join(f"{p}.: {n}" for p, n in found.items()))
 
@@ -413,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             watcher.close()
         if renewer is not None:
             renewer.stop()
+        if grids is not None:
+            grids.stop()
         if swarm is not None:
             swarm.shutdown()
         if dht is not None:
