@@ -45,8 +45,11 @@ def mem_available_gb() -> float:
 
 
 # ----- 1. baseline vs churn ----------------------------------------------------------------------
-def run_scenario(name: str, *, seed: int, duration: float | None, out: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "dmoe", "simulate", str(ROOT / "scenarios" / f"{name}.toml"), "--seed", str(seed),
+def run_scenario(name: str, *, seed: int, duration: float | None, out: Path, path: Path | None = None
+                 ) -> dict[str, Any]:
+    """Run scenario ``name`` (``scenarios/NAME.toml``, or the file ``path``) and read back its summary."""
+    scenario = path or ROOT / "scenarios" / f"{name}.toml"
+    cmd = [sys.executable, "-m", "dmoe", "simulate", str(scenario), "--seed", str(seed),
            "--out", str(out), "--no-progress", "--no-plot"]
     if duration is not None:
         cmd += ["--duration", str(duration)]
@@ -74,7 +77,8 @@ def run_scenario(name: str, *, seed: int, duration: float | None, out: Path) -> 
         "failed_calls": tr["failed_calls"], "step_time_median_s": tr["step_time_median_s"],
         "departures": departures, "events": summary["events"], "time_below_k_s": summary["time_below_k_s"],
         "recovery_median_s": summary["recovery_median_s"], "unrecovered_events": summary["unrecovered_events"],
-        "evals": evals,
+        "evals": evals, "expert_states_lost": summary.get("expert_states_lost"),
+        "expert_states_lost_uids": summary.get("expert_states_lost_uids"),
     }
 
 

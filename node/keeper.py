@@ -90,6 +90,8 @@ class ExpertKeeper:
         """Load the most advanced live holder's state of ``uid`` into ``backend`` if one is ahead of it.
 
         (usable, what happened): not usable when holders are ahead but none could hand its state over."""
+        if not self.config.state_transfer:
+            return True, "own state (--no-state-transfer)"
         counts = await asyncio.gather(*(self.peers.updates_of(h.endpoint, uid) for h in holders))
         ahead = sorted(((n, h) for n, h in zip(counts, holders, strict=True) if n is not None and n > backend.updates),
                        key=lambda nh: -nh[0])
@@ -223,6 +225,8 @@ class ExpertKeeper:
         """Another node is leaving and asks us to take ``uid`` (``Adopt``); (accepted, why)."""
         if uid in self.backends:
             return True, "already served here"
+        if not self.config.state_transfer:
+            return False, "this node runs with --no-state-transfer"
         if len(self.backends) >= self.capacity:
             return False, f"no spare capacity ({len(self.backends)} of --capacity {self.capacity})"
         found = await self.holders([uid])
@@ -235,7 +239,7 @@ class ExpertKeeper:
 
     async def hand_off(self, endpoint: str | None) -> None:
         """SIGTERM: find another node for every expert only this node holds (bounded by --handoff-timeout)."""
-        if endpoint is None or not self.backends:
+        if endpoint is None or not self.backends or not self.config.state_transfer:
             return
         self.peers.own_endpoint = endpoint
         try:

@@ -20,6 +20,11 @@ Design (pull-only rounds over the nodes' own RPC, no coordinator, no group forma
   joined with initial weights (or came back with a stale checkpoint) takes the swarm's state instead of
   pulling the others back toward its own. Such nodes normally never get here: they take a live
   replica's state before announcing (``dmoe.node.keeper``).
+* Weights and lineages are what each replica claims. So that no replica takes an expert over by its
+  claims alone (an open swarm's peers are nobody's), a replica's weight is capped at ``_WEIGHT_CAP``
+  times ours, and a snapshot farther than ``MAX_SYNC_DISTANCE`` (relative L2) from ours is refused and
+  counted (``dmoe_node_replica_syncs{result="refused"}``): one round can move an expert only a bounded
+  step. In a closed swarm only members' replicas take part (``dmoe.dht.members``).
 
 Staleness: replicas of one expert drift apart for at most one round of training (their gradients come
 from different trainers' batches) and are then averaged, as in local SGD; the trainer, which sees one
@@ -38,12 +43,15 @@ from collections.abc import Callable
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.metrics import NodeMetrics
 from dmoe.node.peers import PeerClient
-from dmoe.node.state import ExpertState, StateError, average
+from dmoe.node.state import ExpertState, StateError, average, relative_distance
 
 from dmoe.dht.registry import ExpertRegistry
 
 log = logging.getLogger(__name__)
 _LINEAGE_FLOOR = 0.5  # a replica below this share of the best lineage adopts instead of averaging
+_WEIGHT_CAP = 4.0  # a replica's weight is at most this many times ours (+1): nobody outvotes us by claims alone
+# replicas one round apart differ by a few percent; a snapshot this far from ours is another lineage or poison
+MAX_SYNC_DISTANCE = 0.5
 
 
 class NoSnapshot(LookupError):
@@ -51,12 +59,21 @@ class NoSnapshot(LookupError):
 
 
 def round_weights(states: list[ExpertState]) -> list[ExpertState]:
-    """Zero the weight of replicas far behind the best lineage (see the module docstring)."""
+    """Weights of one round: ours first in ``states``, then the replicas' (see the module docstring)."""
+    own = states[0]
+    for state in states[1:]:  # claimed by the peer: never more than _WEIGHT_CAP times our own share
+        state.weight = min(state.weight, _WEIGHT_CAP * (own.weight + 1.0))
     best = max(s.updates for s in states)
     for state in states:
         if state.updates < _LINEAGE_FLOOR * best:
             state.weight = 0.0
     return states
+
+
+def too_far(own: ExpertState, theirs: ExpertState) -> float | None:
+    """The relative distance of a replica's snapshot from ours when it is beyond ``MAX_SYNC_DISTANCE``, else None."""
+    distance = relative_distance(theirs.module, own.module)
+    return distance if distance > MAX_SYNC_DISTANCE else None
 
 
 class ReplicaSync:
@@ -133,7 +150,15 @@ class ReplicaSync:
         if backend is None or own is None:
             return 0
         got = await asyncio.gather(*(self._fetch(uid, ep, backend, round_, deadline) for ep in endpoints))
-        states = [s for s in got if s is not None]
+        states = []
+        for endpoint, state in zip(endpoints, got, strict=True):
+            far = too_far(own, state) if state is not None and own.updates > 0 else None
+            if far is not None:
+                self.metrics.syncs.labels("refused").inc()
+                log.warning("sync round %d: %s from %s is %.2f away from ours (more than %.2f): not averaged",
+                            round_, uid, endpoint[:80], far, MAX_SYNC_DISTANCE)
+            elif state is not None:
+                states.append(state)
         if not states:
             self.metrics.syncs.labels("alone").inc()
             log.info("sync round %d: no replica of %s answered (%d tried)", round_, uid, len(endpoints))

@@ -36,6 +36,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from dmoe.config.node import NodeConfig
 from dmoe.dht.access import InLoopDHT, load_or_create_signing_key
+from dmoe.dht.members import MemberNodes
 from dmoe.dht.registry import ExpertRegistry
 from dmoe.experts import create_expert, expert_schema
 from dmoe.membership import Member, MembershipCheck, TokenRenewer, member_from_options, node_membership
@@ -189,8 +190,13 @@ class ExpertNode:
                 if cfg.membership.token_url:
                     self.renewer = TokenRenewer(member, cfg.membership.token_url).start()
         self.announcer.certificate = self.certificate
-        self.peers = PeerClient(registry, member=self.member)
-        self.keeper = ExpertKeeper(cfg, backends=self.backends, registry=registry, peers=self.peers,
+        # replicas are found with their own registry: in a closed swarm only members' entries count (a node never
+        # takes state from, or syncs with, a replica the authority did not admit)
+        holders = ExpertRegistry(self.dht)
+        if cfg.authority:
+            holders.admit = MemberNodes(holders, cfg.authority)
+        self.peers = PeerClient(holders, member=self.member)
+        self.keeper = ExpertKeeper(cfg, backends=self.backends, registry=holders, peers=self.peers,
                                    metrics=self.metrics, own_owner=registry.fingerprint, node_id=lambda: self.node_id,
                                    make_backend=self.make_backend, add=self._add_expert, drop=self._drop_expert)
         servicer.keeper = self.keeper
@@ -216,7 +222,7 @@ class ExpertNode:
 
         self.peers.own_endpoint = self.endpoint or ""
         if cfg.sync_interval > 0:
-            self.replicas = ReplicaSync(self.backends, registry, self.peers, interval=cfg.sync_interval,
+            self.replicas = ReplicaSync(self.backends, holders, self.peers, interval=cfg.sync_interval,
                                         own_owner=registry.fingerprint, own_endpoint=lambda: self.endpoint,
                                         metrics=self.metrics)
             servicer.replicas = self.replicas

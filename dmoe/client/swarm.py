@@ -38,12 +38,12 @@ import torch
 import uvloop
 
 from dmoe.client import metrics
-from dmoe.client.closed_swarm import MemberNodes
 from dmoe.client.peer_health import PeerHealth
 from dmoe.client.prefix_table import PrefixTable
 from dmoe.client.remote_call import TensorSpec, call_expert
 from dmoe.config.client import HealthOptions, HedgeOptions, LookupOptions, SwarmOptions
 from dmoe.dht.access import DHTAccess, InLoopDHT, ProcessDHT
+from dmoe.dht.members import MemberNodes
 from dmoe.dht.registry import ExpertRegistry
 from dmoe.errors import DeadlineExceeded, DmoeError, ExpertCallError, NodeUnreachable
 from dmoe.logs import RateLimitedLog

@@ -123,6 +123,9 @@ class NodeConfig:
     grid: str | None = option(None, metavar="PATTERN", group="replicas and placement")
     """the experts an --experts auto node chooses from, e.g. 'ffn.[0:4].[0:4]'; default: the grids the swarm's
     trainers publish in the DHT (those matching --expert-cls and --hidden-dim)"""
+    state_transfer: bool = option(True, flag="--no-state-transfer", group="replicas and placement")
+    """never take experts' state from live holders (at start, on adoption) nor hand it off on leaving: every expert
+    starts from its checkpoint or initial weights, as before replicas shared state (for comparisons)"""
     handoff_timeout: float = option(20.0, parse=positive_float, group="replicas and placement")
     """on SIGTERM, seconds to find another node for experts this node is the last holder of, before withdrawing"""
 

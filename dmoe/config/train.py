@@ -163,6 +163,9 @@ class TrainSwarmOptions:
     """with --print-node-command: spread the experts over this many node commands"""
     replicas: int = option(1, parse=positive_int)
     """with --print-node-command: how many of those nodes serve each expert (at most --nodes)"""
+    auto_placement: bool = option(False)
+    """with --print-node-command: print `--experts auto --capacity N` commands, nodes that pick the experts the
+    swarm lacks themselves, instead of fixed expert lists"""
 
 
 @dataclass(frozen=True)

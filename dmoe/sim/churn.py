@@ -38,7 +38,7 @@ from dmoe.sim.scenario import LINK_KEYS, Distribution, Scenario
 
 # What a launcher does for each action (the docker chaos service maps them to kill/pause/stop/start).
 DEPARTURES = ("crash", "leave", "freeze")
-RETURNS = ("rejoin", "resume")
+RETURNS = ("rejoin", "resume", "join")
 LINK_ACTIONS = ("partition", "heal", "link")
 _MIN_RATE_MBIT = 0.1
 
@@ -183,7 +183,7 @@ class ChurnModel:
     def draw_links(self, rng: random.Random) -> tuple[LinkModel, ...]:
         links = []
         spec = self.scenario.links
-        for _ in range(self.scenario.swarm.nodes):
+        for _ in range(self.scenario.swarm.total_nodes):
             values: dict[str, float] = {}
             for key in LINK_KEYS:
                 value = getattr(spec, key)
@@ -198,9 +198,10 @@ class ChurnModel:
         sc, churn = self.scenario, self.scenario.churn
         rng = random.Random(self.seed)
         links = self.draw_links(rng)
-        n = sc.swarm.nodes
-        churned = [churn.enabled and i not in churn.exempt_nodes for i in range(n)]
-        status = ["up"] * n
+        n = sc.swarm.total_nodes
+        # late nodes are absent until their `join` event, and only scheduled events act on them
+        churned = [churn.enabled and i not in churn.exempt_nodes and i < sc.swarm.nodes for i in range(n)]
+        status = ["up" if i < sc.swarm.nodes else "absent" for i in range(n)]
         generation = [0] * n  # bumped when a scheduled departure cancels a pending random one
         heap: list[_Item] = []
         seq = 0
@@ -251,6 +252,8 @@ class ChurnModel:
                 ev = sc.events[item.data["data_index"]]
                 if ev.action in DEPARTURES:
                     candidates = [i for i in range(n) if status[i] == "up"]
+                elif ev.action == "join":
+                    candidates = [i for i in range(n) if status[i] == "absent"]
                 else:
                     candidates = list(range(n))
                 if ev.nodes is not None:
@@ -272,6 +275,12 @@ class ChurnModel:
                         status[i] = "frozen" if ev.action == "freeze" else "down"
                         if ev.duration_s is not None:
                             push(t + ev.duration_s, "return", i, cause="scheduled", keep=keep)
+                    elif ev.action == "join":
+                        if status[i] != "absent":
+                            skipped.append({"t": t, "node": i, "action": "join", "reason": f"node is {status[i]}"})
+                            continue
+                        events.append(ChurnEvent(t, i, "join", "scheduled", keep_checkpoint=False))
+                        status[i] = "up"
                     elif ev.action == "partition":
                         events.append(ChurnEvent(t, i, "partition", "scheduled", duration_s=ev.duration_s,
                                                  mode=ev.mode))

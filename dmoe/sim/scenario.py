@@ -17,7 +17,8 @@ Layout (all sections optional except where noted; see ``scenarios/*.toml`` for d
     duration_s = 180                # required: how long the swarm runs, s
     seed = 0                        # seeds links, churn and every process
 
-    [swarm]     nodes, trainers, layers, grid, replicas, hidden_dim, expert_cls, bootstrap, nat_share
+    [swarm]     nodes, trainers, layers, grid, replicas, hidden_dim, expert_cls, bootstrap, nat_share,
+                late_nodes, capacity
     [node]      announce_ttl_s, checkpoint_interval_s, extra_args
     [trainer]   batch_size, block_size, n_head, k_best, k_min, lr, eval_every, eval_batches, steps,
                 forward_timeout_s, backward_timeout_s, timeout_after_k_min_s, compression, max_data_mb,
@@ -48,7 +49,7 @@ from dmoe.errors import ConfigError
 from dmoe.sim.links import PARTITION_MODES, LinkModel
 
 DEPARTURE_KINDS = ("crash", "leave", "freeze")
-EVENT_ACTIONS = ("crash", "leave", "freeze", "partition", "link")
+EVENT_ACTIONS = ("crash", "leave", "freeze", "partition", "link", "join")  # join: a late node starts
 BOOTSTRAP_KINDS = ("auto", "coordinator", "node")
 LINK_KEYS = ("up_mbit", "down_mbit", "latency_ms", "jitter_ms", "drop_prob")
 
@@ -118,10 +119,18 @@ class SwarmSpec:
     # share of the nodes behind NAT: they announce no address of their own and serve only through a relay
     # (the coordinator's, or the bootstrap node's); which nodes is drawn from the seed (swarm_layout.behind_nat)
     nat_share: float = 0.0
+    # fresh volunteers: nodes nodes..nodes+late_nodes-1 are not started with the swarm but by `join` events, and
+    # run `dmoe node --experts auto` (they pick what the swarm lacks; dmoe.node.keeper)
+    late_nodes: int = 0
+    capacity: int | None = None  # every node's --capacity (spare room adopts experts); None: its placement
 
     @property
     def experts_per_layer(self) -> int:
         return math.prod(self.grid)
+
+    @property
+    def total_nodes(self) -> int:
+        return self.nodes + self.late_nodes
 
 
 @dataclass(frozen=True)
@@ -423,6 +432,8 @@ def _parse_swarm(t: _Table) -> SwarmSpec:
         expert_cls=t.string("expert_cls", d.expert_cls),
         bootstrap=t.string("bootstrap", d.bootstrap, choices=BOOTSTRAP_KINDS),
         nat_share=t.number("nat_share", d.nat_share, lo=0, hi=1),
+        late_nodes=t.integer("late_nodes", d.late_nodes, lo=0),
+        capacity=t.integer("capacity", d.capacity, lo=1),
     )
     if spec.replicas > spec.nodes:
         raise t.error(t.key("replicas"), f"an integer in [1, swarm.nodes = {spec.nodes}]", spec.replicas)
@@ -532,6 +543,9 @@ def _parse_event(t: _Table, nodes: int, duration_s: float) -> ScheduledEvent:
         raise ConfigError(f"scenario {t.source}: {t.path} must choose its nodes with exactly one of "
                           f"nodes = [indices] | \"all\", fraction = 0..1, count = N")
     duration = t.number("duration_s", None, lo=0, lo_open=True)
+    if action == "join" and duration is not None:
+        raise ConfigError(f"scenario {t.source}: {t.key('duration_s')} is not valid with action = \"join\" "
+                          "(a joining node stays; schedule a departure for it instead)")
     if action in ("freeze", "partition") and duration is None:
         raise ConfigError(f"scenario {t.source}: missing required key {t.key('duration_s')} "
                           f"(a number > 0: how long the {action} lasts, s)")
@@ -574,7 +588,7 @@ def scenario_from_dict(data: Mapping[str, Any], *, source: str = "<dict>") -> Sc
     raw_events = top.raw("events", [])
     if not isinstance(raw_events, list):
         raise top.error("events", "an array of tables ([[events]])", raw_events)
-    events = tuple(_parse_event(_Table(e, f"events[{i}]", source), swarm.nodes, duration)
+    events = tuple(_parse_event(_Table(e, f"events[{i}]", source), swarm.total_nodes, duration)
                    for i, e in enumerate(raw_events))
     report_t = top.sub("report")
     report = ReportSpec(min_experts=report_t.integer("min_experts", None, lo=1))

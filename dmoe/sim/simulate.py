@@ -51,7 +51,7 @@ from dmoe.config.sim import SimulationOptions
 from dmoe.sim.churn import ChurnEvent, ChurnModel, Timeline
 from dmoe.sim.launcher import DmoeProcess, ProcessFailed
 from dmoe.sim.links import LinkEmulator, LinkModel
-from dmoe.sim.report import write_report
+from dmoe.sim.report import swarm_replication, write_report
 from dmoe.sim.scenario import Scenario, dump_json_safe, load_scenario
 from dmoe.sim.swarm_layout import behind_nat, node_args, node_experts, reachability_args, trainer_args
 
@@ -315,7 +315,7 @@ class Simulation:
             raise ProcessFailed(f"{self.bootstrap.name} printed no DHT address: {ready}")
         logger.info("bootstrap %s ready at %s", self.bootstrap_kind, self.initial_peers[0])
 
-        for i in range(sc.swarm.nodes):
+        for i in range(sc.swarm.total_nodes):
             link = LinkEmulator(self.timeline.links[i], seed=self.seed * 10_007 + i, name=f"link{i}")
             await link.start()
             ckpt = self.out / "checkpoints" / f"node{i}"
@@ -330,12 +330,14 @@ class Simulation:
             proc = DmoeProcess("node", args, name=f"node{i}", log_path=logs / f"node{i}.log", env=self._child_env())
             self.nodes.append(_Node(i, proc, link, ckpt, node_experts(sc.swarm, i)))
         self._write_run()  # early, so a crashed run still documents its layout
-        for node in self.nodes:
+        first = self.nodes[:sc.swarm.nodes]  # late volunteers start at their join events
+        for node in first:
             self._launch(node.proc)
-        readies = await asyncio.gather(*(asyncio.to_thread(n.proc.wait_ready, timeout) for n in self.nodes))
-        for node, ready in zip(self.nodes, readies, strict=True):
+        readies = await asyncio.gather(*(asyncio.to_thread(n.proc.wait_ready, timeout) for n in first))
+        for node, ready in zip(first, readies, strict=True):
             self._point_link(node, ready)
-        logger.info("%d nodes serving behind their links", len(self.nodes))
+        logger.info("%d nodes serving behind their links%s", len(first),
+                    f"; {sc.swarm.late_nodes} more join later" if sc.swarm.late_nodes else "")
 
         for j in range(sc.swarm.trainers):
             proc = DmoeProcess("train", self._trainer_args(j), name=f"trainer{j}",
@@ -345,7 +347,7 @@ class Simulation:
         await asyncio.gather(*(asyncio.to_thread(t.wait_ready, timeout) for t in self.trainers))
         self.t0_mono, self.t0_wall = time.monotonic(), time.time()
         self.started = True
-        for node in self.nodes:
+        for node in self.nodes[:sc.swarm.nodes]:
             self.record(node=node.index, action="link", cause="initial", link=node.link.model.to_dict())
         self._write_run()
         logger.info("%d trainer(s) training; scenario %r runs for %.0f s", len(self.trainers), sc.name,
@@ -447,7 +449,7 @@ class Simulation:
         elif action == "resume":
             self.record(**fields)
             self._resume(node)
-        elif action == "rejoin":
+        elif action in ("rejoin", "join"):
             if proc.alive():  # e.g. a leave that had not finished: make sure the old one is gone
                 await asyncio.to_thread(proc.kill)
             self._forget_helpers(node)
@@ -548,9 +550,10 @@ class Simulation:
             try:
                 status = await asyncio.to_thread(fetch)
                 prefixes = status.get("prefixes") or {}
+                layers = {k: p for k, p in prefixes.items() if str(p.get("prefix", "")).startswith("layer")}
                 rec = {"t": round(self.now(), 3), "wall": round(time.time(), 3), "nodes": len(status.get("nodes", [])),
-                       "experts_alive": sum(int(p.get("alive", 0)) for p in prefixes.values()
-                                            if str(p.get("prefix", "")).startswith("layer"))}
+                       "experts_alive": sum(int(p.get("alive", 0)) for p in layers.values()),
+                       "replication": swarm_replication({"prefixes": layers}) or {}}
                 if self._swarm_file is not None:
                     self._swarm_file.write(json.dumps(rec) + "\n")
                     self._swarm_file.flush()

@@ -35,9 +35,25 @@ def layer_uids(swarm: SwarmSpec, layer: int) -> list[str]:
 
 
 def node_experts(swarm: SwarmSpec, index: int, nodes: int | None = None) -> list[str]:
-    """Uids node ``index`` serves when the swarm has ``nodes`` placement slots (default: swarm.nodes)."""
+    """Uids node ``index`` serves when the swarm has ``nodes`` placement slots (default: swarm.nodes); none for a
+    late node (it places itself)."""
+    if is_late(swarm, index, nodes):
+        return []
     n = nodes or swarm.nodes
     return place_experts(layer_prefixes(swarm), swarm.grid, nodes=n, replicas=min(swarm.replicas, n))[index % n]
+
+
+def is_late(swarm: SwarmSpec, index: int, nodes: int | None = None) -> bool:
+    """Node ``index`` is one of the scenario's late volunteers (``--experts auto``, started by a join event)."""
+    return nodes is None and swarm.nodes <= index < swarm.total_nodes
+
+
+def node_capacity(swarm: SwarmSpec) -> int:
+    """``--capacity`` of every node: the scenario's, else the largest placement (a late node then fills one slot)."""
+    if swarm.capacity is not None:
+        return swarm.capacity
+    return max(len(uids) for uids in place_experts(layer_prefixes(swarm), swarm.grid, nodes=swarm.nodes,
+                                                   replicas=min(swarm.replicas, swarm.nodes)))
 
 def node_link(scenario: Scenario, index: int) -> LinkModel:
     """The link drawn for node ``index`` (the same draw ``dmoe simulate`` makes; slots wrap like experts)."""
@@ -66,7 +82,12 @@ def reachability_args(scenario: Scenario, index: int, *, link_address: str, node
 def node_args(scenario: Scenario, index: int, nodes: int | None = None) -> list[str]:
     """``dmoe node`` flags that follow from the scenario (network flags are the launcher's business)."""
     swarm, spec = scenario.swarm, scenario.node
-    return ["--experts", ",".join(node_experts(swarm, index, nodes)), "--expert-cls", swarm.expert_cls,
+    if is_late(swarm, index, nodes):
+        experts = ["--experts", "auto", "--capacity", str(node_capacity(swarm)), "--replicas", str(swarm.replicas)]
+    else:
+        experts = ["--experts", ",".join(node_experts(swarm, index, nodes)), "--replicas", str(swarm.replicas),
+                   *(["--capacity", str(swarm.capacity)] if swarm.capacity is not None else [])]
+    return [*experts, "--expert-cls", swarm.expert_cls,
             "--hidden-dim", str(swarm.hidden_dim), "--seed", str(scenario.seed),
             "--announce-ttl", f"{spec.announce_ttl_s:g}", "--checkpoint-interval", f"{spec.checkpoint_interval_s:g}",
             *spec.extra_args]
