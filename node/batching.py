@@ -27,6 +27,7 @@ Design
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import deque
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import torch
+from dmoe.node.activations import ActivationCache
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.metrics import NodeMetrics
 from dmoe.node.validation import RpcFailure
@@ -60,6 +62,7 @@ class Task:
     deadline: float | None  # loop.time() after which the caller has given up
     future: asyncio.Future
     enqueued: float = field(default=0.0)
+    call_id: str = ""  # the trainer's id of this call, the same in its forward and backward
 
 
 class BatchScheduler:
@@ -74,6 +77,7 @@ class BatchScheduler:
         self.options = options
         self.metrics = metrics
         self.executor = ThreadPoolExecutor(max_workers=options.num_workers, thread_name_prefix="dmoe-expert")
+        self.cache = ActivationCache(max_bytes=int(options.activation_cache_mb * 2**20), ttl=options.activation_cache_s)
         self.idle_workers = options.num_workers
         self.queues: dict[tuple, deque[Task]] = {}
         self.busy_uids: set[str] = set()
@@ -108,7 +112,7 @@ class BatchScheduler:
 
     async def submit(
         self, uid: str, kind: str, tensors: list[torch.Tensor], *, rows: int, signature: tuple,
-        compression: str, timeout: float | None,
+        compression: str, timeout: float | None, call_id: str = "",
     ) -> list[pb.Tensor]:
         """Queue one validated request and wait for its serialized reply tensors."""
         loop = self._loop = asyncio.get_running_loop()
@@ -117,6 +121,7 @@ class BatchScheduler:
         task = Task(
             uid=uid, kind=kind, tensors=tensors, rows=rows, signature=signature, compression=compression,
             deadline=None if timeout is None else now + timeout, future=loop.create_future(), enqueued=now,
+            call_id=call_id,
         )
         self.queues.setdefault((uid, kind, signature), deque()).append(task)
         self._count(+1, rows)
@@ -218,7 +223,8 @@ class BatchScheduler:
         self.busy_uids.add(uid)
         self.inflight_rows += rows
         self._idle.clear()
-        fut = self._loop.run_in_executor(self.executor, _run_batch, backend, kind, batch, self.metrics)
+        fut = self._loop.run_in_executor(self.executor, _run_batch, backend, kind, batch, self.metrics,
+                                         self.cache if self.cache.enabled else None)
         fut.add_done_callback(lambda f: self._finish_batch(uid, kind, batch, rows, f))
 
     def _finish_batch(self, uid: str, kind: str, batch: list[Task], rows: int, fut: asyncio.Future) -> None:
@@ -252,18 +258,18 @@ class BatchScheduler:
 
 
 def _run_batch(
-    backend: ExpertBackend, kind: str, batch: list[Task], metrics: NodeMetrics
+    backend: ExpertBackend, kind: str, batch: list[Task], metrics: NodeMetrics, cache: ActivationCache | None,
 ) -> list[list[pb.Tensor] | BaseException]:
     """Worker thread: compute one merged batch; on failure retry each request alone."""
     try:
-        return _compute(backend, kind, batch, metrics)
+        return _compute(backend, kind, batch, metrics, cache)
     except Exception as e:
         if len(batch) == 1:
             return [_as_failure(backend, e)]
     results: list[list[pb.Tensor] | BaseException] = []
     for task in batch:
         try:
-            results.extend(_compute(backend, kind, [task], metrics))
+            results.extend(_compute(backend, kind, [task], metrics, cache))
         except Exception as e:
             results.append(_as_failure(backend, e))
     return results
@@ -276,21 +282,29 @@ def _as_failure(backend: ExpertBackend, error: Exception) -> RpcFailure:
 
 
 def _compute(
-    backend: ExpertBackend, kind: str, batch: list[Task], metrics: NodeMetrics
+    backend: ExpertBackend, kind: str, batch: list[Task], metrics: NodeMetrics, cache: ActivationCache | None,
 ) -> list[list[pb.Tensor] | BaseException]:
     start = time.perf_counter()
-    n = len(batch[0].tensors)
-    if len(batch) == 1:
-        merged = batch[0].tensors
-    else:
-        merged = [torch.cat([task.tensors[i] for task in batch]) for i in range(n)]
-    if kind == FORWARD:
-        outputs = backend.forward(merged)
-    else:
-        n_in = len(backend.schema.inputs)
-        outputs = backend.backward(merged[:n_in], merged[n_in:])
-        metrics.updates.labels(backend.uid).inc()
     sizes = [task.rows for task in batch]
+    if kind == FORWARD:
+        n = len(batch[0].tensors)
+        merged = batch[0].tensors if len(batch) == 1 else [torch.cat([t.tensors[i] for t in batch]) for i in range(n)]
+        if cache is not None and all(t.call_id for t in batch):  # a trainer's calls: keep the graph for backward
+            bounds = [0, *itertools.accumulate(sizes)]
+            calls = {t.call_id: (bounds[i], bounds[i + 1]) for i, t in enumerate(batch)}
+            outputs = backend.forward_kept(merged, calls, cache)
+            metrics.kept_bytes.set(cache.bytes)
+        else:
+            outputs = backend.forward(merged)
+    else:
+        hits = cache.hits if cache is not None else 0
+        outputs = backend.backward_calls([t.tensors for t in batch], [t.call_id for t in batch], cache)
+        metrics.updates.labels(backend.uid).inc()
+        if cache is not None:
+            served = cache.hits - hits
+            metrics.kept_calls.labels("hit").inc(served)
+            metrics.kept_calls.labels("miss").inc(len(batch) - served)
+            metrics.kept_bytes.set(cache.bytes)
     per_task: list[list[pb.Tensor] | BaseException] = [[] for _ in batch]
     for out in outputs:
         if out.dim() == 0 or out.shape[0] != sum(sizes):

@@ -61,6 +61,7 @@ class ExpertKeeper:
         self.capacity = config.max_experts
         self._task: asyncio.Task | None = None
         self._adopting: set[str] = set()
+        self.closing = False
         self.lost: list[str] = []  # experts started from initial weights although wanted: nobody held their state
 
     # ---- what the swarm holds and wants ----
@@ -175,6 +176,7 @@ class ExpertKeeper:
         self._task = asyncio.create_task(self._loop(), name="dmoe-keeper")
 
     async def stop(self) -> None:
+        self.closing = True  # leaving: take nothing over any more
         if self._task is not None:
             self._task.cancel()
             try:
@@ -227,6 +229,8 @@ class ExpertKeeper:
             return True, "already served here"
         if not self.config.state_transfer:
             return False, "this node runs with --no-state-transfer"
+        if self.closing:
+            return False, "this node is shutting down"
         if len(self.backends) >= self.capacity:
             return False, f"no spare capacity ({len(self.backends)} of --capacity {self.capacity})"
         found = await self.holders([uid])

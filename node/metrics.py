@@ -77,6 +77,13 @@ class NodeMetrics(MetricsExporter):
         self.snapshot_bytes = Gauge(
             "dmoe_node_sync_snapshot_bytes", "memory held by sync-round snapshots, bytes", registry=r
         )
+        self.kept_bytes = Gauge(
+            "dmoe_node_activation_cache_bytes", "forward activations kept for their backward, bytes", registry=r
+        )
+        self.kept_calls = Counter(
+            "dmoe_node_activation_cache_calls", "backward calls by whether a kept forward served them (hit) or the "
+            "forward was recomputed (miss)", ["result"], registry=r,
+        )
         self._server = None
 
     def set_route(self, reachability: str, *, relayed: bool) -> None:

@@ -99,6 +99,7 @@ _METHODS = {
 }
 _HANDLERS = {"unary": grpc.unary_unary_rpc_method_handler, "stream": grpc.stream_stream_rpc_method_handler,
              "unary_stream": grpc.unary_stream_rpc_method_handler}
+MAX_CALL_ID = 64
 _STATE_SERVES = 2  # expert states serialized and streamed at once (each is a copy of the expert in memory)
 
 
@@ -178,6 +179,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                 f"expert {clip(request.uid)} is not served by this node (serves {len(self.backends)}: {listed})",
                 reason="unknown_uid",
             )
+        if len(request.call_id) > MAX_CALL_ID:
+            raise invalid(f"call_id of {len(request.call_id)} characters (at most {MAX_CALL_ID})", "malformed")
         try:
             compression = check_compression(request.compression)
         except WireFormatError as e:
@@ -201,7 +204,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self.metrics.bytes_in.labels(kind).inc(size)
         reply_tensors = await self.scheduler.submit(
             request.uid, kind, tensors, rows=rows, signature=batch_signature(tensors),
-            compression=compression, timeout=timeout,
+            compression=compression, timeout=timeout, call_id=request.call_id,
         )
         self.metrics.bytes_out.labels(kind).inc(payload_bytes(reply_tensors))
         return pb.ExpertReply(tensors=reply_tensors)

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from node_rpc import call, call_request, close_channels, find_experts, status_of, stub, updates
+from node_rpc import call, call_request, close_channels, expert_weights, find_experts, status_of, stub, updates
 
 from dmoe.experts import create_expert
 from dmoe.sim.launcher import DmoeProcess
@@ -36,7 +36,7 @@ def nodes(tmp_path_factory):
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])),
            "DMOE_SLOW_EXPERT_S": "2.0"}
     common = ["--host", "127.0.0.1", "--hidden-dim", str(H), "--seed", str(SEED), "--metrics-port", "0"]
-    ffn = DmoeProcess("node", ["--experts", "ffn.[0:3]", "--lr", str(LR), "--max-request-mb", "4", *common],
+    ffn = DmoeProcess("node", ["--experts", "ffn.[0:3],kept.0", "--lr", str(LR), "--max-request-mb", "4", *common],
                       name="ffn", log_path=tmp / "ffn.log", env=env).start()
     slow = DmoeProcess("node", ["--experts", "slow.[0:2]", "--expert-cls", "bad_experts:SlowExpert",
                                 "--max-queued-rows", "12", "--announce-host", "127.0.0.9", "--announce-port", "5555",
@@ -68,7 +68,7 @@ def metric(ready: dict, name: str, labels: str = "") -> float:
 def test_ready_line(nodes):
     ready = nodes["ffn"]
     assert ready["role"] == "node"
-    assert ready["experts"] == ["ffn.0", "ffn.1", "ffn.2"]
+    assert ready["experts"] == ["ffn.0", "ffn.1", "ffn.2", "kept.0"]
     assert ready["grpc"].startswith("127.0.0.1:") and ready["announced"] == ready["grpc"]
     assert ready["dht"] and all("/p2p/" in m for m in ready["dht"])
     assert ready["node_id"] and isinstance(ready["metrics_port"], int)
@@ -116,6 +116,38 @@ def test_backward_gradients_and_update_equal_local_training(nodes):
         assert not torch.allclose(y, local(uid)(x), atol=1e-4), "backward changed the weights"
 
 
+def test_a_tagged_forward_is_kept_for_its_backward_with_the_same_training_result(nodes):
+    """A trainer's calls carry a call_id in Forward and Backward: the node keeps the forward's activations and the
+    backward uses them (counted as a hit), with exactly the gradients and update of plain local training."""
+    ep, ready = nodes["ffn"]["grpc"], nodes["ffn"]
+    uid = "kept.0"  # an expert of its own: other tests compare theirs with their initial weights
+    model = local(uid)
+    assert torch.equal(next(iter(expert_weights(ep, uid).values())), next(iter(model.state_dict().values())))
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    hits = metric(ready, "dmoe_node_activation_cache_calls_total", 'result="hit"')
+    for step in range(3):
+        x, g = torch.randn(5, H), torch.randn(5, H)
+        call_id = f"step{step}-{uid}"
+        fwd = pb.ExpertRequest(uid=uid, tensors=serialize_tensors([x]), call_id=call_id)
+        (y,) = deserialize_tensors(stub(ep).Forward(fwd, timeout=30).tensors)
+        bwd = pb.ExpertRequest(uid=uid, tensors=serialize_tensors([x, g]), call_id=call_id)
+        (grad,) = deserialize_tensors(stub(ep).Backward(bwd, timeout=30).tensors)
+        xl = x.clone().requires_grad_()
+        out = model(xl)
+        out.backward(g)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        assert torch.allclose(y, out.detach(), atol=1e-5), f"forward differs at step {step}"
+        assert torch.allclose(grad, xl.grad, atol=1e-5), f"input gradient differs at step {step}"
+    assert metric(ready, "dmoe_node_activation_cache_calls_total", 'result="hit"') - hits == 3
+    assert metric(ready, "dmoe_node_activation_cache_bytes") == 0  # each kept forward was used once, then freed
+    # a call id longer than the limit is refused with a clear status, the node keeps serving
+    code, details = status_of(call_request, ep, "Forward", pb.ExpertRequest(
+        uid=uid, tensors=serialize_tensors([torch.randn(2, H)]), call_id="x" * 100))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "call_id" in details
+
+
 def test_info_and_ping(nodes):
     ready = nodes["ffn"]
     s = stub(ready["grpc"])
@@ -129,7 +161,7 @@ def test_info_and_ping(nodes):
     listing = s.Info(pb.InfoRequest(uid=""), timeout=10)
     assert [x.uid for x in listing.experts] == ready["experts"]
     ping = s.Ping(pb.PingRequest(), timeout=10)
-    assert ping.node_id == ready["node_id"] and ping.num_experts == 3 and ping.load >= 0 and ping.time > 0
+    assert ping.node_id == ready["node_id"] and ping.num_experts == 4 and ping.load >= 0 and ping.time > 0
     assert status_of(s.Info, pb.InfoRequest(uid="ffn.9"), timeout=10)[0] == grpc.StatusCode.NOT_FOUND
 
 
@@ -302,7 +334,7 @@ def test_metrics_cover_requests_latency_batches_queue_bytes_updates_experts(node
         'dmoe_node_bytes_in_total{method="backward"}',
         'dmoe_node_bytes_out_total{method="backward"}',
         'dmoe_node_optimizer_updates_total{uid="ffn.1"}',
-        "dmoe_node_experts_hosted 3.0",
+        "dmoe_node_experts_hosted 4.0",
         'dmoe_node_dht_announces_total{result="ok"}',
     ):
         assert needle in text, needle

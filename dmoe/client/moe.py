@@ -53,7 +53,7 @@ from dmoe.client.beam_search import BeamSearch
 from dmoe.client.candidates import FoundExpert, SearchResult
 from dmoe.client.dispatch import CallSummary, Dispatch
 from dmoe.client.gating import ExpertChoiceCounter, GridGate, combine_outputs, expert_logits, load_balancing_loss
-from dmoe.client.remote_call import BACKWARD, FORWARD, TensorSpec, build_request
+from dmoe.client.remote_call import BACKWARD, FORWARD, TensorSpec, build_request, new_call_id
 from dmoe.client.swarm import BRIDGE_GRACE, Swarm
 from dmoe.config.client import MoEOptions
 from dmoe.errors import NotEnoughExperts
@@ -73,15 +73,17 @@ _DUMMY = torch.empty(0, requires_grad=True)
 class _LayerRouter:
     """Builds requests for one forward and finds replacement experts for rerouted tokens (see dispatch)."""
 
-    def __init__(self, layer: RemoteMixtureOfExperts, scores: list[np.ndarray], x_wire: torch.Tensor) -> None:
+    def __init__(self, layer: RemoteMixtureOfExperts, scores: list[np.ndarray], x_wire: torch.Tensor, *,
+                 training: bool) -> None:
         self.layer = layer
         self.scores = scores  # [(N, g_j)] float64
         self.x_wire = x_wire  # (N, D) float32 on cpu
+        self.training = training  # a backward follows: calls carry ids (node-side activation keeping)
 
     def build(self, uid: str, rows: np.ndarray) -> tuple[pb.ExpertRequest, tuple[TensorSpec, ...]]:
         tensor = serialize_tensor(self.x_wire[torch.from_numpy(rows)], self.layer.compression)  # (r, D)
         return (
-            build_request(uid, [tensor], self.layer.compression),
+            build_request(uid, [tensor], self.layer.compression, new_call_id() if self.training else ""),
             (TensorSpec((len(rows), self.x_wire.shape[1]), "float32"),),
         )
 
@@ -125,7 +127,8 @@ class _RemoteExpertCalls(torch.autograd.Function):
         n, d = x.shape
         k = layer.k_best
         x_wire = x.detach().to("cpu", torch.float32)  # experts take float32 rows
-        router = _LayerRouter(layer, plan.scores, x_wire)
+        # a backward will follow (training): tag the calls, so that nodes may keep their activations for it
+        router = _LayerRouter(layer, plan.scores, x_wire, training=bool(ctx.needs_input_grad[1]))
         dispatch = Dispatch(
             layer.swarm, method=FORWARD, num_tokens=n, num_slots=k, need=np.full(n, layer.k_min),
             deadline=plan.deadline, timeout_after_k_min=layer.timeout_after_k_min, retry=True, router=router,
@@ -201,7 +204,7 @@ class _RemoteExpertCalls(torch.autograd.Function):
             if not torch.any(g):  # nothing flows back through this expert: count it, skip the call
                 dispatch.slot_ok[rows[used], slots[used]] = True
                 continue
-            request = pb.ExpertRequest(uid=uid, compression=layer.compression)
+            request = pb.ExpertRequest(uid=uid, compression=layer.compression, call_id=forward_request.call_id)
             request.tensors.extend(forward_request.tensors)  # the very same input bytes as in forward
             request.tensors.append(serialize_tensor(g, layer.compression))
             dispatch.add_job(uid, (endpoint,), rows, slots, request, (TensorSpec((len(rows), d), "float32"),),

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -52,8 +53,14 @@ class TensorSpec:
     dtype: str | None = None
 
 
-def build_request(uid: str, tensors: Sequence[pb.Tensor], compression: str = "") -> pb.ExpertRequest:
-    return pb.ExpertRequest(uid=uid, tensors=list(tensors), compression=compression)
+def build_request(uid: str, tensors: Sequence[pb.Tensor], compression: str = "", call_id: str = ""
+                  ) -> pb.ExpertRequest:
+    return pb.ExpertRequest(uid=uid, tensors=list(tensors), compression=compression, call_id=call_id)
+
+
+def new_call_id() -> str:
+    """An id for one forward call whose backward will follow: the node may keep its activations until then."""
+    return secrets.token_hex(8)
 
 
 async def call_expert(

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from dmoe.client.remote_call import BACKWARD, FORWARD, TensorSpec, build_request, map_rpc_error
+from dmoe.client.remote_call import BACKWARD, FORWARD, TensorSpec, build_request, map_rpc_error, new_call_id
 from dmoe.client.swarm import BRIDGE_GRACE, Swarm
 from dmoe.config.client import MoEOptions
 from dmoe.errors import BadAnswer
@@ -115,7 +115,8 @@ class _RemoteExpertFunction(torch.autograd.Function):
         rows = inputs[0].shape[0]
         expected = expert.output_specs(rows)
         wire_inputs = serialize_tensors(inputs, expert.compression)
-        request = build_request(expert.uid, wire_inputs, expert.compression)
+        call_id = new_call_id() if any(ctx.needs_input_grad[2:]) else ""  # a backward follows: nodes may keep
+        request = build_request(expert.uid, wire_inputs, expert.compression, call_id)
         deadline = time.monotonic() + expert.forward_timeout
         _, outputs = expert.swarm.run(
             expert.swarm.call((expert.endpoint,), request, method=FORWARD, deadline=deadline, expected=expected,
@@ -124,6 +125,7 @@ class _RemoteExpertFunction(torch.autograd.Function):
         )
         ctx.expert = expert
         ctx.wire_inputs = wire_inputs
+        ctx.call_id = call_id
         ctx.input_meta = [(t.shape, t.dtype, t.device) for t in inputs]
         device = inputs[0].device
         return tuple(o.to(device) for o in outputs)
@@ -132,7 +134,7 @@ class _RemoteExpertFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         expert: RemoteExpert = ctx.expert
-        request = build_request(expert.uid, ctx.wire_inputs, expert.compression)
+        request = build_request(expert.uid, ctx.wire_inputs, expert.compression, ctx.call_id)
         request.tensors.extend(serialize_tensors([g.contiguous() for g in grad_outputs], expert.compression))
         expected = tuple(TensorSpec(tuple(shape), str(dtype).removeprefix("torch."))
                          for shape, dtype, _ in ctx.input_meta)

@@ -31,6 +31,10 @@ class BatchingOptions:
     """rows that may wait in the queues before new requests get RESOURCE_EXHAUSTED"""
     num_workers: int = option(1, parse=positive_int)
     """compute threads"""
+    activation_cache_mb: float = option(256.0, parse=non_negative_float)
+    """MiB of forward activations kept for the matching backward (no recompute); 0 always recomputes"""
+    activation_cache_s: float = option(30.0, parse=positive_float)
+    """seconds a kept forward waits for its backward before it is dropped (the backward then recomputes)"""
 
 
 @dataclass(frozen=True)

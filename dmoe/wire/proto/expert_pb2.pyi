@@ -19,14 +19,16 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., wire_dtype: _Optional[str] = ...) -> None: ...
 
 class ExpertRequest(_message.Message):
-    __slots__ = ("uid", "tensors", "compression")
+    __slots__ = ("uid", "tensors", "compression", "call_id")
     UID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
     uid: str
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     compression: str
-    def __init__(self, uid: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., compression: _Optional[str] = ...) -> None: ...
+    call_id: str
+    def __init__(self, uid: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., compression: _Optional[str] = ..., call_id: _Optional[str] = ...) -> None: ...
 
 class ExpertReply(_message.Message):
     __slots__ = ("tensors",)
