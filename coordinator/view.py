@@ -21,7 +21,8 @@ or else the bounding box (from 0) of every coordinate ever seen, so coverage mea
 the grid people are using".
 
 Replication (issue 15): an expert's *holders* are the nodes the DHT lists as serving it (its replicas).
-Per prefix, ``/status`` shows ``replication`` (alive uid -> holders), ``at_risk`` (alive experts with
+Per prefix, ``/status`` shows ``replication`` (alive uid -> holders), ``lineage`` (alive uid -> the most
+optimizer steps a holder reports behind its weights), ``at_risk`` (alive experts with
 exactly one holder: one departure loses their trained state) and ``unserved`` (experts with no holder:
 every cell of a declared grid, or, for an undeclared grid, every uid this coordinator has seen
 announced, that nobody serves now); swarm-wide, ``experts_at_risk``, ``experts_unserved`` and
@@ -117,6 +118,7 @@ class PrefixState:
     declared: bool
     experts: dict[str, list[ExpertEndpoint]]  # alive uid -> replicas
     known: frozenset[str] = frozenset()  # every uid of this prefix the view has seen announced
+    lineage: dict[str, int] = field(default_factory=dict)  # alive uid -> most optimizer steps any holder reports
 
     @property
     def cells(self) -> int:
@@ -159,6 +161,7 @@ class PrefixState:
             "replicas_min": min(replicas, default=0),
             "replicas_max": max(replicas, default=0),
             "replication": replication,
+            "lineage": {uid: self.lineage[uid] for uid in replication if uid in self.lineage},
             "at_risk": [uid for uid, n in replication.items() if n == 1],
             "unserved": self.unserved(),
             "experts": {
@@ -258,7 +261,8 @@ class SwarmView:
             spec = self.declared.get(name)
             declared = spec is not None and spec.grid is not None
             grid = spec.grid if declared else tuple((0, m + 1) for m in self._seen_max.get(name, []))
-            prefixes[name] = PrefixState(name, grid, declared, experts, frozenset(self._known.get(name, ())))
+            prefixes[name] = PrefixState(name, grid, declared, experts, frozenset(self._known.get(name, ())),
+                                         lineage_of(nodes.values(), experts))
         previous = self.snapshot
         snapshot = SwarmSnapshot(now, time.perf_counter() - started, nodes, prefixes)
         self._track_losses(previous, snapshot, now)
@@ -347,6 +351,19 @@ class SwarmView:
                 "expert_disappearances": dict(self.counters.expert_disappearances),
             },
         }
+
+
+def lineage_of(nodes: Iterable[NodeState], experts: dict[str, Any]) -> dict[str, int]:
+    """Alive uid -> the most optimizer steps behind it that any node announcing it reports (``info.lineage``)."""
+    best: dict[str, int] = {}
+    for node in nodes:
+        reported = node.info.get("lineage")
+        if not isinstance(reported, dict):
+            continue
+        for uid, steps in reported.items():
+            if uid in experts and isinstance(steps, int) and steps > best.get(uid, -1):
+                best[uid] = steps
+    return best
 
 
 def replication_totals(prefixes: Iterable[PrefixState]) -> dict[str, Any]:

@@ -179,7 +179,9 @@ class ExpertNode:
             ttl=cfg.announce_ttl, load=lambda: self.scheduler.load,
             node_info=lambda: {"expert_cls": cfg.expert_cls, "hidden_dim": cfg.hidden_dim,
                                "updates": self.total_updates(), "reachability": self.reachability,
-                               "capacity": cfg.max_experts},
+                               "capacity": cfg.max_experts,
+                               # per expert: optimizer steps behind its weights (how much a lost state would cost)
+                               "lineage": {uid: b.updates for uid, b in self.backends.items()}},
         )
         self.announcer.on_result = lambda ok: self.metrics.announces.labels("ok" if ok else "failed").inc()
         if cfg.authority:  # a closed swarm: publish our membership, or members' trainers will not use us

@@ -29,6 +29,19 @@ def _sample(t: float, replication: dict[str, int]) -> dict[str, Any]:
     return {"t": t, "nodes": 2, "experts_alive": sum(1 for n in replication.values() if n), "replication": replication}
 
 
+def test_an_expert_served_again_from_far_fewer_steps_counts_as_state_lost():
+    a, b = "layer0.ffn.0", "layer0.ffn.1"
+    swarm = [
+        {**_sample(1, {a: 2, b: 2}), "lineage": {a: 10, b: 40}},
+        {**_sample(2, {a: 1, b: 1}), "lineage": {a: 12, b: 60}},
+        {**_sample(3, {a: 1, b: 1}), "lineage": {a: 3, b: 35}},   # a: too little trained to count; b: > half
+        {**_sample(4, {a: 1, b: 1}), "lineage": {a: 4, b: 2}},    # b: a fresh holder took it over without state
+        {**_sample(5, {a: 1, b: 2}), "lineage": {a: 5, b: 70}},   # counted once
+    ]
+    states = expert_states_lost(swarm)
+    assert states is not None and states.uids == {b: 4.0} and states.lost == [0, 0, 0, 1, 1]
+
+
 def test_expert_states_lost_needs_two_empty_samples_and_counts_each_uid_once(tmp_path):
     a, b, c = "layer0.ffn.0", "layer0.ffn.1", "layer0.ffn.2"
     swarm = [
@@ -53,8 +66,8 @@ def test_expert_states_lost_needs_two_empty_samples_and_counts_each_uid_once(tmp
     assert summary["expert_states_lost"] == 2 and summary["expert_states_lost_uids"] == [a, b]
     assert summary["experts_at_risk_max"] == 2
     assert json.loads((tmp_path / "summary.json").read_text())["expert_states_lost"] == 2
-    assert "expert states lost (no live holder in 2 consecutive coordinator samples): 2 (layer0.ffn.0, " \
-           "layer0.ffn.1)" in format_table(summary)
+    assert "expert states lost (no live holder in 2 consecutive samples, or served again from under half its " \
+           "steps): 2 (layer0.ffn.0, layer0.ffn.1)" in format_table(summary)
 
 
 @pytest.mark.integration  # the first matplotlib import may run fc-list to build its font cache

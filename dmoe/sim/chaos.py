@@ -44,7 +44,7 @@ from dmoe.errors import ConfigError
 from dmoe.ready import READY_PREFIX, parse_ready
 from dmoe.sim.churn import ChurnEvent, ChurnModel, Timeline
 from dmoe.sim.docker_api import ContainerInfo, DockerAPI, DockerAPIError
-from dmoe.sim.report import swarm_replication
+from dmoe.sim.report import swarm_lineage, swarm_replication
 from dmoe.sim.scenario import Scenario
 from dmoe.sim.swarm_layout import experts_per_layer, node_experts, node_link
 
@@ -348,7 +348,7 @@ class ChaosRunner:
                 continue
             record = {"t": round(time.time() - t0, 3), "nodes": len(status.get("nodes", [])),
                       "experts_alive": sum(p.get("alive", 0) for p in status.get("prefixes", {}).values()),
-                      "replication": swarm_replication(status) or {}}
+                      "replication": swarm_replication(status) or {}, "lineage": swarm_lineage(status)}
             with path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 

@@ -29,9 +29,12 @@ Outputs: ``summary.json``, ``report.png`` and a printed table. Definitions used 
 * **expert states lost** (``expert_states_lost``): an expert counts as *state lost* once it had at
   least one live holder in an earlier coordinator sample and then has zero holders in two
   consecutive samples (nobody holds its trained weights; a departed volunteer's disk does not
-  count). Cumulative, each uid once: an expert served again later still counts, since it came back
-  from initial weights or a stale checkpoint. It is counted at the second empty sample. Only samples
-  with per-expert replication take part; a run without any has ``None`` (and no plot panel).
+  count), or once its *lineage* (the most optimizer steps any live holder reports behind its
+  weights, ``lineage`` in the samples) falls below half of the most it ever had, after at least
+  ``LOST_MIN_STEPS`` steps: its holders now serve it from initial weights or a stale checkpoint (a
+  fresh node took it over without its state). Cumulative, each uid once, counted at the sample
+  that shows it. Only samples with per-expert replication take part; a run without any has
+  ``None`` (and no plot panel).
 """
 
 from __future__ import annotations
@@ -165,6 +168,19 @@ def swarm_replication(status: dict[str, Any]) -> dict[str, int] | None:
     return {str(uid): int(n) for table in tables for uid, n in table.items()}
 
 
+LOST_MIN_STEPS = 20  # an expert trained less than this had no state worth counting as lost
+
+
+def swarm_lineage(status: dict[str, Any]) -> dict[str, int]:
+    """Uid -> lineage (optimizer steps behind its weights) from a sample's ``lineage`` or its prefixes'."""
+    flat = status.get("lineage")
+    if isinstance(flat, dict):
+        return {str(uid): int(n) for uid, n in flat.items()}
+    prefixes = status.get("prefixes")
+    tables = [p.get("lineage") for p in prefixes.values() if isinstance(p, dict)] if isinstance(prefixes, dict) else []
+    return {str(uid): int(n) for table in tables if isinstance(table, dict) for uid, n in table.items()}
+
+
 @dataclass
 class StateLoss:
     """Expert states lost over the run (definition in the module docstring)."""
@@ -183,8 +199,14 @@ def expert_states_lost(swarm: Sequence[dict[str, Any]]) -> StateLoss | None:
     samples.sort(key=lambda s: s[0])
     held: set[str] = set()  # uids with a live holder in some earlier sample
     empty: dict[str, int] = {}  # uid -> consecutive samples without a holder
+    peak: dict[str, int] = {}  # uid -> the largest lineage seen
+    lineages = {float(rec["t"]): swarm_lineage(rec) for rec in swarm if "t" in rec}
     out = StateLoss([], [], [], {})
     for t, replication in samples:
+        for uid, steps in lineages.get(t, {}).items():
+            if uid not in out.uids and peak.get(uid, 0) >= LOST_MIN_STEPS and steps < peak[uid] / 2:
+                out.uids[uid] = t  # served again, but from far fewer steps: the trained state is gone
+            peak[uid] = max(peak.get(uid, 0), steps)
         for uid in held:
             if replication.get(uid, 0) > 0:
                 empty[uid] = 0
@@ -430,7 +452,8 @@ def format_table(summary: dict[str, Any]) -> str:
     if summary.get("expert_states_lost") is not None:
         lost_uids = summary.get("expert_states_lost_uids") or []
         shown = ", ".join(lost_uids[:8]) + (", ..." if len(lost_uids) > 8 else "")
-        lines.append(f"expert states lost (no live holder in 2 consecutive coordinator samples): "
+        lines.append(f"expert states lost (no live holder in 2 consecutive samples, or served again from under half "
+                     f"its steps): "
                      f"{summary['expert_states_lost']}" + (f" ({shown})" if shown else "")
                      + f"; most experts at risk (one holder) at once: {summary.get('experts_at_risk_max')}")
     if summary["event_errors"]:
@@ -457,8 +480,8 @@ def plot(run: RunData, summary: dict[str, Any], path: Path) -> None:
                      label="experts at risk (one live holder)")
         ax_lost.set_ylabel("experts")
         ax_lost.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax_lost.set_title(f"expert states lost: {len(states.uids)} (no live holder in 2 consecutive coordinator "
-                          "samples)", fontsize=9)
+        ax_lost.set_title(f"expert states lost: {len(states.uids)} (no live holder in 2 consecutive samples, or "
+                          "served again from under half its steps)", fontsize=9)
     t0 = run.t0
     for name in run.trainers:
         steps = run.steps(name)

@@ -51,7 +51,7 @@ from dmoe.config.sim import SimulationOptions
 from dmoe.sim.churn import ChurnEvent, ChurnModel, Timeline
 from dmoe.sim.launcher import DmoeProcess, ProcessFailed
 from dmoe.sim.links import LinkEmulator, LinkModel
-from dmoe.sim.report import swarm_replication, write_report
+from dmoe.sim.report import swarm_lineage, swarm_replication, write_report
 from dmoe.sim.scenario import Scenario, dump_json_safe, load_scenario
 from dmoe.sim.swarm_layout import behind_nat, node_args, node_experts, reachability_args, trainer_args
 
@@ -553,7 +553,8 @@ class Simulation:
                 layers = {k: p for k, p in prefixes.items() if str(p.get("prefix", "")).startswith("layer")}
                 rec = {"t": round(self.now(), 3), "wall": round(time.time(), 3), "nodes": len(status.get("nodes", [])),
                        "experts_alive": sum(int(p.get("alive", 0)) for p in layers.values()),
-                       "replication": swarm_replication({"prefixes": layers}) or {}}
+                       "replication": swarm_replication({"prefixes": layers}) or {},
+                       "lineage": swarm_lineage({"prefixes": layers})}
                 if self._swarm_file is not None:
                     self._swarm_file.write(json.dumps(rec) + "\n")
                     self._swarm_file.flush()
