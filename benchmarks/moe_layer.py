@@ -24,6 +24,10 @@ full training step (forward + backward) is timed with default settings; hivemind
 up after ``--freeze-cap`` seconds (reported as ">cap"), then the server is resumed. For dmoe the
 step right after (frozen node now banned) is timed too.
 
+In-process: the same gate and 16 experts computed in the client's own process
+(``dmoe.LocalMixtureOfExperts``, one torch thread, no network): the physical limit the remote layer is
+compared with (the ``dmoe/in`` column).
+
 Hedging (dmoe only): two ``dmoe node`` processes serve the *same* 16 experts (replicas); one of
 them sits behind an emulated home link (``python -m dmoe.sim.links``, ``--slow-link-ms`` one way),
 so it is slow but healthy. The same training steps run once with hedged calls disabled and once
@@ -120,6 +124,30 @@ def run_dmoe(*, hidden: int, batches: list[int], warmup: int, repeats: int, logs
     finally:
         for proc in nodes:
             proc.stop(timeout=20)
+
+
+def run_inprocess(*, hidden: int, batches: list[int], warmup: int, repeats: int) -> dict[str, Any]:
+    """The physical limit of this machine: the same 16 experts and gate computed in the client's own process
+    (``dmoe.LocalMixtureOfExperts``, one torch thread), the same training step, no network at all."""
+    from dmoe.client.gating import LocalMixtureOfExperts
+    from dmoe.dht.placement import grid_uids
+    from dmoe.experts import create_expert
+
+    experts = {uid: create_expert("ffn", hidden_dim=hidden, seed=0, uid=uid) for uid in grid_uids("ffn", GRID)}
+    layer = LocalMixtureOfExperts(in_features=hidden, grid_size=GRID, uid_prefix="ffn", experts=experts,
+                                  k_best=K_BEST)
+    rows = []
+    for batch in batches:
+        forward, backward = [], []
+        for i in range(warmup + repeats):
+            forward_s, backward_s = _train_step(layer, batch, hidden)
+            if i >= warmup:
+                forward.append(forward_s)
+                backward.append(backward_s)
+        rows.append({"batch": batch, "forward": _median(forward), "backward": _median(backward)})
+        print(f"  in-process batch {batch}: forward {rows[-1]['forward']:.4f}s backward {rows[-1]['backward']:.4f}s",
+              flush=True)
+    return {"rows": rows}
 
 
 def _train_step(layer: Any, batch: int, hidden: int) -> tuple[float, float]:
@@ -356,7 +384,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="measured steps per batch size (median)")
     parser.add_argument("--freeze-cap", type=float, default=120.0,
                         help="seconds to wait for hivemind's step with a frozen server before giving up")
-    parser.add_argument("--systems", default="dmoe,hivemind,hedging", help="which parts to run")
+    parser.add_argument("--systems", default="dmoe,inprocess,hivemind,hedging", help="which parts to run")
     parser.add_argument("--slow-link-ms", type=float, default=30.0,
                         help="hedging: one-way latency of the slow replica's link, ms")
     parser.add_argument("--hedge-steps", type=int, default=60, help="hedging: measured steps per mode")
@@ -378,6 +406,10 @@ def main() -> None:
             print("measuring dmoe ...", flush=True)
             report["dmoe"] = run_dmoe(hidden=args.hidden_dim, batches=batches, warmup=args.warmup,
                                       repeats=args.repeats, logs=logs)
+        if "inprocess" in systems:
+            print("measuring the same experts in-process ...", flush=True)
+            report["inprocess"] = run_inprocess(hidden=args.hidden_dim, batches=batches, warmup=args.warmup,
+                                                repeats=args.repeats)
         if "hedging" in systems:
             print("measuring hedging (one slow replica of two) ...", flush=True)
             report["hedging"] = run_hedging(hidden=args.hidden_dim, batch=32, steps=args.hedge_steps,
@@ -389,18 +421,23 @@ def main() -> None:
 
     print(f"\nRemoteMixtureOfExperts, 2 servers, grid 4x4, k_best 4, ffn hidden {args.hidden_dim} "
           f"(median seconds)")
-    header = f"{'batch':>6} | {'search dmoe':>11} {'hivemind':>9} | {'forward dmoe':>12} {'hivemind':>9} {'x':>6} | " \
-             f"{'backward dmoe':>13} {'hivemind':>9} {'x':>6}"
+    header = f"{'batch':>6} | {'search dmoe':>11} {'hivemind':>9} | {'forward dmoe':>12} {'hivemind':>9} {'x':>6} " \
+             f"{'in-proc':>8} {'dmoe/in':>7} | {'backward dmoe':>13} {'hivemind':>9} {'x':>6} {'in-proc':>8}"
     print(header)
     print("-" * len(header))
     dm = {r["batch"]: r for r in report.get("dmoe", {}).get("rows", [])}
     hm = {r["batch"]: r for r in report.get("hivemind", {}).get("rows", [])}
+    ip = {r["batch"]: r for r in report.get("inprocess", {}).get("rows", [])}
     nan = {"search": float("nan"), "forward": float("nan"), "backward": float("nan")}
     for batch in batches:
-        d, h = dm.get(batch, nan), hm.get(batch, nan)
+        d, h, i = dm.get(batch, nan), hm.get(batch, nan), ip.get(batch, nan)
         print(f"{batch:>6} | {d['search']:>11.4f} {h['search']:>9.4f} | {d['forward']:>12.4f} {h['forward']:>9.4f} "
-              f"{h['forward'] / d['forward']:>5.1f}x | {d['backward']:>13.4f} {h['backward']:>9.4f} "
-              f"{h['backward'] / d['backward']:>5.1f}x")
+              f"{h['forward'] / d['forward']:>5.1f}x {i['forward']:>8.4f} {d['forward'] / i['forward']:>6.2f}x | "
+              f"{d['backward']:>13.4f} {h['backward']:>9.4f} {h['backward'] / d['backward']:>5.1f}x "
+              f"{i['backward']:>8.4f}")
+    if ip:
+        print("in-proc: the same 16 experts and gate in the client's own process, one thread (the physical limit); "
+              "goal of issue 13: dmoe forward <= 1.5x of it at batch 8 and 128")
     if "dmoe" in report:
         f = report["dmoe"]["freeze"]
         print(f"\nfrozen server (SIGSTOP), one training step at batch {f['batch']}, default settings:")

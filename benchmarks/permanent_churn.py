@@ -4,6 +4,7 @@ hand-off, ``--experts auto``) save, measured on ``scenarios/permanent-churn.toml
 Three runs of ``dmoe simulate`` with the same seed, model, links and duration:
 
 * **no churn**: the scenario without its events (six nodes, nobody leaves, nobody joins);
+* **no churn, no sync**: the same with ``--sync-interval 0``: what replica sync alone does to training;
 * **churn, #15 on**: the scenario as shipped: half of the nodes leave for good (two SIGKILLs and one
   SIGTERM, 25 s apart), three fresh ``--experts auto`` nodes join;
 * **churn, #15 off**: the same churn with ``--sync-interval 0 --replicas 1 --no-state-transfer``: no
@@ -13,7 +14,7 @@ Three runs of ``dmoe simulate`` with the same seed, model, links and duration:
 Prints validation loss at the largest evaluation step all runs reached (equal steps), the final one,
 tokens/s and the number of expert states lost (``dmoe.sim.report``: an expert with no live holder in two
 consecutive coordinator samples). Goal: 0 states lost with #15 on, validation loss within 2 % of no churn.
-Writes ``permanent_churn.json`` in ``--out``. About 12 minutes on 2 cores:
+Writes ``permanent_churn.json`` in ``--out``. About 18 minutes on 2 cores:
 
     .venv/bin/python benchmarks/permanent_churn.py --out runs/permanent-churn-bench
 """
@@ -41,7 +42,9 @@ def variants(out: Path) -> dict[str, Path]:
     off, n = re.subn(r"^extra_args = \[.*\]$", f"extra_args = {OFF_ARGS}", text, flags=re.MULTILINE)
     if n != 1:
         raise SystemExit(f"{SCENARIO}: expected one [node] extra_args line to switch the mechanisms off")
-    files = {"no churn": no_churn, "churn, #15 on": text, "churn, #15 off": off}
+    no_sync, n = re.subn(r"^extra_args = \[.*\]$", 'extra_args = ["--sync-interval", "0", "--placement-interval", "4"]',
+                         no_churn, flags=re.MULTILINE)
+    files = {"no churn": no_churn, "no churn, no sync": no_sync, "churn, #15 on": text, "churn, #15 off": off}
     paths = {}
     out.mkdir(parents=True, exist_ok=True)
     for label, body in files.items():
@@ -55,14 +58,14 @@ def table(results: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     common = set.intersection(*(set(r["evals"]) for r in results.values()))
     step = max(common) if common else None
     base = results["no churn"]
-    rows = [f"{'run':<16} {'steps':>6} {'skipped':>7} {'tok/s':>8} {'val@' + str(step):>10} {'vs no churn':>11} "
+    rows = [f"{'run':<18} {'steps':>6} {'skipped':>7} {'tok/s':>8} {'val@' + str(step):>10} {'vs no churn':>11} "
             f"{'final val':>9} {'states lost':>11}"]
     figures: dict[str, Any] = {"equal_step": step}
     for label, r in results.items():
         at = r["evals"].get(step) if step is not None else None
         rel = at / base["evals"][step] - 1 if at is not None and step is not None else None
         lost = r.get("expert_states_lost")
-        rows.append(f"{label:<16} {r['steps']:>6} {r['skipped']:>7} {r['tokens_per_s']:>8.0f} "
+        rows.append(f"{label:<18} {r['steps']:>6} {r['skipped']:>7} {r['tokens_per_s']:>8.0f} "
                     f"{at if at is not None else float('nan'):>10.4f} "
                     f"{rel * 100 if rel is not None else float('nan'):>+10.2f}% "
                     f"{r['final_val_loss'] or float('nan'):>9.4f} {lost if lost is not None else '-':>11}")

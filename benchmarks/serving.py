@@ -326,6 +326,7 @@ def remote_local_ratio(*, hidden: int, batch: int, duration: float, rounds: int,
         _interleave(stack, [remote, recompute, *local], duration=duration, rounds=rounds, lead_in=lead_in)
         rates = {g.name: g.summary()["samples_per_s"] for g in [remote, recompute, *local]}
         cpu = {g.name: g.summary()["cpu_ms_per_sample"] for g in [remote, recompute, *local]}
+    kept = _kept_bytes_per_call(hidden, batch)
     served = max(rates["local_served"], rates["local_served_passive"])
     train = max(rates["local_train"], rates["local_train_passive"])
     local_cpu = min(c for c in (cpu["local_served"], cpu["local_served_passive"]) if c is not None)
@@ -343,7 +344,25 @@ def remote_local_ratio(*, hidden: int, batch: int, duration: float, rounds: int,
         "cpu_ms_per_sample": cpu,
         "cpu_ratio": local_cpu / cpu["remote"],
         "remote_step_latency_ms_p50": remote.summary()["step_latency_ms_p50"],
+        "kept_bytes_per_call": kept,
     }
+
+
+def _kept_bytes_per_call(hidden: int, batch: int) -> int:
+    """Memory a node holds for one tagged forward until its backward (the activation cache's own count)."""
+    import torch
+    from dmoe.node.activations import ActivationCache
+    from dmoe.node.backend import ExpertBackend
+
+    from dmoe.config.node import OptimizerOptions
+    from dmoe.experts import create_expert, expert_schema
+
+    module = create_expert("ffn", hidden_dim=hidden, uid="bench.0")
+    backend = ExpertBackend("bench.0", module, schema=expert_schema(module, hidden), expert_cls="ffn",
+                            hidden_dim=hidden, optimizer=OptimizerOptions())
+    cache = ActivationCache(max_bytes=2**40, ttl=60)
+    backend.forward_kept([torch.randn(batch, hidden)], {"one": (0, batch)}, cache)
+    return cache.bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -403,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
               f"ratio {r['ratio_vs_plain_train_step']:.3f})")
         print(f"remote without call ids (the node recomputes each forward, as before issue 13): "
               f"{r['remote_recompute_samples_per_s']:.0f} s/s, ratio to the plain local train step "
-              f"{r['ratio_vs_plain_train_step_recompute']:.3f} (goal with call ids: >= 0.9)")
+              f"{r['ratio_vs_plain_train_step_recompute']:.3f} (goal with call ids: >= 0.9); a kept forward holds "
+              f"{r['kept_bytes_per_call'] / 2**20:.2f} MiB on the node until its backward")
         c = r["cpu_ms_per_sample"]
         local_cpu = min(x for x in (c["local_served"], c["local_served_passive"]) if x is not None)
         print(f"CPU per sample: local {local_cpu:.2f} ms, "

@@ -75,6 +75,9 @@ class ExpertBackend:
         self.lock = threading.Lock()
         self._updates_at_snapshot = 0  # updates when the last sync snapshot was taken (its weight's origin)
         self.version = 0  # bumped whenever the weights change (step, merge, load): kept forwards older are stale
+        # the weights of the last merge (or load): a sync snapshot's delta is measured from here
+        self._sync_base: dict[str, torch.Tensor] | None = {
+            k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
     def _to_device(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.device.type == "cpu":
@@ -211,16 +214,21 @@ class ExpertBackend:
             self.updates = int(state["updates"])
             self._updates_at_snapshot = self.updates
             self.version += 1
+            self._sync_base = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
     # ---- replicas (dmoe.node.replicas) ----
 
     def snapshot(self) -> ExpertState:
-        """A copy of the current state; its weight is the steps trained since the previous snapshot."""
+        """A copy of the current state; its weight is the steps trained since the previous snapshot, its delta
+        the change of the weights since the last merge (``dmoe.node.state``)."""
         state = self.state_dict()
         weight = float(state["updates"] - self._updates_at_snapshot)
         self._updates_at_snapshot = state["updates"]
+        base = self._sync_base
+        delta = {k: v - base[k] if v.is_floating_point() else torch.zeros_like(v) for k, v in state["module"].items()} \
+            if base is not None else None
         return ExpertState(module=state["module"], optimizer=state["optimizer"], updates=state["updates"],
-                           weight=weight)
+                           weight=weight, delta=delta)
 
     def current_state(self) -> ExpertState:
         state = self.state_dict()
@@ -235,6 +243,7 @@ class ExpertBackend:
         with self.lock:
             apply_merge(self.module, self.optimizer, snapshot, merged)
             self.version += 1
+            self._sync_base = {k: v.clone() for k, v in merged.module.items()}  # the next delta starts here
             gained = self.updates - snapshot.updates
             self.updates = max(self.updates, merged.updates + gained)
             self._updates_at_snapshot = max(self._updates_at_snapshot, self.updates - gained)

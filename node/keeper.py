@@ -9,9 +9,11 @@ Three duties, all policy; the mechanics live elsewhere (state transfer in ``dmoe
   the swarm's weights instead of dragging the swarm back to its own.
 * **Adoption.** Every ``--placement-interval`` a node with spare ``--capacity`` looks up the wanted experts
   (``--grid``, or the grids trainers publish) and adopts the neediest one with fewer than ``--replicas``
-  live holders: download its state first, announce it after. An ``--experts auto`` node at capacity moves
-  at most one expert per check, and only from one with more than ``--replicas`` holders to one with fewer
-  (``dmoe.dht.placement.swap_candidate``), so placement follows the swarm slowly and never flaps.
+  live holders: download its state first, announce it after. An ``--experts auto`` node fills all its
+  free room with the neediest experts (an empty one that started before any grid was published, too);
+  at capacity it moves at most one expert per check, and only from one with more than ``--replicas``
+  holders to one with fewer (``dmoe.dht.placement.swap_candidate``), so placement follows the swarm
+  slowly and never flaps.
 * **Hand-off.** On SIGTERM, for every expert this node is the last live holder of, it asks other nodes with
   spare capacity (from ``_dmoe.nodes``) to adopt it (``Adopt``: they pull the state from us while we still
   serve, and announce it) before we withdraw. A SIGKILL cannot hand off: that is what ``--replicas`` 2 and
@@ -206,11 +208,13 @@ class ExpertKeeper:
         counts = {u: len(eps) + (1 if u in self.backends else 0) for u, eps in found.items()}
         loads = {uid: sum(e.load for e in eps) for uid, eps in found.items()}
         if spare > 0:
-            needy = [u for u in neediest(wanted, counts, loads, exclude=mine, salt=self.node_id())
-                     if counts.get(u, 0) < self.config.replicas]
-            if needy and await self.adopt(needy[0], holders=found.get(needy[0], [])):
-                return f"adopted {needy[0]}"
-            return None
+            ranked = neediest(wanted, counts, loads, exclude=mine, salt=self.node_id())
+            needy = [u for u in ranked if counts.get(u, 0) < self.config.replicas]
+            # a node with explicit experts adopts one under-replicated expert per check (others decide from the
+            # same view at the same time: one each spreads them); an auto node fills all its free room
+            chosen = ranked[:spare] if self.config.auto else needy[:1]
+            adopted = [uid for uid in chosen if await self.adopt(uid, holders=found.get(uid, []))]
+            return f"adopted {', '.join(adopted)}" if adopted else None
         move = swap_candidate(mine, wanted, counts, loads, replicas=self.config.replicas, salt=self.node_id())
         if move is None:
             return None

@@ -9,9 +9,11 @@ Design (pull-only rounds over the nodes' own RPC, no coordinator, no group forma
   update counter, and a *weight*: the optimizer steps it trained since its previous snapshot) and keeps
   it for most of the round, served to replicas as ``GetState(uid, round=R)``.
 * After a short settle delay it downloads the round-``R`` snapshots of the other holders (retrying while a
-  holder has not taken its own yet), checks them (``dmoe.node.state.check_state``), and computes the
-  weighted mean of all snapshots it got, its own included. It then moves its live expert by ``merged -
-  own snapshot``, keeping the steps it trained during the round.
+  holder has not taken its own yet), checks them (``dmoe.node.state.check_state``), and merges all
+  snapshots it got, its own included: the weighted mean plus every replica's progress since its last merge
+  counted in full (``dmoe.node.state.average``: averaging alone would divide the experts' learning by the
+  number of replicas). It then moves its live expert by ``merged - own snapshot``, keeping the steps it
+  trained during the round.
 * Every replica that reached every other one averages the *same* snapshots with the same weights, so after
   one complete round the replicas differ only by what they trained since the snapshot (nothing, when
   idle). A replica that vanishes mid-round is skipped at its deadline: the others finish without it and
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -43,7 +46,7 @@ from collections.abc import Callable
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.metrics import NodeMetrics
 from dmoe.node.peers import PeerClient
-from dmoe.node.state import ExpertState, StateError, average, relative_distance
+from dmoe.node.state import ExpertState, StateError, average, relative_distance, state_norm
 
 from dmoe.dht.registry import ExpertRegistry
 
@@ -71,8 +74,10 @@ def round_weights(states: list[ExpertState]) -> list[ExpertState]:
 
 
 def too_far(own: ExpertState, theirs: ExpertState) -> float | None:
-    """The relative distance of a replica's snapshot from ours when it is beyond ``MAX_SYNC_DISTANCE``, else None."""
+    """How far a replica's snapshot (or its delta) is from ours, relative, when beyond ``MAX_SYNC_DISTANCE``."""
     distance = relative_distance(theirs.module, own.module)
+    if theirs.delta is not None:  # its claimed progress: never more than that distance either
+        distance = max(distance, state_norm(theirs.delta) / max(state_norm(own.module), 1e-30))
     return distance if distance > MAX_SYNC_DISTANCE else None
 
 
@@ -163,7 +168,7 @@ class ReplicaSync:
             self.metrics.syncs.labels("alone").inc()
             log.info("sync round %d: no replica of %s answered (%d tried)", round_, uid, len(endpoints))
             return 0
-        mine = ExpertState(own.module, own.optimizer, own.updates, own.weight)
+        mine = dataclasses.replace(own)  # its weight may be zeroed for this merge, not in what peers fetch
         merged = await asyncio.to_thread(average, round_weights([mine, *states]))
         if uid in self.backends:  # not dropped meanwhile
             await asyncio.to_thread(backend.merge, own, merged)

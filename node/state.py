@@ -11,10 +11,17 @@ expert weighs, so a hostile peer cannot make us buffer gigabytes), digest, the e
 dtypes of our own module and optimizer, and finiteness of every float. A state that fails any of these is
 dropped with a ``StateError`` naming the problem; our expert is untouched.
 
-Averaging (``average``) is weighted per snapshot; optimizer step counts take the maximum, every other float
-tensor the weighted mean over the states that have it. ``apply_merge`` moves a live expert from its round
-snapshot to the merged state while keeping whatever it trained since the snapshot (``current += merged -
-snapshot``), so a sync never throws away steps taken during the round.
+Merging (``average``): replicas trained on different batches since their last merge; averaging their weights
+would keep only ``1/n`` of each one's progress (n replicas, each trained by a share of the traffic, would
+learn n times slower than one). So each round snapshot also carries its *delta*, what the replica trained
+since its last merge, and the merged weights are ``weighted mean(snapshots) + sum(deltas) - weighted
+mean(deltas)``: with a common base ``B`` (replicas that merged together last round) that is exactly ``B +
+sum(deltas)``, every replica's steps counted in full, as if applied one after the other; with different
+bases it still only depends on the set of snapshots, so every replica that saw the same set gets the same
+result and they agree after one complete round. Optimizer moments are statistics, not progress: weighted
+means; step counts take the maximum. ``apply_merge`` moves a live expert from its round snapshot to the
+merged state while keeping whatever it trained since the snapshot (``current += merged - snapshot``), so a
+sync never throws away steps taken during the round.
 """
 
 from __future__ import annotations
@@ -43,10 +50,16 @@ class ExpertState:
     optimizer: dict[str, Any]  # torch.optim state_dict: {"state": {index: {...}}, "param_groups": [...]}
     updates: int
     weight: float = 1.0  # averaging weight (round snapshots); unused for transfers
+    # round snapshots: what this replica trained since its last merge (its weights minus that merge's result);
+    # None: nothing known (a transfer, or the first round), counts as zero
+    delta: dict[str, torch.Tensor] | None = None
 
     def pack(self) -> bytes:
         buffer = io.BytesIO()
-        torch.save({"module": self.module, "optimizer": self.optimizer, "updates": int(self.updates)}, buffer)
+        body: dict[str, Any] = {"module": self.module, "optimizer": self.optimizer, "updates": int(self.updates)}
+        if self.delta is not None:
+            body["delta"] = self.delta
+        torch.save(body, buffer)
         return buffer.getvalue()
 
 
@@ -84,6 +97,11 @@ def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
     return (num ** 0.5) / max(den ** 0.5, 1e-30)
 
 
+def state_norm(state: dict[str, torch.Tensor]) -> float:
+    """L2 norm over all float tensors of a module state."""
+    return sum(float(torch.linalg.vector_norm(t)) ** 2 for t in state.values() if t.is_floating_point()) ** 0.5
+
+
 def _finite(name: str, tensor: torch.Tensor) -> None:
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise StateError(f"{name} holds NaN or Inf")
@@ -111,6 +129,15 @@ def check_state(payload: bytes, *, size: int, sha256: str, module: torch.nn.Modu
             raise StateError(f"module tensor {name}: {getattr(t, 'shape', '?')} {getattr(t, 'dtype', '?')}, "
                              f"expected {tuple(mine.shape)} {mine.dtype}")
         _finite(f"module tensor {name}", t)
+    delta = raw.get("delta")
+    if delta is not None:
+        if not isinstance(delta, dict) or set(delta) != set(ours):
+            raise StateError("the delta's tensors differ from this node's expert")
+        for name, mine in ours.items():
+            t = delta[name]
+            if not isinstance(t, torch.Tensor) or t.shape != mine.shape or t.dtype != mine.dtype:
+                raise StateError(f"delta tensor {name}: {getattr(t, 'shape', '?')}, expected {tuple(mine.shape)}")
+            _finite(f"delta tensor {name}", t)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     opt = raw["optimizer"]
     if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) \
@@ -130,15 +157,23 @@ def check_state(payload: bytes, *, size: int, sha256: str, module: torch.nn.Modu
     updates = raw["updates"]
     if not isinstance(updates, int) or updates < 0:
         raise StateError(f"updates {updates!r} is not a non-negative integer")
-    return ExpertState(module=theirs, optimizer=opt, updates=updates)
+    return ExpertState(module=theirs, optimizer=opt, updates=updates, delta=delta)
 
 
 def average(states: Sequence[ExpertState]) -> ExpertState:
     """Weighted mean of replica states (see the module docstring); weights need not be normalized."""
     total = sum(s.weight for s in states)
     weights = [s.weight / total for s in states] if total > 0 else [1.0 / len(states)] * len(states)
-    module = {name: _mean([(w, s.module[name]) for w, s in zip(weights, states, strict=True)])
-              if first.is_floating_point() else first.clone() for name, first in states[0].module.items()}
+    module = {}
+    for name, first in states[0].module.items():
+        if not first.is_floating_point():
+            module[name] = first.clone()
+            continue
+        merged = _mean([(w, s.module[name]) for w, s in zip(weights, states, strict=True)])
+        deltas = [(w, s.delta[name]) for w, s in zip(weights, states, strict=True) if s.delta is not None]
+        if deltas:  # + sum of the deltas - their weighted mean: every replica's training counts in full
+            merged.add_(_mean([(1.0, d) for _, d in deltas])).sub_(_mean(deltas))
+        module[name] = merged
     merged_state: dict[int, dict[str, Any]] = {}
     for index in sorted({i for s in states for i in s.optimizer["state"]}):
         have = [(w, s.optimizer["state"][index]) for w, s in zip(weights, states, strict=True)

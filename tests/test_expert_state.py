@@ -154,3 +154,38 @@ def test_a_replica_cannot_outvote_us_by_its_claims_nor_drag_us_far_in_one_round(
     assert too_far(own, claim) is not None  # a different lineage altogether: refused
     near = state_of(ours, opt, 10)
     assert too_far(own, near) is None
+
+
+def test_a_merge_counts_every_replicas_progress_in_full_and_replicas_agree_after_it():
+    from dmoe.node.backend import ExpertBackend
+
+    from dmoe.config.node import OptimizerOptions
+    from dmoe.experts import expert_schema
+
+    def replica() -> ExpertBackend:
+        module = create_expert("ffn", hidden_dim=H, seed=0, uid="ffn.0.0")
+        return ExpertBackend("ffn.0.0", module, schema=expert_schema(module, H), expert_cls="ffn", hidden_dim=H,
+                             optimizer=OptimizerOptions(lr=1e-2))
+
+    a, b = replica(), replica()
+    base = {k: v.clone() for k, v in a.module.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    for backend, steps in ((a, 3), (b, 1)):
+        for _ in range(steps):
+            x = torch.randn(4, H, generator=gen)
+            backend.backward([x], [torch.randn(4, H, generator=gen)])
+    snap_a, snap_b = a.snapshot(), b.snapshot()
+    merged_a = average(round_weights([snap_a, snap_b]))
+    merged_b = average(round_weights([snap_b, snap_a]))
+    for name, t in merged_a.module.items():
+        if t.is_floating_point():  # base + both deltas: nobody's steps are averaged away
+            expected = base[name] + (snap_a.module[name] - base[name]) + (snap_b.module[name] - base[name])
+            assert torch.allclose(t, expected, atol=1e-6)
+    a.merge(snap_a, merged_a)
+    b.merge(snap_b, merged_b)
+    assert relative_distance(a.module.state_dict(), b.module.state_dict()) < 1e-6
+    # the next round's deltas start from the merge: idle replicas have nothing more to add
+    again_a, again_b = a.snapshot(), b.snapshot()
+    assert all(float(d.abs().max()) < 1e-6 for d in again_a.delta.values())  # rounding only
+    merged = average(round_weights([again_a, again_b]))
+    assert relative_distance(merged.module, a.module.state_dict()) < 1e-6
