@@ -42,13 +42,11 @@ from dmoe.node.metrics import NodeMetrics
 from dmoe.node.validation import RpcFailure
 
 from dmoe.config.node import BatchingOptions
-from dmoe.wire.codec import serialize_tensor
+from dmoe.wire.codec import FORWARD, serialize_tensor
 from dmoe.wire.proto import expert_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-FORWARD = "forward"
-BACKWARD = "backward"
 
 
 @dataclass(eq=False)

@@ -24,7 +24,7 @@ import grpc
 import torch
 from dmoe.node.announcer import Announcer, start_dht
 from dmoe.node.backend import ExpertBackend
-from dmoe.node.batching import BACKWARD, FORWARD, BatchScheduler
+from dmoe.node.batching import BatchScheduler
 from dmoe.node.checkpoint import CheckpointStore
 from dmoe.node.keeper import ExpertKeeper
 from dmoe.node.metrics import NodeMetrics
@@ -43,7 +43,7 @@ from dmoe.membership import Member, MembershipCheck, TokenRenewer, member_from_o
 from dmoe.relay.directory import RelayAnnouncer
 from dmoe.relay.metrics import RelayMetrics
 from dmoe.relay.server import RelayServer
-from dmoe.wire.codec import GRPC_OPTIONS
+from dmoe.wire.codec import BACKWARD, FORWARD, GRPC_OPTIONS
 from dmoe.wire.endpoints import guess_public_host, host_port, split_host_port
 from dmoe.wire.tls import make_certificate
 

@@ -22,6 +22,11 @@ node shutting down                     UNAVAILABLE
 
 Payloads over ``dmoe.wire.codec.MAX_UNARY_BYTES`` come through the ``*Stream`` RPCs: the client cuts a
 serialized ``ExpertRequest`` into ``Chunk`` messages, the reply comes back the same way.
+
+``ForwardBatch`` / ``BackwardBatch`` carry several calls (up to ``MAX_BATCH_PARTS``; ``dmoe.client.coalesce``):
+each part holds a call slot of its own and goes through the same path as a call on its own, concurrently,
+and gets its own reply or status in the answer. A closed swarm's node refuses batches
+(``FAILED_PRECONDITION``): its calls are signed one by one.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import grpc
 import torch
 from dmoe.node.backend import ExpertBackend
-from dmoe.node.batching import BACKWARD, FORWARD, BatchScheduler
+from dmoe.node.batching import BatchScheduler
 from dmoe.node.guards import BackwardRateLimit, GradientGuard
 from dmoe.node.keeper import ExpertKeeper
 from dmoe.node.metrics import NodeMetrics
@@ -50,7 +55,9 @@ from dmoe.errors import ConfigError, WireFormatError, clip
 from dmoe.logs import RateLimitedLog
 from dmoe.membership import MembershipCheck, MembershipError, payload_digest
 from dmoe.wire.codec import (
+    BACKWARD,
     EIGHT_BIT,
+    FORWARD,
     OFF_LOOP_BYTES,
     check_compression,
     deserialize_tensor,
@@ -94,12 +101,15 @@ _METHODS = {
     "BackwardStream": ("stream", pb.Chunk, pb.Chunk),
     "Info": ("unary", pb.InfoRequest, pb.InfoReply),
     "Ping": ("unary", pb.PingRequest, pb.PingReply),
+    "ForwardBatch": ("unary", pb.ExpertBatch, pb.ExpertBatchReply),
+    "BackwardBatch": ("unary", pb.ExpertBatch, pb.ExpertBatchReply),
     "GetState": ("unary_stream", pb.StateRequest, pb.StateChunk),
     "Adopt": ("unary", pb.AdoptRequest, pb.AdoptReply),
 }
 _HANDLERS = {"unary": grpc.unary_unary_rpc_method_handler, "stream": grpc.stream_stream_rpc_method_handler,
              "unary_stream": grpc.unary_stream_rpc_method_handler}
 MAX_CALL_ID = 64
+MAX_BATCH_PARTS = 64  # calls one ForwardBatch / BackwardBatch may carry
 _STATE_SERVES = 2  # expert states serialized and streamed at once (each is a copy of the expert in memory)
 
 
@@ -399,6 +409,64 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         return pb.PingReply(
             node_id=self.node_id(), time=time.time(), load=self.scheduler.load, num_experts=len(self.backends)
         )
+
+    # ---- batched calls: one RPC carrying several experts' calls (dmoe.client.coalesce) ----
+
+    async def _batch(self, method: str, kind: str, batch: pb.ExpertBatch,
+                     context: grpc.aio.ServicerContext) -> pb.ExpertBatchReply:
+        start = time.perf_counter()
+        if isinstance(batch, Undecodable):
+            self.metrics.requests.labels(method, "INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable ExpertBatch ({batch.size} bytes)")
+        if self.membership is not None:  # each call of a closed swarm is signed on its own: send them one by one
+            self.metrics.requests.labels(method, "FAILED_PRECONDITION").inc()
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this closed swarm's node takes signed calls one by one, not batched")
+        parts = list(batch.requests)
+        if not 0 < len(parts) <= MAX_BATCH_PARTS:
+            self.metrics.requests.labels(method, "INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"a batch carries 1 to {MAX_BATCH_PARTS} calls, not {len(parts)}")
+        peer = context.peer()
+        held: list[str] = []
+        try:
+            for _ in parts:  # every part holds a call slot, as it would on its own: batching bypasses no limit
+                held.append(self._acquire(peer))
+        except RpcFailure as failure:
+            for address in held:
+                self._release(address)
+            self._reject(method, parts[0].uid, failure, peer)
+            self.metrics.requests.labels(method, failure.code.name).inc()
+            await context.abort(failure.code, failure.details)
+        try:
+            timeout = context.time_remaining()
+            results = await asyncio.gather(*(self._handle(kind, part, timeout, (), held[0]) for part in parts),
+                                           return_exceptions=True)
+        finally:
+            for address in held:
+                self._release(address)
+        reply = pb.ExpertBatchReply()
+        for part, result in zip(parts, results, strict=True):
+            if isinstance(result, pb.ExpertReply):
+                reply.replies.append(result)
+                reply.statuses.append(pb.PartStatus(code=grpc.StatusCode.OK.value[0]))
+                status = "OK"
+            else:
+                failure = result if isinstance(result, RpcFailure) else RpcFailure(
+                    grpc.StatusCode.INTERNAL, f"{type(result).__name__}: {clip(str(result), 200)}", reason="internal")
+                self._reject(method, part.uid, failure, peer)
+                reply.replies.append(pb.ExpertReply())
+                reply.statuses.append(pb.PartStatus(code=failure.code.value[0], details=failure.details))
+                status = failure.code.name
+            self.metrics.requests.labels(method, status).inc()
+        self.metrics.latency.labels(method).observe(time.perf_counter() - start)
+        return reply
+
+    async def ForwardBatch(self, request: pb.ExpertBatch, context: grpc.aio.ServicerContext) -> pb.ExpertBatchReply:  # noqa: N802
+        return await self._batch("ForwardBatch", FORWARD, request, context)
+
+    async def BackwardBatch(self, request: pb.ExpertBatch, context: grpc.aio.ServicerContext) -> pb.ExpertBatchReply:  # noqa: N802
+        return await self._batch("BackwardBatch", BACKWARD, request, context)
 
     # ---- replicas: state transfer and adoption (dmoe.node.replicas, dmoe.node.keeper) ----
 

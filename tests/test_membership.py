@@ -17,7 +17,7 @@ import grpc
 import pytest
 import torch
 from dmoe.node.backend import ExpertBackend
-from dmoe.node.batching import BACKWARD, BatchScheduler
+from dmoe.node.batching import BatchScheduler
 from dmoe.node.metrics import NodeMetrics
 from dmoe.node.server import ExpertServicer, add_to_server
 from hivemind.p2p import P2P, PeerID
@@ -39,7 +39,7 @@ from dmoe.membership import (
     read_members,
     token_request,
 )
-from dmoe.wire.codec import serialize_tensors
+from dmoe.wire.codec import BACKWARD, serialize_tensors
 from dmoe.wire.proto import expert_pb2 as pb
 from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
 

@@ -75,7 +75,8 @@ def test_outputs_and_gradients_match_local(swarm, prefix, k_best, shape):
 
 def test_one_request_per_expert_and_counters(swarm):
     remote, _ = make_pair(swarm, "eq", 4)
-    calls = dict(swarm.stats["calls"])
+    calls = {**swarm.stats["calls"], "batched_calls": swarm.stats["batched_calls"],
+             "batched_rpcs": swarm.stats["batched_rpcs"]}
     y = remote(torch.randn(64, HIDDEN))
     forward_calls = swarm.stats["calls"]["forward"] - calls.get("forward", 0)
     assert forward_calls == remote.stats["experts_chosen"] <= 16  # 64 tokens x 4 experts in <= 16 requests
@@ -85,6 +86,9 @@ def test_one_request_per_expert_and_counters(swarm):
     y.sum().backward()
     backward_calls = swarm.stats["calls"]["backward"] - calls.get("backward", 0)
     assert backward_calls == forward_calls
+    # the calls to each node travelled together: one batch RPC per node and direction, not one per expert
+    batched = swarm.stats["batched_calls"] - calls.get("batched_calls", 0)
+    assert swarm.stats["batched_rpcs"] - calls.get("batched_rpcs", 0) <= 4 and batched >= forward_calls - 2
     assert 0 < remote.stats["last_search_seconds"] < remote.stats["last_forward_seconds"]
     # the same numbers reach Prometheus (process-wide default registry)
     assert REGISTRY.get_sample_value("dmoe_client_calls_total", {"method": "forward"}) >= forward_calls

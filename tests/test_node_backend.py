@@ -13,7 +13,7 @@ import grpc
 import pytest
 import torch
 from dmoe.node.backend import ExpertBackend
-from dmoe.node.batching import BACKWARD, FORWARD, BatchScheduler
+from dmoe.node.batching import BatchScheduler
 from dmoe.node.metrics import NodeMetrics
 from dmoe.node.validation import RpcFailure, batch_signature, check_request
 from torch import nn
@@ -21,7 +21,7 @@ from torch import nn
 from dmoe.config.node import BatchingOptions, OptimizerOptions
 from dmoe.errors import ConfigError
 from dmoe.experts import ExpertSchema, TensorSchema, create_expert, default_schema, expert_schema, load_expert_class
-from dmoe.wire.codec import deserialize_tensors
+from dmoe.wire.codec import BACKWARD, FORWARD, deserialize_tensors
 
 H = 16
 

@@ -148,6 +148,28 @@ def test_a_tagged_forward_is_kept_for_its_backward_with_the_same_training_result
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "call_id" in details
 
 
+def test_a_batch_of_calls_gets_each_part_its_own_answer_or_status(nodes):
+    """ForwardBatch / BackwardBatch: several experts' calls in one RPC, each answered as it would be alone."""
+    ep = nodes["ffn"]["grpc"]
+    x0, x1 = torch.randn(3, H), torch.randn(2, H)
+    batch = pb.ExpertBatch(requests=[
+        pb.ExpertRequest(uid="ffn.0", tensors=serialize_tensors([x0])),
+        pb.ExpertRequest(uid="nope.7", tensors=serialize_tensors([x1])),
+        pb.ExpertRequest(uid="ffn.1", tensors=serialize_tensors([x1])),
+    ])
+    reply = stub(ep).ForwardBatch(batch, timeout=30)
+    assert [s.code for s in reply.statuses] == [0, grpc.StatusCode.NOT_FOUND.value[0], 0]
+    assert "nope.7" in reply.statuses[1].details
+    (y0,) = deserialize_tensors(reply.replies[0].tensors)
+    (y1,) = deserialize_tensors(reply.replies[2].tensors)
+    (alone,) = call(ep, "Forward", "ffn.1", [x1])
+    assert torch.allclose(y1, alone, atol=1e-6) and y0.shape == x0.shape
+    # a batch is bounded like the calls it carries
+    too_many = pb.ExpertBatch(requests=[pb.ExpertRequest(uid="ffn.0", tensors=serialize_tensors([x1]))] * 65)
+    code, details = status_of(stub(ep).ForwardBatch, too_many, timeout=30)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "64" in details
+
+
 def test_info_and_ping(nodes):
     ready = nodes["ffn"]
     s = stub(ready["grpc"])

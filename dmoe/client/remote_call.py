@@ -23,13 +23,16 @@ import asyncio
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 import torch
 from google.protobuf.message import DecodeError
 
 from dmoe.errors import BadAnswer, DeadlineExceeded, ExpertCallError, NodeUnreachable, RequestRejected, WireFormatError
-from dmoe.wire.codec import (
+from dmoe.wire.codec import (  # noqa: F401 - FORWARD/BACKWARD: re-exported for the client's modules
+    BACKWARD,
+    FORWARD,
     MAX_UNARY_BYTES,
     OFF_LOOP_BYTES,
     deserialize_tensors,
@@ -40,8 +43,14 @@ from dmoe.wire.codec import (
 from dmoe.wire.proto import expert_pb2 as pb
 from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
 
-FORWARD = "forward"
-BACKWARD = "backward"
+
+class UnarySender(Protocol):
+    """Sends one unary call, maybe batched with others to the same node (``dmoe.client.coalesce``)."""
+
+    async def unary(self, stub: pb_grpc.ExpertServiceStub, endpoint: str, method: str, request: pb.ExpertRequest,
+                    timeout: float) -> pb.ExpertReply: ...
+
+
 _GRACE = 0.25  # seconds the asyncio guard waits beyond the gRPC deadline
 
 
@@ -72,16 +81,20 @@ async def call_expert(
     timeout: float,
     expected: Sequence[TensorSpec] | None = None,
     metadata: Sequence[tuple[str, str]] | None = None,
+    coalescer: UnarySender | None = None,
 ) -> list[torch.Tensor]:
     """Send ``request`` (built by ``build_request``) and return the validated answer tensors.
 
-    ``metadata`` travels with the call (a closed swarm's membership proof, ``dmoe.membership``)."""
+    ``metadata`` travels with the call (a closed swarm's membership proof, ``dmoe.membership``); a
+    ``coalescer`` may send it together with other calls to the same node (unsigned unary calls only)."""
     uid = request.uid
     if timeout <= 0:
         raise DeadlineExceeded(f"no time left to call {uid} at {endpoint}", uid=uid, endpoint=endpoint)
     try:
         async with asyncio.timeout(timeout + _GRACE):
-            if payload_bytes(request.tensors) <= MAX_UNARY_BYTES:
+            if payload_bytes(request.tensors) <= MAX_UNARY_BYTES and coalescer is not None and metadata is None:
+                reply = await coalescer.unary(stub, endpoint, method, request, timeout)
+            elif payload_bytes(request.tensors) <= MAX_UNARY_BYTES:
                 rpc = stub.Forward if method == FORWARD else stub.Backward
                 reply = await rpc(request, timeout=timeout, metadata=metadata)
             else:

@@ -38,6 +38,7 @@ import torch
 import uvloop
 
 from dmoe.client import metrics
+from dmoe.client.coalesce import CallCoalescer
 from dmoe.client.peer_health import PeerHealth
 from dmoe.client.prefix_table import PrefixTable
 from dmoe.client.remote_call import TensorSpec, call_expert
@@ -116,9 +117,11 @@ class Swarm:
         hedge: HedgeOptions | None = None,
         max_channels: int = _SWARM.max_channels,
         start_timeout: float = _SWARM.start_timeout,
+        coalesce: bool = _SWARM.coalesce,
         _dht: hivemind.DHT | None = None,
     ) -> None:
         self.health = PeerHealth(health)
+        self.coalescer = CallCoalescer() if coalesce else None  # one batch RPC per node for a step's calls
         # a closed swarm's member (key + current token): every call it makes is signed; None in an open swarm
         self.member: Member | None = None
         self.certificates: dict[str, bytes] = {}  # key fingerprint -> the node's TLS certificate (pinned)
@@ -381,7 +384,8 @@ class Swarm:
                     else await asyncio.to_thread(payload_digest, chunks)
                 metadata = self.member.metadata(method, request.uid, digest)
             return await call_expert(await self.stub_for(endpoint), request, method=method, endpoint=endpoint,
-                                     timeout=timeout, expected=expected, metadata=metadata)
+                                     timeout=timeout, expected=expected, metadata=metadata,
+                                     coalescer=self.coalescer)
         finally:
             self.health.call_ended(endpoint)
 
@@ -510,6 +514,8 @@ class Swarm:
             "cache_hits": s.cache_hits,
             "searches": s.searches,
             "channels": len(self._channels),
+            "batched_rpcs": self.coalescer.batches if self.coalescer is not None else 0,
+            "batched_calls": self.coalescer.coalesced if self.coalescer is not None else 0,
         }
 
     @property

@@ -103,3 +103,5 @@ class SwarmOptions:
     """gRPC channels kept open at once; the least recently used are closed past it"""
     start_timeout: float = option(60.0, cli=False)
     """seconds joining the DHT may take"""
+    coalesce: bool = option(True, cli=False)
+    """send the calls one step makes to the same node together, as one batch RPC (``dmoe.client.coalesce``)"""

@@ -42,6 +42,9 @@ MIN_8BIT_ELEMENTS = 2048  # below this an 8-bit codebook (1 KB) saves less than 
 
 # One gRPC message carries at most this much tensor payload; bigger requests/replies use the
 # *Stream RPCs, cut into CHUNK_BYTES pieces. Both sides allow MAX_MESSAGE_BYTES per message.
+# the two kinds of expert call (Forward / Backward and their Stream and Batch variants), for client and node alike
+FORWARD = "forward"
+BACKWARD = "backward"
 MAX_UNARY_BYTES = 2 * 1024 * 1024
 # payloads from this size on are decoded and checked in a worker thread, never on an event loop: a
 # loop busy scanning megabytes looks like a stuck node to everyone it serves; below it the thread

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64moe/wire/proto/expert.proto\x12\x04\x64moe\"H\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x12\n\nwire_dtype\x18\x04 \x01(\t\"a\n\rExpertRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x1d\n\x07tensors\x18\x02 \x03(\x0b\x32\x0c.dmoe.Tensor\x12\x13\n\x0b\x63ompression\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x04 \x01(\t\",\n\x0b\x45xpertReply\x12\x1d\n\x07tensors\x18\x01 \x03(\x0b\x32\x0c.dmoe.Tensor\"\x18\n\x05\x43hunk\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x1a\n\x0bInfoRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\"*\n\nTensorSpec\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\xaf\x01\n\nExpertInfo\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x12\n\nexpert_cls\x18\x02 \x01(\t\x12\x12\n\nhidden_dim\x18\x03 \x01(\x05\x12 \n\x06inputs\x18\x04 \x03(\x0b\x32\x10.dmoe.TensorSpec\x12!\n\x07outputs\x18\x05 \x03(\x0b\x32\x10.dmoe.TensorSpec\x12\x16\n\x0enum_parameters\x18\x06 \x01(\x03\x12\x0f\n\x07updates\x18\x07 \x01(\x03\"?\n\tInfoReply\x12!\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x10.dmoe.ExpertInfo\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"\r\n\x0bPingRequest\"M\n\tPingReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\x0c\n\x04load\x18\x03 \x01(\x01\x12\x13\n\x0bnum_experts\x18\x04 \x01(\x05\"*\n\x0cStateRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\"\x90\x01\n\x0bStateHeader\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x12\n\nexpert_cls\x18\x02 \x01(\t\x12\x12\n\nhidden_dim\x18\x03 \x01(\x05\x12\x0f\n\x07updates\x18\x04 \x01(\x03\x12\x0e\n\x06weight\x18\x05 \x01(\x01\x12\r\n\x05round\x18\x06 \x01(\x03\x12\x0c\n\x04size\x18\x07 \x01(\x03\x12\x0e\n\x06sha256\x18\x08 \x01(\t\"@\n\nStateChunk\x12!\n\x06header\x18\x01 \x01(\x0b\x32\x11.dmoe.StateHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"+\n\x0c\x41\x64optRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\".\n\nAdoptReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t2\x90\x03\n\rExpertService\x12\x31\n\x07\x46orward\x12\x13.dmoe.ExpertRequest\x1a\x11.dmoe.ExpertReply\x12\x32\n\x08\x42\x61\x63kward\x12\x13.dmoe.ExpertRequest\x1a\x11.dmoe.ExpertReply\x12-\n\rForwardStream\x12\x0b.dmoe.Chunk\x1a\x0b.dmoe.Chunk(\x01\x30\x01\x12.\n\x0e\x42\x61\x63kwardStream\x12\x0b.dmoe.Chunk\x1a\x0b.dmoe.Chunk(\x01\x30\x01\x12*\n\x04Info\x12\x11.dmoe.InfoRequest\x1a\x0f.dmoe.InfoReply\x12*\n\x04Ping\x12\x11.dmoe.PingRequest\x1a\x0f.dmoe.PingReply\x12\x32\n\x08GetState\x12\x12.dmoe.StateRequest\x1a\x10.dmoe.StateChunk0\x01\x12-\n\x05\x41\x64opt\x12\x12.dmoe.AdoptRequest\x1a\x10.dmoe.AdoptReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64moe/wire/proto/expert.proto\x12\x04\x64moe\"H\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x12\n\nwire_dtype\x18\x04 \x01(\t\"a\n\rExpertRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x1d\n\x07tensors\x18\x02 \x03(\x0b\x32\x0c.dmoe.Tensor\x12\x13\n\x0b\x63ompression\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x04 \x01(\t\",\n\x0b\x45xpertReply\x12\x1d\n\x07tensors\x18\x01 \x03(\x0b\x32\x0c.dmoe.Tensor\"4\n\x0b\x45xpertBatch\x12%\n\x08requests\x18\x01 \x03(\x0b\x32\x13.dmoe.ExpertRequest\"+\n\nPartStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t\"Z\n\x10\x45xpertBatchReply\x12\"\n\x07replies\x18\x01 \x03(\x0b\x32\x11.dmoe.ExpertReply\x12\"\n\x08statuses\x18\x02 \x03(\x0b\x32\x10.dmoe.PartStatus\"\x18\n\x05\x43hunk\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x1a\n\x0bInfoRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\"*\n\nTensorSpec\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\xaf\x01\n\nExpertInfo\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x12\n\nexpert_cls\x18\x02 \x01(\t\x12\x12\n\nhidden_dim\x18\x03 \x01(\x05\x12 \n\x06inputs\x18\x04 \x03(\x0b\x32\x10.dmoe.TensorSpec\x12!\n\x07outputs\x18\x05 \x03(\x0b\x32\x10.dmoe.TensorSpec\x12\x16\n\x0enum_parameters\x18\x06 \x01(\x03\x12\x0f\n\x07updates\x18\x07 \x01(\x03\"?\n\tInfoReply\x12!\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x10.dmoe.ExpertInfo\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"\r\n\x0bPingRequest\"M\n\tPingReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\x0c\n\x04load\x18\x03 \x01(\x01\x12\x13\n\x0bnum_experts\x18\x04 \x01(\x05\"*\n\x0cStateRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\"\x90\x01\n\x0bStateHeader\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x12\n\nexpert_cls\x18\x02 \x01(\t\x12\x12\n\nhidden_dim\x18\x03 \x01(\x05\x12\x0f\n\x07updates\x18\x04 \x01(\x03\x12\x0e\n\x06weight\x18\x05 \x01(\x01\x12\r\n\x05round\x18\x06 \x01(\x03\x12\x0c\n\x04size\x18\x07 \x01(\x03\x12\x0e\n\x06sha256\x18\x08 \x01(\t\"@\n\nStateChunk\x12!\n\x06header\x18\x01 \x01(\x0b\x32\x11.dmoe.StateHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"+\n\x0c\x41\x64optRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\".\n\nAdoptReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t2\x87\x04\n\rExpertService\x12\x31\n\x07\x46orward\x12\x13.dmoe.ExpertRequest\x1a\x11.dmoe.ExpertReply\x12\x32\n\x08\x42\x61\x63kward\x12\x13.dmoe.ExpertRequest\x1a\x11.dmoe.ExpertReply\x12-\n\rForwardStream\x12\x0b.dmoe.Chunk\x1a\x0b.dmoe.Chunk(\x01\x30\x01\x12.\n\x0e\x42\x61\x63kwardStream\x12\x0b.dmoe.Chunk\x1a\x0b.dmoe.Chunk(\x01\x30\x01\x12*\n\x04Info\x12\x11.dmoe.InfoRequest\x1a\x0f.dmoe.InfoReply\x12*\n\x04Ping\x12\x11.dmoe.PingRequest\x1a\x0f.dmoe.PingReply\x12\x39\n\x0c\x46orwardBatch\x12\x11.dmoe.ExpertBatch\x1a\x16.dmoe.ExpertBatchReply\x12:\n\rBackwardBatch\x12\x11.dmoe.ExpertBatch\x1a\x16.dmoe.ExpertBatchReply\x12\x32\n\x08GetState\x12\x12.dmoe.StateRequest\x1a\x10.dmoe.StateChunk0\x01\x12-\n\x05\x41\x64opt\x12\x12.dmoe.AdoptRequest\x1a\x10.dmoe.AdoptReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,30 +37,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPERTREQUEST']._serialized_end=209
   _globals['_EXPERTREPLY']._serialized_start=211
   _globals['_EXPERTREPLY']._serialized_end=255
-  _globals['_CHUNK']._serialized_start=257
-  _globals['_CHUNK']._serialized_end=281
-  _globals['_INFOREQUEST']._serialized_start=283
-  _globals['_INFOREQUEST']._serialized_end=309
-  _globals['_TENSORSPEC']._serialized_start=311
-  _globals['_TENSORSPEC']._serialized_end=353
-  _globals['_EXPERTINFO']._serialized_start=356
-  _globals['_EXPERTINFO']._serialized_end=531
-  _globals['_INFOREPLY']._serialized_start=533
-  _globals['_INFOREPLY']._serialized_end=596
-  _globals['_PINGREQUEST']._serialized_start=598
-  _globals['_PINGREQUEST']._serialized_end=611
-  _globals['_PINGREPLY']._serialized_start=613
-  _globals['_PINGREPLY']._serialized_end=690
-  _globals['_STATEREQUEST']._serialized_start=692
-  _globals['_STATEREQUEST']._serialized_end=734
-  _globals['_STATEHEADER']._serialized_start=737
-  _globals['_STATEHEADER']._serialized_end=881
-  _globals['_STATECHUNK']._serialized_start=883
-  _globals['_STATECHUNK']._serialized_end=947
-  _globals['_ADOPTREQUEST']._serialized_start=949
-  _globals['_ADOPTREQUEST']._serialized_end=992
-  _globals['_ADOPTREPLY']._serialized_start=994
-  _globals['_ADOPTREPLY']._serialized_end=1040
-  _globals['_EXPERTSERVICE']._serialized_start=1043
-  _globals['_EXPERTSERVICE']._serialized_end=1443
+  _globals['_EXPERTBATCH']._serialized_start=257
+  _globals['_EXPERTBATCH']._serialized_end=309
+  _globals['_PARTSTATUS']._serialized_start=311
+  _globals['_PARTSTATUS']._serialized_end=354
+  _globals['_EXPERTBATCHREPLY']._serialized_start=356
+  _globals['_EXPERTBATCHREPLY']._serialized_end=446
+  _globals['_CHUNK']._serialized_start=448
+  _globals['_CHUNK']._serialized_end=472
+  _globals['_INFOREQUEST']._serialized_start=474
+  _globals['_INFOREQUEST']._serialized_end=500
+  _globals['_TENSORSPEC']._serialized_start=502
+  _globals['_TENSORSPEC']._serialized_end=544
+  _globals['_EXPERTINFO']._serialized_start=547
+  _globals['_EXPERTINFO']._serialized_end=722
+  _globals['_INFOREPLY']._serialized_start=724
+  _globals['_INFOREPLY']._serialized_end=787
+  _globals['_PINGREQUEST']._serialized_start=789
+  _globals['_PINGREQUEST']._serialized_end=802
+  _globals['_PINGREPLY']._serialized_start=804
+  _globals['_PINGREPLY']._serialized_end=881
+  _globals['_STATEREQUEST']._serialized_start=883
+  _globals['_STATEREQUEST']._serialized_end=925
+  _globals['_STATEHEADER']._serialized_start=928
+  _globals['_STATEHEADER']._serialized_end=1072
+  _globals['_STATECHUNK']._serialized_start=1074
+  _globals['_STATECHUNK']._serialized_end=1138
+  _globals['_ADOPTREQUEST']._serialized_start=1140
+  _globals['_ADOPTREQUEST']._serialized_end=1183
+  _globals['_ADOPTREPLY']._serialized_start=1185
+  _globals['_ADOPTREPLY']._serialized_end=1231
+  _globals['_EXPERTSERVICE']._serialized_start=1234
+  _globals['_EXPERTSERVICE']._serialized_end=1753
 # @@protoc_insertion_point(module_scope)

@@ -36,6 +36,28 @@ class ExpertReply(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     def __init__(self, tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
+class ExpertBatch(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[ExpertRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[ExpertRequest, _Mapping]]] = ...) -> None: ...
+
+class PartStatus(_message.Message):
+    __slots__ = ("code", "details")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    details: str
+    def __init__(self, code: _Optional[int] = ..., details: _Optional[str] = ...) -> None: ...
+
+class ExpertBatchReply(_message.Message):
+    __slots__ = ("replies", "statuses")
+    REPLIES_FIELD_NUMBER: _ClassVar[int]
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    replies: _containers.RepeatedCompositeFieldContainer[ExpertReply]
+    statuses: _containers.RepeatedCompositeFieldContainer[PartStatus]
+    def __init__(self, replies: _Optional[_Iterable[_Union[ExpertReply, _Mapping]]] = ..., statuses: _Optional[_Iterable[_Union[PartStatus, _Mapping]]] = ...) -> None: ...
+
 class Chunk(_message.Message):
     __slots__ = ("payload",)
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]

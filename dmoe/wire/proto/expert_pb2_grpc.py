@@ -64,6 +64,16 @@ class ExpertServiceStub:
                 request_serializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.PingRequest.SerializeToString,
                 response_deserializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.PingReply.FromString,
                 _registered_method=True)
+        self.ForwardBatch = channel.unary_unary(
+                '/dmoe.ExpertService/ForwardBatch',
+                request_serializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.ExpertBatch.SerializeToString,
+                response_deserializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.ExpertBatchReply.FromString,
+                _registered_method=True)
+        self.BackwardBatch = channel.unary_unary(
+                '/dmoe.ExpertService/BackwardBatch',
+                request_serializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.ExpertBatch.SerializeToString,
+                response_deserializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.ExpertBatchReply.FromString,
+                _registered_method=True)
         self.GetState = channel.unary_stream(
                 '/dmoe.ExpertService/GetState',
                 request_serializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.StateRequest.SerializeToString,
@@ -115,6 +125,18 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForwardBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BackwardBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetState(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -160,6 +182,16 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.Ping,
                     request_deserializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.PingRequest.FromString,
                     response_serializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.PingReply.SerializeToString,
+            ),
+            'ForwardBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForwardBatch,
+                    request_deserializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.ExpertBatch.FromString,
+                    response_serializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.ExpertBatchReply.SerializeToString,
+            ),
+            'BackwardBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.BackwardBatch,
+                    request_deserializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.ExpertBatch.FromString,
+                    response_serializer=dmoe_dot_wire_dot_proto_dot_expert__pb2.ExpertBatchReply.SerializeToString,
             ),
             'GetState': grpc.unary_stream_rpc_method_handler(
                     servicer.GetState,
@@ -334,6 +366,60 @@ class ExpertService:
             '/dmoe.ExpertService/Ping',
             dmoe_dot_wire_dot_proto_dot_expert__pb2.PingRequest.SerializeToString,
             dmoe_dot_wire_dot_proto_dot_expert__pb2.PingReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmoe.ExpertService/ForwardBatch',
+            dmoe_dot_wire_dot_proto_dot_expert__pb2.ExpertBatch.SerializeToString,
+            dmoe_dot_wire_dot_proto_dot_expert__pb2.ExpertBatchReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BackwardBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmoe.ExpertService/BackwardBatch',
+            dmoe_dot_wire_dot_proto_dot_expert__pb2.ExpertBatch.SerializeToString,
+            dmoe_dot_wire_dot_proto_dot_expert__pb2.ExpertBatchReply.FromString,
             options,
             channel_credentials,
             insecure,
