@@ -42,6 +42,19 @@ def test_an_expert_served_again_from_far_fewer_steps_counts_as_state_lost():
     assert states is not None and states.uids == {b: 4.0} and states.lost == [0, 0, 0, 1, 1]
 
 
+def test_an_expert_that_comes_back_with_its_checkpoint_is_not_lost_but_one_still_gone_at_the_end_is():
+    a, b = "layer0.ffn.0", "layer0.ffn.1"
+    swarm = [
+        {**_sample(1, {a: 2, b: 1}), "lineage": {a: 90, b: 50}},
+        {**_sample(2, {}), "lineage": {}},
+        {**_sample(3, {}), "lineage": {}},                          # both gone for 2 samples
+        {**_sample(4, {a: 1}), "lineage": {a: 96}},                 # a: back with its checkpoint's steps
+        {**_sample(5, {a: 2}), "lineage": {a: 99}},                 # b: never back
+    ]
+    states = expert_states_lost(swarm)
+    assert states is not None and states.uids == {b: 3.0}
+
+
 def test_expert_states_lost_needs_two_empty_samples_and_counts_each_uid_once(tmp_path):
     a, b, c = "layer0.ffn.0", "layer0.ffn.1", "layer0.ffn.2"
     swarm = [
@@ -66,8 +79,8 @@ def test_expert_states_lost_needs_two_empty_samples_and_counts_each_uid_once(tmp
     assert summary["expert_states_lost"] == 2 and summary["expert_states_lost_uids"] == [a, b]
     assert summary["experts_at_risk_max"] == 2
     assert json.loads((tmp_path / "summary.json").read_text())["expert_states_lost"] == 2
-    assert "expert states lost (no live holder in 2 consecutive samples, or served again from under half its " \
-           "steps): 2 (layer0.ffn.0, layer0.ffn.1)" in format_table(summary)
+    assert "expert states lost (served again from under half its steps, or without a holder until the end): 2 " \
+           "(layer0.ffn.0, layer0.ffn.1)" in format_table(summary)
 
 
 @pytest.mark.integration  # the first matplotlib import may run fc-list to build its font cache

@@ -26,15 +26,16 @@ Outputs: ``summary.json``, ``report.png`` and a printed table. Definitions used 
   when the step succeeds; an event training did not notice recovers in about one step time. The
   failed calls and skipped steps in between are reported as the event's impact. With several
   trainers the slowest one counts.
-* **expert states lost** (``expert_states_lost``): an expert counts as *state lost* once it had at
-  least one live holder in an earlier coordinator sample and then has zero holders in two
-  consecutive samples (nobody holds its trained weights; a departed volunteer's disk does not
-  count), or once its *lineage* (the most optimizer steps any live holder reports behind its
-  weights, ``lineage`` in the samples) falls below half of the most it ever had, after at least
-  ``LOST_MIN_STEPS`` steps: its holders now serve it from initial weights or a stale checkpoint (a
-  fresh node took it over without its state). Cumulative, each uid once, counted at the sample
-  that shows it. Only samples with per-expert replication take part; a run without any has
-  ``None`` (and no plot panel).
+* **expert states lost** (``expert_states_lost``): an expert's trained state counts as lost when
+  its *lineage* (the most optimizer steps any live holder reports behind its weights, ``lineage``
+  in the samples) falls below half of the most it ever had, after at least ``LOST_MIN_STEPS``
+  steps: its holders now serve it from initial weights or a stale checkpoint (a fresh node took it
+  over without its state, or it came back after having no holder). An expert with no live holder
+  in two consecutive samples counts as lost from then on unless it comes back with its lineage (a
+  volunteer returning with its checkpoint), and counts if it is still without a holder at the end
+  of the run or comes back from a node that reports no lineage (runs before lineage was recorded).
+  Cumulative, each uid once. Only samples with per-expert replication take part; a run without
+  any has ``None`` (and no plot panel).
 """
 
 from __future__ import annotations
@@ -199,25 +200,39 @@ def expert_states_lost(swarm: Sequence[dict[str, Any]]) -> StateLoss | None:
     samples.sort(key=lambda s: s[0])
     held: set[str] = set()  # uids with a live holder in some earlier sample
     empty: dict[str, int] = {}  # uid -> consecutive samples without a holder
+    gap: dict[str, float] = {}  # uid -> when its holders were gone for 2 samples (lost, unless it comes back whole)
     peak: dict[str, int] = {}  # uid -> the largest lineage seen
     lineages = {float(rec["t"]): swarm_lineage(rec) for rec in swarm if "t" in rec}
+    reported = any(lineages.values())
     out = StateLoss([], [], [], {})
     for t, replication in samples:
-        for uid, steps in lineages.get(t, {}).items():
-            if uid not in out.uids and peak.get(uid, 0) >= LOST_MIN_STEPS and steps < peak[uid] / 2:
-                out.uids[uid] = t  # served again, but from far fewer steps: the trained state is gone
+        lineage = lineages.get(t, {})
+        for uid, steps in lineage.items():
+            came_back = gap.pop(uid, None)
+            whole = peak.get(uid, 0) < LOST_MIN_STEPS or steps >= peak[uid] / 2
+            if uid not in out.uids and not whole:  # served again from far fewer steps: the trained state is gone
+                out.uids[uid] = came_back if came_back is not None else t
             peak[uid] = max(peak.get(uid, 0), steps)
         for uid in held:
             if replication.get(uid, 0) > 0:
                 empty[uid] = 0
+                if uid in gap and uid not in lineage:  # back, and nobody says from how many steps: count it
+                    out.uids.setdefault(uid, gap.pop(uid))
                 continue
             empty[uid] = empty.get(uid, 0) + 1
             if empty[uid] >= 2 and uid not in out.uids:
-                out.uids[uid] = t
+                if reported:
+                    gap.setdefault(uid, t)  # lost unless it comes back with its steps
+                else:
+                    out.uids[uid] = t  # nobody reports lineages (older runs): a gap is all we can know
         held.update(uid for uid, n in replication.items() if n > 0)
         out.times.append(t)
         out.lost.append(len(out.uids))
         out.at_risk.append(sum(1 for n in replication.values() if n == 1))
+    for uid, t in gap.items():  # still without a holder at the end of the run
+        out.uids.setdefault(uid, t)
+    if out.lost:
+        out.lost[-1] = len(out.uids)
     return out
 
 
@@ -452,8 +467,8 @@ def format_table(summary: dict[str, Any]) -> str:
     if summary.get("expert_states_lost") is not None:
         lost_uids = summary.get("expert_states_lost_uids") or []
         shown = ", ".join(lost_uids[:8]) + (", ..." if len(lost_uids) > 8 else "")
-        lines.append(f"expert states lost (no live holder in 2 consecutive samples, or served again from under half "
-                     f"its steps): "
+        lines.append(f"expert states lost (served again from under half its steps, or without a holder until the "
+                     f"end): "
                      f"{summary['expert_states_lost']}" + (f" ({shown})" if shown else "")
                      + f"; most experts at risk (one holder) at once: {summary.get('experts_at_risk_max')}")
     if summary["event_errors"]:
@@ -480,8 +495,8 @@ def plot(run: RunData, summary: dict[str, Any], path: Path) -> None:
                      label="experts at risk (one live holder)")
         ax_lost.set_ylabel("experts")
         ax_lost.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax_lost.set_title(f"expert states lost: {len(states.uids)} (no live holder in 2 consecutive samples, or "
-                          "served again from under half its steps)", fontsize=9)
+        ax_lost.set_title(f"expert states lost: {len(states.uids)} (served again from under half its steps, or "
+                          "without a holder until the end)", fontsize=9)
     t0 = run.t0
     for name in run.trainers:
         steps = run.steps(name)
