@@ -111,13 +111,16 @@ class ActivationCache:
                 del self._by_call[call]
 
 
-def saved_bytes_counter() -> tuple[list[int], torch.autograd.graph.saved_tensors_hooks]:
-    """A context that counts the bytes autograd saves for backward (``[total]``, the hooks)."""
+def saved_bytes_counter(
+    params: Sequence[torch.Tensor] = (),
+) -> tuple[list[int], torch.autograd.graph.saved_tensors_hooks]:
+    """A context that counts the bytes autograd saves for backward (``[total]``, the hooks); tensors that share
+    storage with ``params`` (the expert's own weights, saved by reference) cost nothing extra and are not counted."""
     total = [0]
-    seen: set[int] = set()
+    seen: set[int] = {p.untyped_storage().data_ptr() for p in params}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        key = t.untyped_storage().data_ptr()
         if key not in seen:  # views of one storage count once
             seen.add(key)
             total[0] += t.untyped_storage().nbytes()

@@ -94,7 +94,7 @@ class ExpertBackend:
         """Forward with autograd, keeping the graph in ``cache`` for the backward of ``calls`` (id -> rows)."""
         with self.lock:
             leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in self._to_device(inputs)]
-            saved, hooks = saved_bytes_counter()
+            saved, hooks = saved_bytes_counter(list(self.module.parameters()))
             with torch.enable_grad(), hooks:
                 outputs = _as_list(self.module(*leaves))
             nbytes = saved[0] + sum(o.numel() * o.element_size() for o in outputs)
