@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -382,6 +383,26 @@ def summarize(run: RunData) -> dict[str, Any]:
         "expert_states_lost": None if states is None else len(states.uids),
         "expert_states_lost_uids": None if states is None else sorted(states.uids, key=states.uids.__getitem__),
         "experts_at_risk_max": None if states is None else max(states.at_risk, default=0),
+        "machine": machine_summary(run),
+    }
+
+
+def machine_summary(run: RunData) -> dict[str, Any]:
+    """Was the machine itself the bottleneck? Load average and CPU steal over the run (coordinator samples),
+    and the nodes' CPU budget: enforced or not, and how long they sat throttled at it."""
+    loads = [float(r["load"]) for r in run.swarm if isinstance(r.get("load"), int | float)]
+    steals = [float(r["steal_pct"]) for r in run.swarm if isinstance(r.get("steal_pct"), int | float)]
+    cpus = run.run.get("cpus") or os.cpu_count() or 1
+    load_mean = statistics.fmean(loads) if loads else None
+    throttled = run.run.get("cpu_throttled_s") or {}
+    return {
+        "cpus": cpus,
+        "load_mean": load_mean,
+        "load_max": max(loads, default=None),
+        "steal_pct_max": max(steals, default=None),
+        "cpu_bound": load_mean is not None and load_mean > cpus,
+        "cpu_budget": run.run.get("cpu_budget"),
+        "throttled_s_total": round(sum(throttled.values()), 3) if throttled else None,
     }
 
 
@@ -471,6 +492,19 @@ def format_table(summary: dict[str, Any]) -> str:
                      f"end): "
                      f"{summary['expert_states_lost']}" + (f" ({shown})" if shown else "")
                      + f"; most experts at risk (one holder) at once: {summary.get('experts_at_risk_max')}")
+    machine = summary.get("machine") or {}
+    if machine.get("load_mean") is not None:
+        budget = machine.get("cpu_budget") or {}
+        text = (f"machine: load {machine['load_mean']:.1f} mean / {machine['load_max']:.1f} max on {machine['cpus']} "
+                f"CPUs" + (" -- CPU-bound: the machine, not the swarm, set the pace" if machine["cpu_bound"] else ""))
+        if machine.get("steal_pct_max"):
+            text += f"; CPU steal up to {machine['steal_pct_max']:.1f} %"
+        if budget.get("node_cores") is not None:
+            throttled = machine["throttled_s_total"] or 0
+            text += (f"; node CPU budget {budget['node_cores']:g} cores "
+                     + (f"(enforced, cgroup {budget['cgroup']}; throttled {throttled:.0f} s in all)"
+                        if budget.get("enforced") else f"NOT enforced: {budget.get('why_not')}"))
+        lines.append(text)
     if summary["event_errors"]:
         lines.append(f"WARNING: {len(summary['event_errors'])} event(s) could not be applied (see events.jsonl)")
     return "\n".join(lines)

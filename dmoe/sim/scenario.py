@@ -19,7 +19,7 @@ Layout (all sections optional except where noted; see ``scenarios/*.toml`` for d
 
     [swarm]     nodes, trainers, layers, grid, replicas, hidden_dim, expert_cls, bootstrap, nat_share,
                 late_nodes, capacity
-    [node]      announce_ttl_s, checkpoint_interval_s, extra_args
+    [node]      announce_ttl_s, checkpoint_interval_s, extra_args, cpu_cores
     [trainer]   batch_size, block_size, n_head, k_best, k_min, lr, eval_every, eval_batches, steps,
                 forward_timeout_s, backward_timeout_s, timeout_after_k_min_s, compression, max_data_mb,
                 target_batch_size, extra_args
@@ -138,6 +138,9 @@ class NodeSpec:
     announce_ttl_s: float = default_of(NodeConfig, "announce_ttl")
     checkpoint_interval_s: float = default_of(NodeConfig, "checkpoint_interval")
     extra_args: tuple[str, ...] = ()
+    # a hard CPU quota per node process, in cores (dmoe.sim.cpu_budget): a departed node then frees nothing for the
+    # others, as on real volunteers' machines; None: unlimited (processes share the machine)
+    cpu_cores: float | None = None
 
 
 @dataclass(frozen=True)
@@ -447,6 +450,7 @@ def _parse_node(t: _Table) -> NodeSpec:
         announce_ttl_s=t.number("announce_ttl_s", d.announce_ttl_s, lo=0, lo_open=True),
         checkpoint_interval_s=t.number("checkpoint_interval_s", d.checkpoint_interval_s, lo=0, lo_open=True),
         extra_args=t.strings("extra_args"),
+        cpu_cores=t.number("cpu_cores", d.cpu_cores, lo=0, lo_open=True),
     )
     t.done()
     return spec

@@ -49,6 +49,7 @@ from typing import IO, Any
 
 from dmoe.config.sim import SimulationOptions
 from dmoe.sim.churn import ChurnEvent, ChurnModel, Timeline
+from dmoe.sim.cpu_budget import CpuBudgets, StealMeter
 from dmoe.sim.launcher import DmoeProcess, ProcessFailed
 from dmoe.sim.links import LinkEmulator, LinkModel
 from dmoe.sim.report import swarm_lineage, swarm_replication, write_report
@@ -156,6 +157,8 @@ class Simulation:
         self.http: str | None = None
         self.initial_peers: list[str] = []
         self.reaper: Reaper | None = None
+        self.budgets: CpuBudgets | None = None  # [node] cpu_cores: each node's hard CPU quota (cgroups)
+        self._steal = StealMeter()  # is the machine itself short of CPU (a VM's host taking it back)?
         self.t0_mono = 0.0
         self.t0_wall = 0.0
         self.started = False
@@ -184,6 +187,9 @@ class Simulation:
     def _launch(self, proc: DmoeProcess) -> DmoeProcess:
         self._exited_reported.discard(proc.name)
         proc.start()
+        cores = self.scenario.node.cpu_cores
+        if self.budgets is not None and cores is not None and proc.name.startswith("node"):
+            self.budgets.limit(proc.name, proc.pid, cores)  # before it spawns its p2p daemon: that shares it
         if self.reaper is not None:
             self.reaper.watch(proc.pid)
         self._note_process(proc.name, proc.pid)
@@ -209,6 +215,11 @@ class Simulation:
                        "proxy": n.link.address, "behind_nat": behind_nat(sc.with_seed(self.seed), n.index),
                        "announced": n.announced} for n in self.nodes],
             "planned_events": [e.to_dict() for e in self.timeline.events],
+            "cpu_budget": {"node_cores": sc.node.cpu_cores,
+                           "enforced": bool(self.budgets is not None and self.budgets.available),
+                           "cgroup": self.budgets.version if self.budgets is not None else None,
+                           "why_not": self.budgets.why_not if self.budgets is not None else None},
+            "cpus": os.cpu_count(),
             "skipped_events": list(self.timeline.skipped),
             **extra,
         }
@@ -238,6 +249,11 @@ class Simulation:
         loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="simulate"))
         self.reaper = Reaper()
         self._note_process("reaper", self.reaper.proc.pid)
+        if self.scenario.node.cpu_cores is not None:
+            self.budgets = CpuBudgets()
+            if not self.budgets.available:
+                logger.warning("[node] cpu_cores = %g is NOT enforced: %s; nodes share the machine's CPUs",
+                               self.scenario.node.cpu_cores, self.budgets.why_not)
         try:
             await self._start_swarm()
             await self._play()
@@ -255,6 +271,9 @@ class Simulation:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             self.reaper.close()
+            throttled = self.budgets.throttled_s() if self.budgets is not None else {}
+            if self.budgets is not None:
+                self.budgets.close()
             for f in (self._events_file, self._swarm_file):
                 if f is not None:
                     f.close()
@@ -263,7 +282,7 @@ class Simulation:
                 raise error
             return None
         self._write_run(elapsed_s=elapsed, stopped_by=self.stopped_by, trainer_exit_codes=[
-            t.proc.returncode if t.proc else None for t in self.trainers])
+            t.proc.returncode if t.proc else None for t in self.trainers], cpu_throttled_s=throttled)
         if error is not None:
             logger.error("simulation stopped by %s: %s", type(error).__name__, error)
         summary = await asyncio.to_thread(write_report, self.out, plot_png=self.options.plot)
@@ -552,6 +571,7 @@ class Simulation:
                 prefixes = status.get("prefixes") or {}
                 layers = {k: p for k, p in prefixes.items() if str(p.get("prefix", "")).startswith("layer")}
                 rec = {"t": round(self.now(), 3), "wall": round(time.time(), 3), "nodes": len(status.get("nodes", [])),
+                       "load": round(os.getloadavg()[0], 2), "steal_pct": self._steal.sample(),
                        "experts_alive": sum(int(p.get("alive", 0)) for p in layers.values()),
                        "replication": swarm_replication({"prefixes": layers}) or {},
                        "lineage": swarm_lineage({"prefixes": layers})}
