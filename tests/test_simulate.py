@@ -273,3 +273,32 @@ duration_s = 500
         if proc.poll() is None:
             proc.kill()
     assert not wait_for_no_leftovers(out, watcher, timeout=30)
+
+
+def test_a_late_volunteer_joins_with_experts_auto_under_a_cpu_budget(tmp_path):
+    """``[swarm] late_nodes`` + a ``join`` event start a fresh ``--experts auto`` node mid-run; ``[node] cpu_cores``
+    puts every node under a hard CPU quota, and the run records whether it was enforced."""
+    text = SMALL_SWARM.format(name="late", duration=30).replace("nodes = 3\n", "nodes = 3\nlate_nodes = 1\n")
+    text = text.replace("[node]\n", "[node]\ncpu_cores = 0.5\n")
+    scenario = tmp_path / "late.toml"
+    scenario.write_text(text + """
+[[events]]
+at_s = 5
+action = "join"
+nodes = [3]
+""")
+    out = tmp_path / "run"
+    proc = simulate([str(scenario), "--out", str(out), "--no-progress", "--no-plot"])
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output[-4000:]
+    events = read_jsonl(out / "events.jsonl")
+    assert ("join", 3) in [(e["action"], e.get("node")) for e in events]
+    assert ("ready", 3) in [(e["action"], e.get("node")) for e in events]
+    late_log = (out / "logs" / "node3.log").read_text()
+    assert "--experts auto" in late_log and "--experts auto: chose" in late_log, late_log[-2000:]
+    run = json.loads((out / "run.json").read_text())
+    budget = run["cpu_budget"]
+    assert budget["node_cores"] == 0.5 and (budget["enforced"] or budget["why_not"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["machine"]["cpu_budget"] == budget
+    assert "node CPU budget 0.5 cores" in output

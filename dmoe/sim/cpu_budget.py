@@ -60,7 +60,10 @@ class CpuBudgets:
 
     @property
     def available(self) -> bool:
-        return self.base is not None
+        """Groups can be (and, until ``close``, are being) made: the budget is enforced."""
+        return self.base is not None or self.enforced
+
+    enforced = False  # set once a process was actually limited (stays True after close, for the record)
 
     def limit(self, name: str, pid: int, cores: float) -> bool:
         """Put process ``pid`` (and what it spawns from now on) under a quota of ``cores`` CPUs."""
@@ -81,6 +84,7 @@ class CpuBudgets:
             return False
         if group not in self.groups:
             self.groups.append(group)
+        self.enforced = True
         return True
 
     def throttled_s(self) -> dict[str, float]:
