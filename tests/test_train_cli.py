@@ -53,6 +53,29 @@ def test_print_node_command_hosts_every_expert_of_the_default_model(capsys):
     assert flags["--hidden-dim"] == "128" and flags["--expert-cls"] == "ffn" and flags["--seed"] == "0"
 
 
+def test_print_node_command_auto_placement_prints_self_placing_nodes_of_the_same_capacity(capsys):
+    assert dmoe_main(["train", "--print-node-command", "--nodes", "3", "--replicas", "2", "--auto-placement"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        flags = dict(zip(shlex.split(line)[2::2], shlex.split(line)[3::2], strict=True))
+        # 32 experts x 2 replicas over 3 nodes: the fixed placement's largest share, 22
+        assert flags["--experts"] == "auto" and flags["--capacity"] == "22" and flags["--replicas"] == "2"
+    from dmoe.node.cli import build_parser, config_from_args  # the printed command is a valid dmoe node command
+
+    config = config_from_args(build_parser().parse_args(shlex.split(lines[0])[2:]))
+    assert config.auto and config.max_experts == 22
+
+
+def test_node_help_states_the_auto_capacity_default(capsys):
+    from dmoe.node.cli import build_parser
+
+    from dmoe.config.node import AUTO_CAPACITY
+
+    help_text = " ".join(build_parser().format_help().split())
+    assert f"or {AUTO_CAPACITY} with --experts auto" in help_text  # the help's number is the one the code uses
+
+
 @pytest.mark.integration
 def test_startup_check_names_the_mismatch_or_the_missing_prefix(launch):
     node = launch("node", ["--experts", "layer0.ffn.[0:2].[0:2]", "--hidden-dim", "64", "--host", "127.0.0.1"],
