@@ -64,7 +64,6 @@ class ExpertKeeper:
         self._task: asyncio.Task | None = None
         self._adopting: set[str] = set()
         self.closing = False
-        self.lost: list[str] = []  # experts started from initial weights although wanted: nobody held their state
 
     # ---- what the swarm holds and wants ----
 
@@ -85,6 +84,11 @@ class ExpertKeeper:
         """Live holders of each uid other than this node (one batched lookup per grid level)."""
         found = await asyncio.wait_for(self.registry.find_experts(list(uids)), _LOOKUP_TIMEOUT)
         return {uid: _distinct_owners([e for e in eps if e.owner != self.own_owner]) for uid, eps in found.items()}
+
+    def _need(self, found: dict[str, list[ExpertEndpoint]]) -> tuple[dict[str, int], dict[str, float]]:
+        """Live holders (this node included) and announced load of each uid: what placement ranks by."""
+        counts = {u: len(eps) + (1 if u in self.backends else 0) for u, eps in found.items()}
+        return counts, {u: sum(e.load for e in eps) for u, eps in found.items()}
 
     # ---- state transfer ----
 
@@ -141,8 +145,7 @@ class ExpertKeeper:
         if not wanted:
             return []
         found = await self.holders(wanted)
-        loads = {uid: sum(e.load for e in eps) for uid, eps in found.items()}
-        counts = {u: len(eps) for u, eps in found.items()}
+        counts, loads = self._need(found)
         chosen = neediest(wanted, counts, loads, exclude=list(self.backends), salt=self.node_id())[:count]
         log.info("--experts auto: chose %s (live holders: %s)", ", ".join(chosen),
                  ", ".join(str(counts.get(u, 0)) for u in chosen))
@@ -162,7 +165,6 @@ class ExpertKeeper:
                 log.warning("not adopting expert %s: %s", uid, what)
                 return False
             if not holders:
-                self.lost.append(uid)
                 log.warning("expert %s has no live holder: serving it from its initial weights (its trained state, "
                             "if any, is lost)", uid)
             ok = await self.add(uid, backend)
@@ -205,8 +207,7 @@ class ExpertKeeper:
             return None
         mine = list(self.backends)
         found = await self.holders(wanted)
-        counts = {u: len(eps) + (1 if u in self.backends else 0) for u, eps in found.items()}
-        loads = {uid: sum(e.load for e in eps) for uid, eps in found.items()}
+        counts, loads = self._need(found)
         if spare > 0:
             ranked = neediest(wanted, counts, loads, exclude=mine, salt=self.node_id())
             needy = [u for u in ranked if counts.get(u, 0) < self.config.replicas]

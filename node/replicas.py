@@ -96,7 +96,6 @@ class ReplicaSync:
         self.snapshots: dict[tuple[str, int], ExpertState] = {}
         self._task: asyncio.Task | None = None
         self._rounds: set[asyncio.Task] = set()
-        self.last_round: dict[str, int] = {}  # uid -> replicas merged with in the last completed round
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="dmoe-replica-sync")
@@ -146,7 +145,6 @@ class ReplicaSync:
         await asyncio.sleep(self.settle)
         merged_with = dict(zip(others, await asyncio.gather(
             *(self._sync_expert(uid, eps, round_, deadline) for uid, eps in others.items())), strict=True))
-        self.last_round = merged_with
         return merged_with
 
     async def _sync_expert(self, uid: str, endpoints: list[str], round_: int, deadline: float) -> int:

@@ -43,6 +43,7 @@ class CpuBudgets:
         root, self.version, self.why_not = _writable_root()
         self.groups: list[Path] = []
         self.base: Path | None = None
+        self.enforced = False  # a process was actually limited (stays True after close, for the record)
         if root is None:
             return
         base = root / f"dmoe-{os.getpid()}"
@@ -60,10 +61,8 @@ class CpuBudgets:
 
     @property
     def available(self) -> bool:
-        """Groups can be (and, until ``close``, are being) made: the budget is enforced."""
-        return self.base is not None or self.enforced
-
-    enforced = False  # set once a process was actually limited (stays True after close, for the record)
+        """Groups can be made here (until ``close``)."""
+        return self.base is not None
 
     def limit(self, name: str, pid: int, cores: float) -> bool:
         """Put process ``pid`` (and what it spawns from now on) under a quota of ``cores`` CPUs."""

@@ -151,23 +151,22 @@ def alive_series(run: RunData) -> tuple[list[float], dict[str, list[int]]]:
     return cuts, series
 
 
-def swarm_replication(status: dict[str, Any]) -> dict[str, int] | None:
-    """Uid -> live holders from a coordinator ``/status`` (or a swarm.jsonl sample); None if it has none.
-
-    A sample's own ``replication`` wins; else the ``replication`` of every prefix in ``prefixes``
-    (coordinators before issue 15 have none). An expert without holders is absent or 0.
-    """
-    flat = status.get("replication")
+def _per_expert(status: dict[str, Any], key: str) -> dict[str, int] | None:
+    """Uid -> ``key`` (a per-expert table): the sample's own table, else the union of its prefixes' tables;
+    None when neither exists."""
+    flat = status.get(key)
     if isinstance(flat, dict):
         return {str(uid): int(n) for uid, n in flat.items()}
     prefixes = status.get("prefixes")
-    if not isinstance(prefixes, dict):
-        return None
-    tables = [p.get("replication") for p in prefixes.values() if isinstance(p, dict)]
+    tables = [p.get(key) for p in prefixes.values() if isinstance(p, dict)] if isinstance(prefixes, dict) else []
     tables = [table for table in tables if isinstance(table, dict)]
-    if not tables:
-        return None
-    return {str(uid): int(n) for table in tables for uid, n in table.items()}
+    return {str(uid): int(n) for table in tables for uid, n in table.items()} if tables else None
+
+
+def swarm_replication(status: dict[str, Any]) -> dict[str, int] | None:
+    """Uid -> live holders from a coordinator ``/status`` (or a swarm.jsonl sample); None if it has none
+    (coordinators before issue 15). An expert without holders is absent or 0."""
+    return _per_expert(status, "replication")
 
 
 LOST_MIN_STEPS = 20  # an expert trained less than this had no state worth counting as lost
@@ -175,12 +174,7 @@ LOST_MIN_STEPS = 20  # an expert trained less than this had no state worth count
 
 def swarm_lineage(status: dict[str, Any]) -> dict[str, int]:
     """Uid -> lineage (optimizer steps behind its weights) from a sample's ``lineage`` or its prefixes'."""
-    flat = status.get("lineage")
-    if isinstance(flat, dict):
-        return {str(uid): int(n) for uid, n in flat.items()}
-    prefixes = status.get("prefixes")
-    tables = [p.get("lineage") for p in prefixes.values() if isinstance(p, dict)] if isinstance(prefixes, dict) else []
-    return {str(uid): int(n) for table in tables if isinstance(table, dict) for uid, n in table.items()}
+    return _per_expert(status, "lineage") or {}
 
 
 @dataclass

@@ -216,8 +216,7 @@ class Simulation:
                        "announced": n.announced} for n in self.nodes],
             "planned_events": [e.to_dict() for e in self.timeline.events],
             "cpu_budget": {"node_cores": sc.node.cpu_cores,
-                           "enforced": bool(self.budgets is not None and (self.budgets.enforced or
-                                                                            self.budgets.base is not None)),
+                           "enforced": self.budgets is not None and self.budgets.enforced,
                            "cgroup": self.budgets.version if self.budgets is not None else None,
                            "why_not": self.budgets.why_not if self.budgets is not None else None},
             "cpus": os.cpu_count(),
