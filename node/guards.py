@@ -8,9 +8,12 @@ In an open swarm anyone may call ``Backward`` (a closed swarm checks membership 
   expert and layer, so the default leaves honest trainers far below it.
 * ``GradientGuard``: per expert, the running mean and spread of ``log`` of the incoming output
   gradient's RMS (per row). After ``WARMUP`` accepted calls, a gradient more than ``band`` times
-  away from the running geometric mean (and outside 6 spreads) is refused with
-  ``INVALID_ARGUMENT`` and counted; refused ones do not move the statistics, so a flood of huge
-  gradients cannot drag the band along. Honest gradients shrink slowly as training converges,
+  *above* the running geometric mean (and above 6 spreads) is refused with ``INVALID_ARGUMENT``
+  and counted; refused ones do not move the statistics, so a flood of huge gradients cannot drag
+  the band along. The band is one-sided: a gradient far *below* the level cannot harm an expert
+  (honest trainers send them for tokens that gave the expert almost no gate weight), so it is
+  accepted, but it does not move the statistics either, or a flood of tiny gradients would pull
+  the ceiling down onto honest trainers. Honest gradients shrink slowly as training converges,
   which the running statistics follow. The parameter update is also clipped
   (``--clip-grad-norm``) whatever passes.
 """
@@ -72,10 +75,12 @@ class GradientGuard:
         value = math.log(rms)
         stats = self._stats.setdefault(uid, _Stats())
         if stats.accepted >= WARMUP:
-            spread = math.sqrt(stats.var)
-            if abs(value - stats.mean) > max(math.log(self.band), 6.0 * spread):
-                return (f"output gradient RMS {rms:.3g} is more than {self.band:g}x away from this expert's running "
+            margin = max(math.log(self.band), 6.0 * math.sqrt(stats.var))
+            if value - stats.mean > margin:
+                return (f"output gradient RMS {rms:.3g} is more than {self.band:g}x above this expert's running "
                         f"level {math.exp(stats.mean):.3g}; refused (--grad-norm-band)")
+            if stats.mean - value > margin:
+                return None  # harmless, but no evidence about the honest level
         stats.accepted += 1
         alpha = max(_ALPHA, 1.0 / stats.accepted)
         delta = value - stats.mean

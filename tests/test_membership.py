@@ -232,6 +232,8 @@ def test_guards_alone():
     for i in range(WARMUP):
         assert guard.check("e", torch.full((3, 4), 1.0 + 0.01 * i)) is None
     assert guard.check("e", torch.full((3, 4), 500.0)) is not None
-    assert guard.check("e", torch.full((3, 4), 0.001)) is not None  # far too small is just as implausible
-    assert guard.check("e", torch.full((3, 4), 5.0)) is None
+    for _ in range(200):  # far smaller gradients are harmless (lightly gated tokens) and pass ...
+        assert guard.check("e", torch.full((3, 4), 1e-4)) is None
+    assert guard.check("e", torch.full((3, 4), 5.0)) is None  # ... without pulling the ceiling down
+    assert guard.check("e", torch.full((3, 4), 500.0)) is not None
     assert guard.check("other", torch.full((3, 4), 500.0)) is None  # per expert: still warming up

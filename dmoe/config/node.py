@@ -99,8 +99,9 @@ class NodeConfig:
     RESOURCE_EXHAUSTED; 0 disables. A trainer sends one per chosen expert on this node and layer per step, so
     even a fast one stays well below it (several trainers behind one home router share it)"""
     grad_norm_band: float = option(100.0, parse=non_negative_float, group="batching and limits")
-    """open swarm: refuse a Backward whose output-gradient RMS is more than this many times away from the expert's
-    running level (INVALID_ARGUMENT, counted in dmoe_node_rejections{reason="grad_norm"}); 0 disables"""
+    """open swarm: refuse a Backward whose output-gradient RMS is more than this many times above the expert's
+    running level (INVALID_ARGUMENT, counted in dmoe_node_rejections{reason="grad_norm"}); far smaller ones are
+    harmless and pass; 0 disables"""
 
     checkpoint_dir: str | None = option(None, group="checkpoints and metrics")
     """directory for checkpoints; none disables them"""
