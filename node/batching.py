@@ -6,10 +6,15 @@ Design
   ``num_workers`` threads. The loop never runs torch code except cheap input checks.
 * Requests are queued per ``(uid, kind, batch signature)`` (kind = forward/backward, signature =
   dtypes and trailing shapes), so one queue's requests can be concatenated along dim 0.
-* When a worker is free, the scheduler picks, among experts not already being computed, the
-  queue whose *oldest* request has waited longest (fair across experts: a busy expert cannot
-  starve a quiet one) and takes requests oldest-first up to ``max_batch_size`` rows (a single
-  larger request still runs, alone).
+* Fair across peers (start-time fair queueing, by rows): each request gets a start tag,
+  ``max(virtual time, the finish tag of that peer's previous request)``, and finishes ``rows``
+  later; the virtual time is the tag of the request most recently started. A queue is a heap by
+  tag. When a worker is free, the scheduler picks, among experts not already being computed,
+  the queue whose smallest tag is smallest, and takes requests in tag order up to
+  ``max_batch_size`` rows (a single larger request still runs, alone). A peer that keeps many
+  rows queued thus gets its share and no more: another peer's request is tagged at the present
+  virtual time and goes ahead of the flood's backlog, waiting at most for the batch in compute.
+  With one peer this is first come, first served; a busy expert cannot starve a quiet one.
 * No added latency for a lone client: with an idle worker a batch starts at once. Requests that
   arrive while the workers are busy pile up and form the next batch. ``max_batch_delay_ms`` > 0
   lets an idle worker wait that long for a partial batch to fill (it bounds the wait of the
@@ -27,10 +32,10 @@ Design
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -61,6 +66,15 @@ class Task:
     future: asyncio.Future
     enqueued: float = field(default=0.0)
     call_id: str = ""  # the trainer's id of this call, the same in its forward and backward
+    peer: str = ""  # the caller's address: the unit of fairness
+    tag: float = 0.0  # start tag of the fair queueing (see the module docstring)
+    seq: int = 0  # arrival order, breaks ties between equal tags
+
+    def __lt__(self, other: Task) -> bool:  # heap order
+        return (self.tag, self.seq) < (other.tag, other.seq)
+
+
+_MAX_PEERS = 65536  # finish tags kept; idle peers' are dropped first
 
 
 class BatchScheduler:
@@ -77,7 +91,10 @@ class BatchScheduler:
         self.executor = ThreadPoolExecutor(max_workers=options.num_workers, thread_name_prefix="dmoe-expert")
         self.cache = ActivationCache(max_bytes=int(options.activation_cache_mb * 2**20), ttl=options.activation_cache_s)
         self.idle_workers = options.num_workers
-        self.queues: dict[tuple, deque[Task]] = {}
+        self.queues: dict[tuple, list[Task]] = {}  # heaps by (tag, seq)
+        self.virtual_time = 0.0
+        self._finish: dict[str, float] = {}  # peer -> finish tag of its latest request
+        self._seq = itertools.count()
         self.busy_uids: set[str] = set()
         self.queued_rows = 0
         self.queued_requests = 0
@@ -110,21 +127,31 @@ class BatchScheduler:
 
     async def submit(
         self, uid: str, kind: str, tensors: list[torch.Tensor], *, rows: int, signature: tuple,
-        compression: str, timeout: float | None, call_id: str = "",
+        compression: str, timeout: float | None, call_id: str = "", peer: str = "",
     ) -> list[pb.Tensor]:
-        """Queue one validated request and wait for its serialized reply tensors."""
+        """Queue one validated request of ``peer`` and wait for its serialized reply tensors."""
         loop = self._loop = asyncio.get_running_loop()
         self.admit(rows)  # again: the queue may have grown while this request was decoded
         now = loop.time()
         task = Task(
             uid=uid, kind=kind, tensors=tensors, rows=rows, signature=signature, compression=compression,
             deadline=None if timeout is None else now + timeout, future=loop.create_future(), enqueued=now,
-            call_id=call_id,
+            call_id=call_id, peer=peer, tag=self._tag(peer, rows), seq=next(self._seq),
         )
-        self.queues.setdefault((uid, kind, signature), deque()).append(task)
+        heapq.heappush(self.queues.setdefault((uid, kind, signature), []), task)
         self._count(+1, rows)
         self._dispatch()
         return await task.future
+
+    def _tag(self, peer: str, rows: int) -> float:
+        if len(self._finish) >= _MAX_PEERS and peer not in self._finish:
+            # a flood of addresses: forget the idle ones (their tags are behind the virtual time anyway)
+            self._finish = {p: f for p, f in self._finish.items() if f > self.virtual_time}
+            if len(self._finish) >= _MAX_PEERS:
+                self._finish.clear()
+        start = max(self.virtual_time, self._finish.get(peer, 0.0))
+        self._finish[peer] = start + max(rows, 1)
+        return start
 
     def _count(self, requests: int, rows: int) -> None:
         self.queued_requests += requests
@@ -138,17 +165,17 @@ class BatchScheduler:
 
     # ---- scheduling ----
 
-    def _prune(self, queue: deque[Task], now: float) -> None:
+    def _prune(self, queue: list[Task], now: float) -> None:
         """Drop cancelled requests and requests past their deadline from the head of a queue."""
         while queue:
             task = queue[0]
             if task.future.done():  # the client went away (cancelled, usually by its deadline)
-                queue.popleft()
+                heapq.heappop(queue)
                 self._count(-1, -task.rows)
                 if task.deadline is not None and now >= task.deadline:
                     self.metrics.rejections.labels("deadline").inc()
             elif task.deadline is not None and now >= task.deadline:
-                queue.popleft()
+                heapq.heappop(queue)
                 self._count(-1, -task.rows)
                 self.metrics.rejections.labels("deadline").inc()
                 task.future.set_exception(
@@ -171,7 +198,7 @@ class BatchScheduler:
         delay = self.options.max_batch_delay_ms / 1000.0
         while self.idle_workers > 0:
             now = loop.time()
-            best_key, best_time, wake_at = None, float("inf"), float("inf")
+            best_key, best_head, wake_at = None, None, float("inf")
             for key, queue in list(self.queues.items()):
                 self._prune(queue, now)
                 if not queue:
@@ -179,12 +206,13 @@ class BatchScheduler:
                     continue
                 if key[0] in self.busy_uids:
                     continue
-                head = queue[0].enqueued
-                if delay > 0 and now < head + delay and sum(t.rows for t in queue) < self.options.max_batch_size:
-                    wake_at = min(wake_at, head + delay)
+                head = queue[0]
+                oldest = min(t.enqueued for t in queue) if delay > 0 else 0.0
+                if delay > 0 and now < oldest + delay and sum(t.rows for t in queue) < self.options.max_batch_size:
+                    wake_at = min(wake_at, oldest + delay)
                     continue
-                if head < best_time:
-                    best_key, best_time = key, head
+                if best_head is None or head < best_head:
+                    best_key, best_head = key, head
             if best_key is None:
                 if wake_at < float("inf"):
                     self._timer = loop.call_at(wake_at, self._dispatch)
@@ -196,12 +224,13 @@ class BatchScheduler:
         batch: list[Task] = []
         rows = 0
         while queue and (not batch or rows + queue[0].rows <= self.options.max_batch_size):
-            task = queue.popleft()
+            task = heapq.heappop(queue)
             self._count(-1, -task.rows)
             if task.future.done():
                 continue
             batch.append(task)
             rows += task.rows
+            self.virtual_time = max(self.virtual_time, task.tag)
         if not queue:
             del self.queues[key]
         if not batch:

@@ -5,7 +5,10 @@ queue admission (from the declared shape, before any decoding) -> decode tensors
 -> queue -> reply.
 Decoding, the NaN scan and stream reassembly of payloads from ``OFF_LOOP_BYTES`` on run in a
 worker thread, so one client's megabytes never stall the loop every other client's calls need.
-Each refusal becomes a gRPC status with a message naming the problem:
+A peer over its ``--max-calls-per-peer`` gets its refusal after ``_HOLD_SECONDS`` (at most
+``_HELD_REFUSALS`` held at once, the rest at once): a flooder retrying in a tight loop would otherwise
+spend this loop's time on refusals that every other caller needs. Each refusal becomes a gRPC status
+with a message naming the problem:
 
 =====================================  ====================
 unknown uid                            NOT_FOUND
@@ -72,6 +75,8 @@ from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 _DRAINS = 8  # refused request streams read to their end at once
 _DRAIN_SECONDS = 2.0
+_HELD_REFUSALS = 64  # refusals of peers over their share held back at once (_slow_down)
+_HOLD_SECONDS = 0.1
 
 
 class Undecodable:
@@ -139,6 +144,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         backward_rate: float = default_of(NodeConfig, "backward_rate"),
         grad_norm_band: float = default_of(NodeConfig, "grad_norm_band"),
     ) -> None:
+        self._held = 0  # refusals being held (_slow_down)
         self._draining = 0  # refused request streams being read to their end (_drain)
         self._state_serves = 0  # GetState streams in progress
         self._adopting = False  # an Adopt in progress (one at a time)
@@ -214,7 +220,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self.metrics.bytes_in.labels(kind).inc(size)
         reply_tensors = await self.scheduler.submit(
             request.uid, kind, tensors, rows=rows, signature=batch_signature(tensors),
-            compression=compression, timeout=timeout, call_id=request.call_id,
+            compression=compression, timeout=timeout, call_id=request.call_id, peer=peer,
         )
         self.metrics.bytes_out.labels(kind).inc(payload_bytes(reply_tensors))
         return pb.ExpertReply(tensors=reply_tensors)
@@ -262,6 +268,16 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         self.calls_by_peer[address] = mine + 1
         return address
 
+    async def _slow_down(self) -> None:
+        """Hold a refusal for a peer over its share a moment (bounded), so its retries cost this loop less."""
+        if self._held >= _HELD_REFUSALS:
+            return
+        self._held += 1
+        try:
+            await asyncio.sleep(_HOLD_SECONDS)
+        finally:
+            self._held -= 1
+
     def _release(self, address: str) -> None:
         self.calls -= 1
         left = self.calls_by_peer[address] - 1
@@ -282,6 +298,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         except RpcFailure as failure:
             status = failure.code.name
             self._reject(method, request.uid, failure, context.peer())
+            if failure.reason == "peer_limit":
+                await self._slow_down()
             await context.abort(failure.code, failure.details)
             raise  # unreachable: abort raises
         finally:
@@ -339,9 +357,10 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
         grpc's asyncio client reports a status that arrives while it is still writing as INTERNAL ("Internal
         error from Core", grpc/grpc#36066): a refused stream would look like a broken node instead of, say,
-        RESOURCE_EXHAUSTED. Letting the client finish writing first keeps the status. Bounded: streams up to twice
+        RESOURCE_EXHAUSTED. dmoe's own clients carry a fix (``dmoe.wire.aio_status``); for everyone else,
+        letting the client finish writing first keeps the status. Bounded: streams up to twice
         ``max_request_bytes`` in all (``already`` read), ``_DRAIN_SECONDS``, ``_DRAINS`` streams at once, so a
-        flood of endless streams costs little (those get the early status, however grpc shows it)."""
+        flood of endless streams costs little (those get the early status, however their grpc shows it)."""
         if self._draining >= _DRAINS:
             return
         self._draining += 1

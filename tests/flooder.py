@@ -26,6 +26,8 @@ async def flood(endpoint: str, seconds: float, per_peer: int, outcomes: Counter)
     stub = pb_grpc.ExpertServiceStub(channel)
     big = pb.ExpertRequest(uid="fl.1", tensors=serialize_tensors([torch.randn(256, H)]))
     oversized = pb.ExpertRequest(uid="fl.1", tensors=serialize_tensors([torch.randn(6 * 2**20 // (4 * H), H)]))
+    # ten times the node's limit: more than it reads of a refused stream before answering (its _drain)
+    huge = pb.ExpertRequest(uid="fl.1", tensors=serialize_tensors([torch.randn(40 * 2**20 // (4 * H), H)]))
     await channel.channel_ready()
     deadline = time.monotonic() + seconds
     print("flooding", flush=True)  # the test starts measuring now
@@ -38,16 +40,18 @@ async def flood(endpoint: str, seconds: float, per_peer: int, outcomes: Counter)
             except grpc.aio.AioRpcError as e:
                 outcomes[e.code().name] += 1
 
-    async def streamer() -> None:
+    async def streamer(request: pb.ExpertRequest, label: str) -> None:
+        payload = request.SerializeToString()
         while time.monotonic() < deadline:
             try:
-                async for _ in stub.ForwardStream(iter_chunks(oversized.SerializeToString()), timeout=10):
+                async for _ in stub.ForwardStream(iter_chunks(payload), timeout=10):
                     pass
-                outcomes["stream OK"] += 1
+                outcomes[label + " OK"] += 1
             except grpc.aio.AioRpcError as e:
-                outcomes["stream " + e.code().name] += 1
+                outcomes[label + " " + e.code().name] += 1
 
-    await asyncio.gather(*(caller() for _ in range(4 * per_peer)), *(streamer() for _ in range(2)))
+    await asyncio.gather(*(caller() for _ in range(4 * per_peer)), streamer(oversized, "stream"),
+                         streamer(oversized, "stream"), streamer(huge, "huge stream"))
     await channel.close(None)
 
 

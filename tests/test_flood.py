@@ -82,13 +82,17 @@ def test_a_flooding_peer_is_refused_and_another_peer_keeps_its_latency(launch):
         print(f"flood: victim p50 {1000 * p50_before:.1f} ms before, {1000 * p50_during:.1f} ms during "
               f"(max {1000 * max(during):.1f} ms); flooder outcomes {dict(outcomes)}")
         assert outcomes["RESOURCE_EXHAUSTED"] > 0, outcomes  # over --max-calls-per-peer
-        assert outcomes["stream RESOURCE_EXHAUSTED"] > 0 and not outcomes["stream INTERNAL"], outcomes
+        for label in ("stream", "huge stream"):  # 1.5x and 10x --max-request-mb: always RESOURCE_EXHAUSTED
+            streams = sum(n for outcome, n in outcomes.items() if outcome.startswith(label + " "))
+            assert streams > 0 and outcomes[label + " RESOURCE_EXHAUSTED"] == streams, outcomes
         assert outcomes["OK"] > 0  # the flooder is served within its share, not shut out
-        # the victim's calls all succeeded (victim_latencies raises otherwise), and waited at most about one of
-        # the flooder's admitted batches: the node's scheduler serves experts by the age of their oldest request,
-        # and the flooder's share is --max-calls-per-peer calls. (On 2 cores the flooder's compute also takes CPU
-        # from the victim's; that is the price of serving the flooder at all.)
-        assert p50_during < p50_before + 0.25, (p50_before, p50_during)
+        # the victim's calls all succeeded (victim_latencies raises otherwise), and waited about one of the
+        # flooder's admitted batches: the node's scheduler queues fairly per peer (the victim's call goes ahead
+        # of the flood's backlog), the flooder's share is --max-calls-per-peer calls, and its refusals are held
+        # a moment so its retries cannot take the loop. (On 2 cores the flooder's compute and bytes also take
+        # CPU from the victim's; that is the price of serving the flooder at all.) Measured: about 2 ms before,
+        # 15-25 ms during; before fair queueing and held refusals, 60-115 ms.
+        assert p50_during < p50_before + 0.1, (p50_before, p50_during)
         node_log = node.log_path.read_text()
         assert "Traceback" not in node_log
     finally:

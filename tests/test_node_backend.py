@@ -145,11 +145,11 @@ def make_scheduler(names: list[str], **options) -> tuple[BatchScheduler, list, t
 
 
 async def _submit(sched: BatchScheduler, uid: str, rows: int, kind: str = FORWARD, timeout: float | None = None,
-                  value: float | None = None):
+                  value: float | None = None, peer: str = ""):
     x = torch.randn(rows, H) if value is None else torch.full((rows, H), value)
     tensors = [x] if kind == FORWARD else [x, torch.randn(rows, H)]
     out = await sched.submit(uid, kind, tensors, rows=rows, signature=batch_signature(tensors),
-                             compression="", timeout=timeout)
+                             compression="", timeout=timeout, peer=peer)
     return x, deserialize_tensors(out)
 
 
@@ -223,6 +223,45 @@ def test_experts_are_served_oldest_first():
         tasks = []
         for uid in order:
             tasks.append(asyncio.create_task(_submit(sched, uid, 1)))
+            n = len(tasks)
+            await _until(lambda n=n: sched.queued_requests == n)
+        gate.set()
+        await asyncio.gather(first, *tasks)
+        assert [name for name, _ in log[1:]] == order
+        sched.close()
+
+    asyncio.run(main())
+
+
+def test_a_peer_with_a_backlog_gets_its_share_and_another_peer_goes_next():
+    async def main():
+        sched, log, gate, _ = make_scheduler(["a.0", "b.0"], max_batch_size=4)
+        first = asyncio.create_task(_submit(sched, "a.0", 4, peer="flood"))
+        await _until(lambda: len(log) == 1)
+        tasks = []
+        for i in range(6):  # the flooder's backlog, on both experts, queued before the other peer's call
+            tasks.append(asyncio.create_task(_submit(sched, ("a.0", "b.0")[i % 2], 4, peer="flood")))
+            await _until(lambda n=i + 1: sched.queued_requests == n)
+        quiet = asyncio.create_task(_submit(sched, "b.0", 1, peer="quiet"))
+        await _until(lambda: sched.queued_requests == 7)
+        gate.set()
+        await asyncio.gather(first, *tasks, quiet)
+        assert log[1] == ("b.0", 1), log  # right after the batch in compute, ahead of the older backlog
+        assert sorted(log[2:]) == [("a.0", 4)] * 3 + [("b.0", 4)] * 3, log
+        sched.close()
+
+    asyncio.run(main())
+
+
+def test_one_peer_alone_is_served_first_come_first_served():
+    async def main():
+        sched, log, gate, _ = make_scheduler(["a.0", "b.0"], max_batch_size=1)
+        first = asyncio.create_task(_submit(sched, "a.0", 1, peer="p"))
+        await _until(lambda: len(log) == 1)
+        order = ["b.0", "a.0", "b.0", "b.0", "a.0"]
+        tasks = []
+        for uid in order:
+            tasks.append(asyncio.create_task(_submit(sched, uid, 1, peer="p")))
             n = len(tasks)
             await _until(lambda n=n: sched.queued_requests == n)
         gate.set()
