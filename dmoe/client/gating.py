@@ -16,12 +16,16 @@ Shapes: ``N`` tokens (rows), ``D`` features, ``k`` expert slots per token, ``d``
 * ``LocalMixtureOfExperts`` runs the same gate over in-process modules keyed by uid with an
   exhaustive top-k: the baseline a trainer compares against, and the reference the tests check
   the remote layer against (same gate weights + same expert weights = same outputs and grads).
+* ``PerThread``: a layer's ``aux_loss`` is that of the last forward *in the reading thread*, so
+  micro-batches in flight on threads of their own (``dmoe.train.pipeline``) each read their own.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,12 +91,35 @@ class ExpertChoiceCounter:
         return {uid: {"chosen": n, "answered": self.answered.get(uid, 0)} for uid, n in sorted(self.chosen.items())}
 
 
+class PerThread:
+    """A module attribute whose value is per thread (a data descriptor; ``nn.Module`` honours it)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = f"_per_thread_{name}"
+
+    def _local(self, obj: Any) -> threading.local:
+        local = obj.__dict__.get(self.slot)
+        if local is None:  # setdefault: two threads' first uses must share one
+            local = obj.__dict__.setdefault(self.slot, threading.local())
+        return local
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return getattr(self._local(obj), "value", None)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        self._local(obj).value = value
+
+
 class LocalMixtureOfExperts(nn.Module):
     """In-process grid MoE over ``experts`` (uid -> module), exhaustive top-``k_best`` routing.
 
     Same gate, logits, renormalized softmax and auxiliary loss as ``RemoteMixtureOfExperts``; only
     the experts present in ``experts`` are routable (the "alive" set). ``(N, D)`` or ``(B, T, D)``.
     """
+
+    aux_loss = PerThread()  # of this thread's last forward: a tensor, or None before any
 
     def __init__(
         self,
@@ -122,7 +149,7 @@ class LocalMixtureOfExperts(nn.Module):
         self.experts = nn.ModuleList([experts[u] for u in self.uids])
         alive = torch.tensor([coords[i] for i in order], dtype=torch.long)  # (E, d)
         self.register_buffer("alive_coords", alive, persistent=False)
-        self.aux_loss: torch.Tensor | None = None
+        self.aux_loss = None
         self.choices = ExpertChoiceCounter()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,14 @@ from dmoe.client import metrics
 from dmoe.client.beam_search import BeamSearch
 from dmoe.client.candidates import FoundExpert, SearchResult
 from dmoe.client.dispatch import CallSummary, Dispatch
-from dmoe.client.gating import ExpertChoiceCounter, GridGate, combine_outputs, expert_logits, load_balancing_loss
+from dmoe.client.gating import (
+    ExpertChoiceCounter,
+    GridGate,
+    PerThread,
+    combine_outputs,
+    expert_logits,
+    load_balancing_loss,
+)
 from dmoe.client.remote_call import BACKWARD, FORWARD, TensorSpec, build_request, new_call_id
 from dmoe.client.swarm import BRIDGE_GRACE, Swarm
 from dmoe.config.client import MoEOptions
@@ -271,6 +278,8 @@ class RemoteMixtureOfExperts(nn.Module):
     ``forward_timeout``).
     """
 
+    aux_loss = PerThread()  # load-balancing loss of this thread's last forward (dmoe.train.pipeline)
+
     def __init__(
         self,
         *,
@@ -308,7 +317,7 @@ class RemoteMixtureOfExperts(nn.Module):
         warm_up(self.compression)
         self.gate = GridGate(in_features, self.grid_size)
         self.beam_search = BeamSearch(swarm, self.uid_prefix, self.grid_size, beam_size=beam_size)
-        self.aux_loss: torch.Tensor | None = None
+        self.aux_loss = None
         self.choices = ExpertChoiceCounter()
         self._stats = MoEStats()
 

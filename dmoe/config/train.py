@@ -89,6 +89,9 @@ class TrainOptions:
     """optimizer steps to reach (with --run-id: collaborative steps of --target-batch-size)"""
     batch_size: int = option(16, parse=positive_int)
     """sequences per batch"""
+    micro_batches: int = option(1, parse=positive_int)
+    """pieces of each batch in flight at once, on threads of their own, so one piece's wait for its experts
+    overlaps another's compute (dmoe.train.pipeline); the update is still the whole batch's gradient"""
     lr: float = option(1e-3, parse=positive_float)
     """AdamW learning rate of local parameters"""
     weight_decay: float = option(0.0, parse=non_negative_float)

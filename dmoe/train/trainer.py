@@ -47,6 +47,7 @@ from dmoe.errors import ConfigError, DmoeError
 from dmoe.metrics_exporter import MetricsExporter
 from dmoe.train.data import ByteCorpus
 from dmoe.train.model import GPT, ExpertOptimizer
+from dmoe.train.pipeline import MicroBatches
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +264,7 @@ class Trainer:
             num_batches=options.eval_batches, batch_size=options.batch_size, block_size=self.block_size
         )
         self.log = JsonLog(options.log_file)
+        self.micro = MicroBatches(options.micro_batches)
         self.metrics = TrainerMetrics()
         self.metrics_port: int | None = None
         self.batches = 0
@@ -396,6 +398,12 @@ class Trainer:
             log.debug("swarm probe failed: %s", e)
             return SwarmSnapshot()
 
+    def _losses(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LM loss and load-balancing loss of one (micro-)batch, with their graph."""
+        _, loss = self.model(x, y)
+        assert loss is not None
+        return loss, self.model.aux_loss().to(loss.device)
+
     def train_batch(self) -> dict[str, Any]:
         """Forward, backward and update on one batch; returns its log record."""
         opts = self.options
@@ -407,10 +415,7 @@ class Trainer:
         step_before = self.step
         record: dict[str, Any] = {"type": "step", "time": 0.0}
         try:
-            _, loss = self.model(x, y)
-            aux = self.model.aux_loss().to(loss.device)
-            total = loss + opts.aux_loss_weight * aux if opts.aux_loss_weight else loss
-            total.backward()
+            loss, aux = self.micro.forward_backward(self._losses, x, y, aux_weight=opts.aux_loss_weight)
         except self.skip_errors as e:
             self.updater.zero_grad()
             if self.expert_optimizer is not None:
@@ -424,7 +429,7 @@ class Trainer:
             self.updater.zero_grad()
             if self.expert_optimizer is not None:
                 self.expert_optimizer.step()
-            record.update(skipped=False, loss=_finite(loss.item()), aux_loss=_finite(aux.item()))
+            record.update(skipped=False, loss=_finite(loss), aux_loss=_finite(aux))
         step_time = time.perf_counter() - t0
         self.batches += 1
         tokens = x.numel() if not record["skipped"] else 0
@@ -555,6 +560,7 @@ class Trainer:
             time.sleep(min(left, 0.1))
 
     def close(self) -> None:
+        self.micro.close()
         self.log.close()
         self.metrics.close()
 
