@@ -20,8 +20,8 @@ Layout (all sections optional except where noted; see ``scenarios/*.toml`` for d
     [swarm]     nodes, trainers, layers, grid, replicas, hidden_dim, expert_cls, bootstrap, nat_share,
                 late_nodes, capacity
     [node]      announce_ttl_s, checkpoint_interval_s, extra_args, cpu_cores
-    [trainer]   batch_size, block_size, n_head, k_best, k_min, lr, eval_every, eval_batches, steps,
-                forward_timeout_s, backward_timeout_s, timeout_after_k_min_s, compression, max_data_mb,
+    [trainer]   batch_size, micro_batches, block_size, n_head, k_best, k_min, lr, eval_every, eval_batches,
+                steps, forward_timeout_s, backward_timeout_s, timeout_after_k_min_s, compression, max_data_mb,
                 target_batch_size, extra_args
     [links]     up_mbit, down_mbit, latency_ms, jitter_ms, drop_prob  (number or distribution)
     [churn]     enabled, start_after_s, online, offline, freeze, departure, keep_checkpoint, exempt_nodes
@@ -148,6 +148,7 @@ class TrainerSpec:
     """What each trainer trains (its model's layers/grid/hidden size come from ``[swarm]``)."""
 
     batch_size: int = _TRAIN.batch_size
+    micro_batches: int = _TRAIN.micro_batches  # pieces of a batch in flight at once (dmoe.train.pipeline)
     block_size: int = _MODEL.block_size  # context length, bytes
     n_head: int = _MODEL.n_head
     k_best: int = _MODEL.k_best
@@ -460,6 +461,7 @@ def _parse_trainer(t: _Table, swarm: SwarmSpec) -> TrainerSpec:
     d = TrainerSpec()
     spec = TrainerSpec(
         batch_size=t.integer("batch_size", d.batch_size, lo=1),
+        micro_batches=t.integer("micro_batches", d.micro_batches, lo=1),
         block_size=t.integer("block_size", d.block_size, lo=2),
         n_head=t.integer("n_head", d.n_head, lo=1),
         k_best=t.integer("k_best", d.k_best, lo=1),

@@ -253,12 +253,14 @@ class SwarmWatcher:
             self._last = time.monotonic()
             self._future = asyncio.run_coroutine_threadsafe(self._count(), self.swarm.loop)
         stats = self.swarm.stats
-        reached = sum(int(m.stats.get("experts_reached", 0)) for m in self.model.moe_layers())
+        layers = [m.stats for m in self.model.moe_layers()]
         return SwarmSnapshot(
             failures={k: int(v) for k, v in stats.get("failures", {}).items()},
             answers=int(sum(stats.get("answers", {}).values())),
             experts_alive=self.alive,
-            experts_reached=reached,
+            experts_reached=sum(int(s.get("experts_reached", 0)) for s in layers),
+            remote_seconds=sum(float(s.get("last_forward_seconds", 0.0)) + float(s.get("last_backward_seconds", 0.0))
+                               for s in layers),
         )
 
 

@@ -6,7 +6,8 @@ may take several local batches. Every attempted batch writes one JSON line to ``
 
     {"type": "step", "time": ..., "step": 12, "batch": 13, "loss": 3.1, "aux_loss": 1.0,
      "tokens_per_s": 9000.0, "step_time": 0.23, "skipped": false, "skipped_total": 0,
-     "failures": {"deadline": 1}, "failures_total": {...}, "experts_alive": 31, "experts_reached": 9}
+     "failures": {"deadline": 1}, "failures_total": {...}, "experts_alive": 31, "experts_reached": 9,
+     "remote_s": 0.18}
 
 plus ``eval`` records (validation loss every ``--eval-every`` steps), ``checkpoint``, ``start``
 and ``stop`` records, and with ``--run-id`` a ``final_sync`` record (the trainers' agreement at
@@ -123,6 +124,9 @@ class SwarmSnapshot:
     answers: int = 0  # cumulative successful expert calls
     experts_alive: int | None = None  # experts the client currently knows to be announced
     experts_reached: int | None = None  # distinct experts that answered in the last batch
+    # seconds the last batch (its last piece, with --micro-batches) spent in its MoE layers' search, expert
+    # calls and backward calls, all layers: what of a step is the swarm's (and its links') rather than local
+    remote_seconds: float | None = None
 
 
 SwarmProbe = Callable[[], SwarmSnapshot]
@@ -450,6 +454,7 @@ class Trainer:
             failures_total=dict(snap.failures),
             experts_alive=snap.experts_alive,
             experts_reached=snap.experts_reached,
+            remote_s=snap.remote_seconds,
             **self.updater.status(),
             **opts.extra_log_fields,
         )
