@@ -6,7 +6,8 @@ Layout: ``DIR/checkpoint-000042.pt`` (one file per save, sequence number increas
 A save writes ``DIR/.checkpoint-000042.pt.tmp``, fsyncs it, renames it to its final name (an
 atomic step on POSIX) and fsyncs the directory, then deletes all but the newest ``keep`` files.
 A SIGKILL at any moment therefore leaves either the previous complete set or the new file, plus
-at most a stray ``.tmp`` that the next start removes. Loading tries the newest file first and
+at most a stray ``.tmp`` and one file over ``keep`` (a kill between the rename and the
+deletions), both of which the next start removes. Loading tries the newest file first and
 falls back to older ones if a file cannot be read (e.g. a damaged disk).
 """
 
@@ -34,6 +35,7 @@ class CheckpointStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         for stale in self.directory.glob(".checkpoint-*.tmp"):
             stale.unlink(missing_ok=True)
+        self._prune()
 
     def files(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -57,9 +59,12 @@ class CheckpointStore:
             os.fsync(f.fileno())
         os.replace(tmp, final)
         self._fsync_dir()
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
         for old in self.files()[: -self.keep]:
             old.unlink(missing_ok=True)
-        return final
 
     def _fsync_dir(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)

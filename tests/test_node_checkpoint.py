@@ -33,6 +33,18 @@ def test_store_keeps_newest_and_skips_unreadable(tmp_path):
     assert path.name == "checkpoint-000004.pt" and int(payload["experts"]["e.0"]["step"]) == 3
 
 
+def test_a_kill_between_rename_and_deletion_is_tidied_on_the_next_start(tmp_path):
+    store = CheckpointStore(tmp_path, keep=2)
+    for i in range(2):
+        store.save({"e.0": {"step": torch.tensor(i)}})
+    # what a SIGKILL right after the rename leaves: one complete file over the limit
+    torch.save({"format": 1, "saved_at": 0.0, "experts": {"e.0": {"step": torch.tensor(2)}}},
+               tmp_path / "checkpoint-000003.pt")
+    store = CheckpointStore(tmp_path, keep=2)
+    assert [p.name for p in store.files()] == ["checkpoint-000002.pt", "checkpoint-000003.pt"]
+    assert int(store.load_latest()[1]["experts"]["e.0"]["step"]) == 2
+
+
 SAVER = """
 import os, sys, time, torch
 from dmoe.node.checkpoint import CheckpointStore
