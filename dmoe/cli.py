@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dmoe.train.cli", "join a swarm and train a language model through remote experts"),
     "coordinator": ("dmoe.coordinator.cli", "stable bootstrap peer and live view of a swarm"),
     "simulate": ("dmoe.sim.cli", "run a swarm under churn and home links, write a report"),
+    "model": ("dmoe.sim.model.cli", "model a swarm of thousands of nodes on a virtual clock (dmoe's own policies)"),
     "chaos": ("dmoe.sim.chaos_cli", "inject churn into a docker-compose swarm through the Docker API"),
     "member": ("dmoe.member_cli", "keys and tokens of a closed swarm (only members train experts)"),
 }

@@ -422,9 +422,13 @@ def parse_distribution(value: Any, key: str, source: str = "<dict>") -> Distribu
     return Distribution(kind, params)
 
 
-def _parse_swarm(t: _Table) -> SwarmSpec:
+MAX_REAL_NODES = 256  # real processes on one machine (dmoe simulate)
+MAX_MODEL_NODES = 100_000  # dmoe model: a virtual clock, no processes
+
+
+def _parse_swarm(t: _Table, max_nodes: int) -> SwarmSpec:
     d = SwarmSpec()
-    nodes = t.integer("nodes", d.nodes, lo=1, hi=256)
+    nodes = t.integer("nodes", d.nodes, lo=1, hi=max_nodes)
     grid = t.integers("grid", d.grid, lo=1, non_empty=True)
     spec = SwarmSpec(
         nodes=nodes,
@@ -579,14 +583,15 @@ def _parse_event(t: _Table, nodes: int, duration_s: float) -> ScheduledEvent:
                           duration_s=duration, keep_checkpoint=keep, mode=mode, link=link)
 
 
-def scenario_from_dict(data: Mapping[str, Any], *, source: str = "<dict>") -> Scenario:
+def scenario_from_dict(data: Mapping[str, Any], *, source: str = "<dict>",
+                       max_nodes: int = MAX_REAL_NODES) -> Scenario:
     """Validate a parsed TOML document (or any dict of the same shape) into a Scenario."""
     top = _Table(data, "", source)
     name = top.string("name")
     description = top.string("description", "")
     duration = top.number("duration_s", lo=0, lo_open=True)
     seed = top.integer("seed", 0, lo=0)
-    swarm = _parse_swarm(top.sub("swarm"))
+    swarm = _parse_swarm(top.sub("swarm"), max_nodes)
     node = _parse_node(top.sub("node"))
     trainer = _parse_trainer(top.sub("trainer"), swarm)
     links = _parse_links(top.sub("links"))
@@ -604,7 +609,7 @@ def scenario_from_dict(data: Mapping[str, Any], *, source: str = "<dict>") -> Sc
                     trainer=trainer, links=links, churn=churn, events=events, report=report, source=source)
 
 
-def load_scenario(path: str | Path) -> Scenario:
+def load_scenario(path: str | Path, *, max_nodes: int = MAX_REAL_NODES) -> Scenario:
     """Read and validate a scenario file; every problem is one ConfigError naming the key."""
     path = Path(path)
     try:
@@ -615,7 +620,7 @@ def load_scenario(path: str | Path) -> Scenario:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"scenario {path} is not valid TOML: {e}") from None
-    return scenario_from_dict(data, source=str(path))
+    return scenario_from_dict(data, source=str(path), max_nodes=max_nodes)
 
 
 def dump_json_safe(scenario: Scenario) -> dict[str, Any]:
