@@ -40,6 +40,9 @@ gradients must come from the very experts (and endpoints) that produced the forw
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import heapq
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -143,6 +146,14 @@ class Dispatch:
         self._last_answer: dict[str, float] = {}  # endpoint -> when it last answered in this dispatch
         self._started = time.monotonic()
         self._retry_at = 0.0  # no reroute before this (after a search that could not finish its lookups)
+        # incremental bookkeeping, so that a turn of the loop costs what changed, not the number of jobs
+        self._open: set[int] = set()  # jobs not finished
+        self._running: list[bool] = []  # per job: open and not stuck (what holds a slot live)
+        self._done: list[Job] = []  # calls that ended and are not handled yet
+        self._wake: asyncio.Event | None = None  # set when a call ends
+        self._stuck_heap: list[tuple[float, int]] = []  # (when a job will be suspected, job index)
+        self._unscheduled: set[int] = set()  # open, unsuspected jobs whose stuck time is not known yet
+        self._full_scan_at = 0.0
 
     # ---- jobs ----
 
@@ -160,6 +171,9 @@ class Dispatch:
         """Register a job; ``assign`` (bool per row, default all) says which rows' slots it answers."""
         job = Job(len(self.jobs), uid, tuple(endpoints), rows, slots, request, expected)
         self.jobs.append(job)
+        self._open.add(job.index)
+        self._running.append(True)
+        self._unscheduled.add(job.index)
         chosen = slice(None) if assign is None else assign
         self.slot_job[rows[chosen], slots[chosen]] = job.index
         return job
@@ -174,10 +188,18 @@ class Dispatch:
             self.swarm.call(job.endpoints, job.request, method=self.method, deadline=self.deadline,
                             expected=job.expected, retry=self.retry, progress=job.progress, rows=len(job.rows))
         )
+        job.task.add_done_callback(functools.partial(self._ended, job))
+
+    def _ended(self, job: Job, _task: asyncio.Task[Any]) -> None:
+        self._done.append(job)
+        if self._wake is not None:
+            self._wake.set()
 
     def _finish(self, job: Job) -> None:
         assert job.task is not None
         job.finished = time.monotonic()
+        self._open.discard(job.index)
+        self._running[job.index] = False
         try:
             job.endpoint, job.tensors = job.task.result()
         except ExpertCallError as e:
@@ -188,9 +210,12 @@ class Dispatch:
         self.slot_ok[job.rows[mine], job.slots[mine]] = True
         if job.endpoint in self.suspects:  # it answers after all: working through a queue, not stuck
             self.suspects.discard(job.endpoint)
-            for other in self.jobs:
-                if other.open and other.stuck and other.progress.endpoint == job.endpoint:
+            for index in self._open:
+                other = self.jobs[index]
+                if other.stuck and other.progress.endpoint == job.endpoint:
                     other.stuck = False
+                    self._running[index] = True
+                    self._unscheduled.add(index)
 
     def used(self, index: int) -> np.ndarray:
         """Bool per request row of job ``index``: its slot is still assigned to this job."""
@@ -200,21 +225,26 @@ class Dispatch:
     # ---- the loop ----
 
     def _live(self) -> np.ndarray:
-        """(N,) slots per token whose job is still running and not stuck."""
-        live = np.zeros(self.slot_job.shape[0], dtype=np.int64)
-        for index, job in enumerate(self.jobs):
-            if job.open and not job.stuck:
-                mine = self.used(index)
-                np.add.at(live, job.rows[mine], 1)
-        return live
+        """(N,) slots per token whose job is still running and not stuck.
+
+        One vectorized pass over the slots (a slot belongs to the job ``slot_job`` names), not one per job:
+        this runs on every answer, and a step over a large grid has hundreds of jobs.
+        """
+        running = np.asarray(self._running, dtype=bool)
+        assigned = self.slot_job >= 0
+        live = np.zeros(self.slot_job.shape, dtype=bool)
+        live[assigned] = running[self.slot_job[assigned]]
+        return live.sum(axis=1)
 
     async def run(self) -> None:
         self._started = time.monotonic()
+        self._wake = asyncio.Event()
         for job in self.jobs:
             self._start(job)
         settle_at: float | None = None
         while True:
             await asyncio.sleep(0)  # let new calls start, so each shows which endpoint it tries
+            next_stuck = self._mark_stuck()
             now = time.monotonic()
             if now >= self.deadline:
                 break
@@ -225,25 +255,21 @@ class Dispatch:
                 hopeless = (answers < self.need) & (live == 0) & ~self.exhausted
                 if hopeless.any() and now >= self._retry_at:
                     await self._reroute(np.nonzero(hopeless)[0])
+                    next_stuck = self._mark_stuck()
                     live = self._live()
                 waiting = (answers < self.need) & (live == 0) & ~self.exhausted
             settled = (answers >= self.need) | ((live == 0) & ~waiting)
-            open_jobs = [j for j in self.jobs if j.open]
-            if not open_jobs and not waiting.any():
+            if not self._open and not waiting.any():
                 break
             end_at = self.deadline
             if settled.all():
                 settle_at = settle_at if settle_at is not None else now
                 end_at = min(self.deadline, settle_at + self.timeout_after_k_min)
-                if not any(not j.stuck for j in open_jobs):
+                if not any(self._running[i] for i in self._open):
                     break  # only stuck calls left: nobody waits for them
             else:
                 settle_at = None  # a reroute re-opened some tokens
-            wake = end_at
-            for job in open_jobs:
-                stuck_at = self._stuck_at(job)
-                if stuck_at is not None and not job.stuck:
-                    wake = min(wake, stuck_at)
+            wake = end_at if next_stuck is None else min(end_at, next_stuck)
             if waiting.any():
                 wake = min(wake, self._retry_at)
             now = time.monotonic()
@@ -252,15 +278,17 @@ class Dispatch:
                     break
                 wake = now
             timeout = min(max(wake - now, 0.0), _MAX_NAP)
-            pending = {j.task for j in open_jobs if j.task is not None}
-            if not pending:
-                await asyncio.sleep(timeout)
-                continue
-            done, _ = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            for job in open_jobs:
-                if job.task in done:
+            if not self._done:
+                if not self._open:
+                    await asyncio.sleep(timeout)
+                    continue
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+            done, self._done = self._done, []
+            for job in done:
+                if job.open:
                     self._finish(job)
-            self._mark_stuck()
         await self._cancel_open()
 
     def _stuck_at(self, job: Job) -> float | None:
@@ -282,20 +310,46 @@ class Dispatch:
         patience = max(self.timeout_after_k_min, health.options.stuck_factor * own)
         return max(since, min(halfway, since + patience))
 
-    def _mark_stuck(self) -> None:
+    def _mark_stuck(self) -> float | None:
+        """Mark the jobs whose time has come as stuck; returns when the next one will be (None: never).
+
+        Each job waits in a heap under the time it was due when last computed. Its inputs only push
+        that time later when it changes for itself (an answer from its endpoint, a retry elsewhere),
+        so a job is recomputed when its entry comes due, and marked if it still is. What can bring a
+        time *earlier* (another call improving the endpoint's latency estimate, a retry to a much
+        faster replica) is caught by a scan of all open jobs every ``_MAX_NAP``. A turn of the loop
+        thus costs the jobs that came due, not all jobs: a step on a large grid has hundreds.
+        """
         now = time.monotonic()
-        for job in self.jobs:
+        heap = self._stuck_heap
+        if now >= self._full_scan_at:
+            self._full_scan_at = now + _MAX_NAP
+            candidates = [i for i in self._open if not self.jobs[i].stuck]
+            heap.clear()
+        else:
+            candidates = list(self._unscheduled)
+            while heap and heap[0][0] <= now:
+                candidates.append(heapq.heappop(heap)[1])
+        self._unscheduled = set()
+        for index in candidates:
+            job = self.jobs[index]
             if not job.open or job.stuck:
                 continue
             stuck_at = self._stuck_at(job)
-            if stuck_at is not None and now >= stuck_at:
+            if stuck_at is None:
+                self._unscheduled.add(index)  # its call has not begun an attempt yet
+            elif now < stuck_at:
+                heapq.heappush(heap, (stuck_at, index))
+            else:
                 job.stuck = True
+                self._running[index] = False
                 endpoint = job.progress.endpoint
                 assert endpoint is not None
                 if endpoint not in self.suspects:
                     self.stats.stuck += 1  # one suspicion per endpoint, however many of its jobs
                     self.swarm.check_alive(endpoint, self.method, started=job.progress.started)
                 self.suspects.add(endpoint)
+        return heap[0][0] if heap else None
 
     async def _cancel_open(self) -> None:
         """Cancel what still runs: calls past the deadline ban their endpoint, late ones don't.

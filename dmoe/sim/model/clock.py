@@ -40,11 +40,21 @@ class _AdvancingSelector:
 
     def select(self, timeout: float | None = None) -> list[Any]:
         events = self._inner.select(0)
-        if events or timeout == 0:
+        if events:
             return events
+        loop = self._loop
         if timeout is None:
             raise RuntimeError("virtual clock: nothing is scheduled and nothing can wake the loop (a deadlock)")
-        self._loop.advance(timeout)
+        # asyncio runs a timer due within the clock's resolution at once; on a real clock time then moves
+        # on by itself, here it must be moved to that timer, or code that re-arms a timer for the
+        # remaining sliver (Dispatch's wake-ups) would spin without time passing
+        step = timeout
+        scheduled = loop._scheduled  # type: ignore[attr-defined]
+        if scheduled:
+            ahead = scheduled[0].when() - loop.time()
+            if 0 < ahead <= loop._clock_resolution:  # type: ignore[attr-defined]
+                step = max(step, ahead)
+        loop.advance(step)
         return []
 
     def __getattr__(self, name: str) -> Any:
