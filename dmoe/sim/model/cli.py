@@ -96,19 +96,22 @@ def _scenario(args: argparse.Namespace) -> Scenario:
 
 
 def compare(model: dict, run_dir: Path) -> str:
-    """Real (``dmoe simulate`` summary) vs model, for the figures both compute."""
+    """Real (a ``dmoe simulate`` summary, its trainers pooled) vs model, for the figures both compute."""
     real = json.loads((run_dir / "summary.json").read_text())
-    trainer = real["trainers"][0] if isinstance(real.get("trainers"), list) else next(iter(real["trainers"].values()))
-    rows = [("step time p50, s", trainer.get("step_time_p50"), model["step_s_p50"]),
-            ("step time p95, s", trainer.get("step_time_p95"), model["step_s_p95"]),
-            ("steps", trainer.get("steps"), model["steps"]),
-            ("skipped steps", trainer.get("skipped"), model["skipped"]),
-            ("failed calls", trainer.get("failed_calls"), model["failed_calls"])]
-    out = [f"{'':<18} {'real':>10} {'model':>10} {'model/real':>10}"]
+    trainers = list(real["trainers"].values())
+    first = trainers[0] if trainers else {}
+    rows = [("step time p50, s", first.get("step_time_median_s"), model["step_s_p50"]),
+            ("step time p95, s", first.get("step_time_p95_s"), model["step_s_p95"]),
+            ("steps", sum(t["batches"] for t in trainers), model["steps"]),
+            ("skipped steps", sum(t["skipped"] for t in trainers), model["skipped"]),
+            ("failed calls", sum(t["failed_calls_total"] for t in trainers), model["failed_calls"])]
+    out = [f"{'':<18} {'real':>10} {'model':>10} {'model/real':>10}",
+           "(step times of the first trainer; counts summed over trainers)"]
     for name, r, m in rows:
         ratio = f"{m / r:.2f}" if isinstance(r, int | float) and r and m is not None else "-"
-        out.append(f"{name:<18} {r if r is not None else '-':>10} "
-                   f"{(round(m, 3) if isinstance(m, float) else m) if m is not None else '-':>10} {ratio:>10}")
+        rs = "-" if r is None else (f"{r:.3f}" if isinstance(r, float) else str(r))
+        ms = "-" if m is None else (f"{m:.3f}" if isinstance(m, float) else str(m))
+        out.append(f"{name:<18} {rs:>10} {ms:>10} {ratio:>10}")
     return "\n".join(out)
 
 
