@@ -106,7 +106,7 @@ def plot(result: RunResult, summary: dict[str, Any], path: Path) -> None:
     axes[1][0].plot(st, [s.get("cell_bytes_max", 0) / 1e3 for s in result.samples], label="largest level-1 record")
     axes[1][0].plot(st, [s.get("nodes_bytes", 0) / 1e3 for s in result.samples], label="_dmoe.nodes")
     axes[1][0].set(title="shared DHT record sizes", xlabel="virtual s", ylabel="kB")
-    axes[1][0].legend()
+    axes[1][0].legend(loc="center right")
     axes[1][1].plot(st, [s["nodes_up"] for s in result.samples])
     axes[1][1].set(title="nodes up", xlabel="virtual s")
     fig.suptitle(f"dmoe model: {summary['scenario']}, {summary['nodes']} nodes, {summary['trainers']} trainers")
