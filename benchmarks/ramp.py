@@ -110,7 +110,11 @@ def main() -> int:
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    scenario = scenario_variant(args.scenario.resolve(), out / "ramp-scenario.toml", drop_keys=("cpu_cores",))
+    # simulate's layout gives each node a share of layers x grid x replicas expert slots; with baseline's
+    # 2 x 4x4 x 2 = 64 slots, nodes beyond 32 got no expert at all (an empty --experts, exit 2), so the
+    # grid grows to 8x8 (256 slots) whenever the base scenario's would leave nodes empty
+    scenario = scenario_variant(args.scenario.resolve(), out / "ramp-scenario.toml", drop_keys=("cpu_cores",),
+                                set_keys={"grid": "[8, 8]"} if max(args.nodes) > 32 else None)
     rows: list[dict[str, Any]] = []
     for n in args.nodes:
         rows.append(run_size(n, scenario, out, args.steps, args.timeout))

@@ -118,10 +118,17 @@ def stop_simulate(proc: subprocess.Popen[bytes], grace_s: float = 120.0) -> int:
     return proc.returncode
 
 
-def scenario_variant(base: Path, dest: Path, drop_keys: tuple[str, ...] = ()) -> Path:
-    """Copy a scenario TOML, leaving out the top-level-of-table keys named in ``drop_keys``."""
-    lines = [ln for ln in base.read_text().splitlines()
-             if not any(re.match(rf"\s*{re.escape(k)}\s*=", ln) for k in drop_keys)]
+def scenario_variant(base: Path, dest: Path, drop_keys: tuple[str, ...] = (),
+                     set_keys: dict[str, str] | None = None) -> Path:
+    """Copy a scenario TOML, leaving out the keys named in ``drop_keys`` and giving ``set_keys`` new values."""
+    lines = []
+    for ln in base.read_text().splitlines():
+        key = re.match(r"\s*([A-Za-z_]+)\s*=", ln)
+        if key and key.group(1) in drop_keys:
+            continue
+        if key and set_keys and key.group(1) in set_keys:
+            ln = f"{key.group(1)} = {set_keys[key.group(1)]}"
+        lines.append(ln)
     dest.write_text("\n".join(lines) + "\n")
     return dest
 
