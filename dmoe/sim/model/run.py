@@ -17,14 +17,12 @@ crashed node's records must be gone from the DHT one TTL after the crash.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -352,20 +350,4 @@ class ModelRun:
         return self.result
 
 
-def write(result: RunResult, out: Path, scenario: Scenario, options: ModelOptions) -> dict[str, Any]:
-    """steps.jsonl, samples.jsonl and summary.json under ``out``; returns the summary."""
-    from dmoe.sim.model.summary import summarize
-
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "steps.jsonl", "w") as f:
-        for r in result.steps:
-            f.write(json.dumps(r.to_dict()) + "\n")
-    with open(out / "samples.jsonl", "w") as f:
-        for s in result.samples:
-            f.write(json.dumps(s) + "\n")
-    summary = summarize(result, scenario, options)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-__all__ = ["ModelOptions", "ModelRun", "RunResult", "measure_service_cost", "write", "asdict"]
+__all__ = ["ModelOptions", "ModelRun", "RunResult", "measure_service_cost"]

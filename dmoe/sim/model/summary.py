@@ -7,6 +7,7 @@ line (``dmoe model --compare RUN_DIR``).
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -113,3 +114,17 @@ def plot(result: RunResult, summary: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def write(result: RunResult, out: Path, scenario: Scenario, options: ModelOptions) -> dict[str, Any]:
+    """steps.jsonl, samples.jsonl and summary.json under ``out``; returns the summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "steps.jsonl", "w") as f:
+        for r in result.steps:
+            f.write(json.dumps(r.to_dict()) + "\n")
+    with open(out / "samples.jsonl", "w") as f:
+        for s in result.samples:
+            f.write(json.dumps(s) + "\n")
+    summary = summarize(result, scenario, options)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
