@@ -178,6 +178,20 @@ class Dispatch:
         self.slot_job[rows[chosen], slots[chosen]] = job.index
         return job
 
+    def add_chosen(self, experts: Sequence[Sequence[FoundExpert]], router: Router) -> None:
+        """Slot s of token t goes to ``experts[t][s]``; one job per expert carries all the rows routed to it."""
+        groups: dict[str, tuple[FoundExpert, list[int], list[int]]] = {}
+        for row, chosen in enumerate(experts):
+            for slot, expert in enumerate(chosen):
+                self.assign_expert(row, slot, expert)
+                entry = groups.setdefault(expert.uid, (expert, [], []))
+                entry[1].append(row)
+                entry[2].append(slot)
+        for uid, (expert, rows, slots) in groups.items():
+            rows_np = np.asarray(rows, dtype=np.int64)
+            request, expected = router.build(uid, rows_np)
+            self.add_job(uid, expert.endpoints, rows_np, np.asarray(slots, dtype=np.int64), request, expected)
+
     def assign_expert(self, token: int, slot: int, expert: FoundExpert) -> None:
         self.slot_expert[token][slot] = expert
         self.tried[token].add(expert.coords)

@@ -140,17 +140,7 @@ class _RemoteExpertCalls(torch.autograd.Function):
             layer.swarm, method=FORWARD, num_tokens=n, num_slots=k, need=np.full(n, layer.k_min),
             deadline=plan.deadline, timeout_after_k_min=layer.timeout_after_k_min, retry=True, router=router,
         )
-        groups: dict[str, tuple[FoundExpert, list[int], list[int]]] = {}
-        for row, chosen in enumerate(plan.experts):
-            for slot, expert in enumerate(chosen):
-                dispatch.assign_expert(row, slot, expert)
-                entry = groups.setdefault(expert.uid, (expert, [], []))
-                entry[1].append(row)
-                entry[2].append(slot)
-        for uid, (expert, rows, slots) in groups.items():
-            rows_np = np.asarray(rows, dtype=np.int64)
-            request, expected = router.build(uid, rows_np)
-            dispatch.add_job(uid, expert.endpoints, rows_np, np.asarray(slots, dtype=np.int64), request, expected)
+        dispatch.add_chosen(plan.experts, router)
         layer.swarm.run(dispatch.run(), timeout=plan.deadline - time.monotonic() + BRIDGE_GRACE)
 
         outputs = torch.zeros(n, k, d, dtype=torch.float32)  # (N, k, D)

@@ -196,17 +196,7 @@ class ModelTrainer:
         dispatch = Dispatch(self.swarm, method=FORWARD, num_tokens=self.tokens, num_slots=self.k_best,
                             need=np.full(self.tokens, moe.k_min), deadline=deadline,
                             timeout_after_k_min=moe.timeout_after_k_min, retry=True, router=router)
-        groups: dict[str, tuple[FoundExpert, list[int], list[int]]] = {}
-        for row, chosen in enumerate(result.experts):
-            for slot, expert in enumerate(chosen):
-                dispatch.assign_expert(row, slot, expert)
-                entry = groups.setdefault(expert.uid, (expert, [], []))
-                entry[1].append(row)
-                entry[2].append(slot)
-        for uid, (expert, rows, slots) in groups.items():
-            rows_np = np.asarray(rows, dtype=np.int64)
-            request, expected = router.build(uid, rows_np)
-            dispatch.add_job(uid, expert.endpoints, rows_np, np.asarray(slots, dtype=np.int64), request, expected)
+        dispatch.add_chosen(result.experts, router)
         await dispatch.run()
         self._count(dispatch, record)
         answers = dispatch.slot_ok.sum(axis=1)
