@@ -5,9 +5,12 @@ queue admission (from the declared shape, before any decoding) -> decode tensors
 -> queue -> reply.
 Decoding, the NaN scan and stream reassembly of payloads from ``OFF_LOOP_BYTES`` on run in a
 worker thread, so one client's megabytes never stall the loop every other client's calls need.
-A peer over its ``--max-calls-per-peer`` gets its refusal after ``_HOLD_SECONDS`` (at most
-``_HELD_REFUSALS`` held at once, the rest at once): a flooder retrying in a tight loop would otherwise
-spend this loop's time on refusals that every other caller needs. Each refusal becomes a gRPC status
+A peer over its ``--max-calls-per-peer``, or streaming a request over ``--max-request-mb``, gets its
+refusal after ``_HOLD_SECONDS`` (at most ``_HELD_REFUSALS`` held at once, the rest at once): a flooder
+retrying in a tight loop would otherwise spend this loop's time on refusals that every other caller
+needs. The rest of a refused stream is read (so stock grpc clients see the status, ``_drain``) once per
+peer per ``_DRAIN_EVERY_SECONDS``; a peer that keeps at it gets the early status without its
+megabytes being read. Each refusal becomes a gRPC status
 with a message naming the problem:
 
 =====================================  ====================
@@ -75,8 +78,15 @@ from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 _DRAINS = 8  # refused request streams read to their end at once
 _DRAIN_SECONDS = 2.0
+_DRAIN_EVERY_SECONDS = 30.0  # a peer's oversized streams are drained (courtesy) at most once per this
+_MAX_DRAINED_PEERS = 4096  # peers remembered for that; forgotten all at once beyond (a flood of addresses)
 _HELD_REFUSALS = 64  # refusals of peers over their share held back at once (_slow_down)
-_HOLD_SECONDS = 0.1
+_HOLD_SECONDS = 0.5
+
+
+def _address(peer: str) -> str:
+    """A gRPC peer string without its port: "ipv4:1.2.3.4:5678" -> "ipv4:1.2.3.4" (a new port per connection)."""
+    return peer.rsplit(":", 1)[0]
 
 
 class Undecodable:
@@ -146,6 +156,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
     ) -> None:
         self._held = 0  # refusals being held (_slow_down)
         self._draining = 0  # refused request streams being read to their end (_drain)
+        self._drained: dict[str, float] = {}  # peer address -> when its last refused stream was drained
         self._state_serves = 0  # GetState streams in progress
         self._adopting = False  # an Adopt in progress (one at a time)
         self.replicas: ReplicaSync | None = None  # round snapshots for GetState(round > 0)
@@ -254,7 +265,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
     def _acquire(self, peer: str) -> str:
         """Take one of the node's ``max_calls`` and of this peer's ``max_calls_per_peer``, or RESOURCE_EXHAUSTED."""
-        address = peer.rsplit(":", 1)[0]  # "ipv4:1.2.3.4:5678" -> "ipv4:1.2.3.4": the port changes per connection
+        address = _address(peer)
         mine = self.calls_by_peer.get(address, 0)
         if mine >= self.max_calls_per_peer:
             raise RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -343,7 +354,9 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         except RpcFailure as failure:
             status = failure.code.name
             self._reject(method, uid, failure, context.peer())
-            if not received:
+            if failure.reason in ("peer_limit", "too_large"):
+                await self._slow_down()
+            if not received and self._courtesy(_address(context.peer())):
                 await self._drain(chunks, already=len(buffer))
             await context.abort(failure.code, failure.details)
         finally:
@@ -351,6 +364,18 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                 self._release(address)
             self.metrics.requests.labels(method, status).inc()
             self.metrics.latency.labels(method).observe(time.perf_counter() - start)
+
+    def _courtesy(self, address: str) -> bool:
+        """Whether to drain this peer's refused stream: once per ``_DRAIN_EVERY_SECONDS`` per address. An honest
+        client's mistake gets its clean status; a peer that keeps sending oversized streams does not get its
+        megabytes read for it (it gets the early status; see ``_drain``)."""
+        now = time.monotonic()
+        if now - self._drained.get(address, -_DRAIN_EVERY_SECONDS) < _DRAIN_EVERY_SECONDS:
+            return False
+        if len(self._drained) >= _MAX_DRAINED_PEERS:
+            self._drained.clear()
+        self._drained[address] = now
+        return True
 
     async def _drain(self, chunks: AsyncIterator[pb.Chunk], *, already: int) -> None:
         """Read (and drop) the rest of a refused request stream, within bounds, before answering.

@@ -1,6 +1,9 @@
 """A hostile peer for ``test_flood.py``: floods a node with calls and oversized streams, prints its outcomes.
 
-    python tests/flooder.py ENDPOINT SECONDS PER_PEER      # last stdout line: {"OK": n, "RESOURCE_EXHAUSTED": n, ...}
+    python tests/flooder.py ENDPOINT SECONDS PER_PEER [busy]    # last stdout line: {"OK": n, ...}
+
+With ``busy`` it is an honest but busy peer instead: ``PER_PEER`` calls in flight, its full share and no
+more, no oversized streams. The test compares the other peer's latency beside each.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dmoe.wire.proto import expert_pb2_grpc as pb_grpc
 H = 256
 
 
-async def flood(endpoint: str, seconds: float, per_peer: int, outcomes: Counter) -> None:
+async def flood(endpoint: str, seconds: float, per_peer: int, outcomes: Counter, busy: bool = False) -> None:
     channel = grpc.aio.insecure_channel(endpoint)
     stub = pb_grpc.ExpertServiceStub(channel)
     big = pb.ExpertRequest(uid="fl.1", tensors=serialize_tensors([torch.randn(256, H)]))
@@ -50,12 +53,15 @@ async def flood(endpoint: str, seconds: float, per_peer: int, outcomes: Counter)
             except grpc.aio.AioRpcError as e:
                 outcomes[label + " " + e.code().name] += 1
 
-    await asyncio.gather(*(caller() for _ in range(4 * per_peer)), streamer(oversized, "stream"),
-                         streamer(oversized, "stream"), streamer(huge, "huge stream"))
+    if busy:
+        await asyncio.gather(*(caller() for _ in range(per_peer)))
+    else:
+        await asyncio.gather(*(caller() for _ in range(4 * per_peer)), streamer(oversized, "stream"),
+                             streamer(oversized, "stream"), streamer(huge, "huge stream"))
     await channel.close(None)
 
 
 if __name__ == "__main__":
     counts: Counter = Counter()
-    asyncio.run(flood(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), counts))
+    asyncio.run(flood(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), counts, busy="busy" in sys.argv[4:]))
     print(json.dumps(counts))

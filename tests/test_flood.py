@@ -3,8 +3,8 @@
 The flooder (127.0.0.1) keeps far more calls in flight than ``--max-calls-per-peer`` allows and
 sends streams bigger than ``--max-request-mb``; it must get ``RESOURCE_EXHAUSTED`` for both. The
 victim calls from another address (127.0.0.2, through a local forwarder that binds that source
-address, since gRPC cannot choose one) and must keep being answered, its latency measured before
-and during the flood and printed.
+address, since gRPC cannot choose one) and must keep being answered within its normal latency:
+measured idle, beside an honest peer that uses its whole share, and beside the flood, and printed.
 """
 
 from __future__ import annotations
@@ -59,6 +59,20 @@ async def victim_latencies(endpoint: str, calls: int) -> list[float]:
     return out
 
 
+def beside(endpoint: str, side: LoopThread, victim: str, *mode: str) -> tuple[list[float], Counter]:
+    """The victim's latencies while the flooder (a process of its own, as it would be) runs in ``mode``."""
+    flooder = subprocess.Popen([sys.executable, str(Path(__file__).with_name("flooder.py")), endpoint, "8",
+                                str(PER_PEER), *mode], stdout=subprocess.PIPE, text=True)
+    try:
+        assert flooder.stdout is not None and flooder.stdout.readline().strip() == "flooding"
+        time.sleep(1.0)  # the load is on
+        latencies = side.run(victim_latencies(victim, 30))
+        return latencies, Counter(json.loads(flooder.communicate(timeout=60)[0].strip().splitlines()[-1]))
+    finally:
+        if flooder.poll() is None:
+            flooder.kill()
+
+
 @pytest.mark.timeout(300)
 def test_a_flooding_peer_is_refused_and_another_peer_keeps_its_latency(launch):
     node = launch("node", ["--experts", "fl.[0:2]", "--hidden-dim", str(H), "--host", "127.0.0.1",
@@ -66,38 +80,31 @@ def test_a_flooding_peer_is_refused_and_another_peer_keeps_its_latency(launch):
                   env={"OMP_NUM_THREADS": "1"})
     host, port = node.ready["grpc"].rsplit(":", 1)
     side = LoopThread()
-    flooder = None
     try:
         relay = side.run(forwarder((host, int(port)), "127.0.0.2"))
         victim = f"127.0.0.1:{relay.sockets[0].getsockname()[1]}"
         before = side.run(victim_latencies(victim, 30))
-        # the flooder is a process of its own, as it would be: it does not share this one's interpreter lock
-        flooder = subprocess.Popen([sys.executable, str(Path(__file__).with_name("flooder.py")), node.ready["grpc"],
-                                    "8", str(PER_PEER)], stdout=subprocess.PIPE, text=True)
-        assert flooder.stdout is not None and flooder.stdout.readline().strip() == "flooding"
-        time.sleep(1.0)  # the flood is on
-        during = side.run(victim_latencies(victim, 30))
-        outcomes = Counter(json.loads(flooder.communicate(timeout=60)[0].strip().splitlines()[-1]))
-        p50_before, p50_during = statistics.median(before), statistics.median(during)
-        print(f"flood: victim p50 {1000 * p50_before:.1f} ms before, {1000 * p50_during:.1f} ms during "
-              f"(max {1000 * max(during):.1f} ms); flooder outcomes {dict(outcomes)}")
+        busy, _ = beside(node.ready["grpc"], side, victim, "busy")
+        during, outcomes = beside(node.ready["grpc"], side, victim)
+        p50 = {label: statistics.median(x) for label, x in (("idle", before), ("busy", busy), ("flood", during))}
+        print("flood: victim p50 " + ", ".join(f"{1000 * v:.1f} ms {k}" for k, v in p50.items())
+              + f" (max {1000 * max(during):.1f} ms during the flood); flooder outcomes {dict(outcomes)}")
         assert outcomes["RESOURCE_EXHAUSTED"] > 0, outcomes  # over --max-calls-per-peer
         for label in ("stream", "huge stream"):  # 1.5x and 10x --max-request-mb: always RESOURCE_EXHAUSTED
             streams = sum(n for outcome, n in outcomes.items() if outcome.startswith(label + " "))
             assert streams > 0 and outcomes[label + " RESOURCE_EXHAUSTED"] == streams, outcomes
         assert outcomes["OK"] > 0  # the flooder is served within its share, not shut out
-        # the victim's calls all succeeded (victim_latencies raises otherwise), and waited about one of the
-        # flooder's admitted batches: the node's scheduler queues fairly per peer (the victim's call goes ahead
-        # of the flood's backlog), the flooder's share is --max-calls-per-peer calls, and its refusals are held
-        # a moment so its retries cannot take the loop. (On 2 cores the flooder's compute and bytes also take
-        # CPU from the victim's; that is the price of serving the flooder at all.) Measured: about 2 ms before,
-        # 15-25 ms during; before fair queueing and held refusals, 60-115 ms. The bound guards against the
-        # flood taking the node (seconds), not the figure: with the suite's other worker running a docker swarm
-        # beside it, the same code measured 130 ms (the figure lives in the flood's printout, -s).
-        assert p50_during < p50_before + 0.3, (p50_before, p50_during)
+        # The victim's calls all succeeded (victim_latencies raises otherwise). Its normal latency on a shared
+        # node is the one beside an honest peer that uses its whole share (--max-calls-per-peer calls in
+        # flight): the victim waits for about one of that peer's admitted batches, since a batch is not
+        # preempted. A flood may cost no more than that: the node's scheduler queues fairly per peer (the
+        # victim's call goes ahead of the flood's backlog), the flooder's share is the same PER_PEER calls,
+        # its refusals are held so its retries cannot take the event loop, and its oversized streams are
+        # not read after the first. Measured here: ~5 ms idle, 31-39 ms busy, 27-48 ms flood (with 0.1 s
+        # holds and every refused stream read: 90-210 ms flood). The bound leaves room for the suite's other
+        # worker (a docker swarm) beside this test.
+        assert p50["flood"] < 2 * p50["busy"] + 0.03, p50
         node_log = node.log_path.read_text()
         assert "Traceback" not in node_log
     finally:
         side.close()
-        if flooder is not None and flooder.poll() is None:
-            flooder.kill()

@@ -389,7 +389,7 @@ def test_hostile_requests_get_a_short_clear_status_and_cost_the_log_little(nodes
 
 
 def test_one_peer_cannot_take_the_node(launch):
-    """Past --max-calls-per-peer concurrent calls from one address, more get RESOURCE_EXHAUSTED at once;
+    """Past --max-calls-per-peer concurrent calls from one address, more get RESOURCE_EXHAUSTED (after a hold);
     the slots come back when the calls end."""
     env = {"DMOE_SLOW_EXPERT_S": "1.5"}
     node = launch("node", ["--experts", "cap.[0:2]", "--expert-cls", "bad_experts:SlowExpert", "--hidden-dim", str(H),
