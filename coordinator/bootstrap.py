@@ -154,7 +154,7 @@ class BootstrapPeer:
                 node_id=DHTID.generate(source=peer_id.to_bytes()),
                 # a bootstrap peer must come up even when every other peer is down (it is what
                 # they will reconnect to); unreachable initial peers are logged, not fatal
-                ensure_bootstrap_success=False,
+                join_timeout=None,
             )
         except Exception as e:
             raise CoordinatorStartError(f"cannot start the DHT peer on {' '.join(options.host_maddrs)}: "

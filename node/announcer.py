@@ -30,6 +30,7 @@ from typing import Any
 
 from hivemind.utils.crypto import RSAPrivateKey
 
+from dmoe.config import NodeConfig, default_of
 from dmoe.dht.access import InLoopDHT, load_or_create_signing_key
 from dmoe.dht.registry import ExpertRegistry
 
@@ -43,6 +44,7 @@ async def start_dht(
     identity_dir: Path | None = None,
     signing_key: RSAPrivateKey | None = None,
     client_mode: bool = False,
+    join_timeout: float = default_of(NodeConfig, "join_timeout"),
 ) -> InLoopDHT:
     """Join (or start) the DHT; with ``identity_dir`` the peer id and the records' signing key survive restarts.
 
@@ -57,7 +59,7 @@ async def start_dht(
     elif signing_key is not None:
         identity = {"signing_key": signing_key}
     dht = await InLoopDHT.create(initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
-                                 client_mode=client_mode, dht_mode="server", **identity)
+                                 client_mode=client_mode, dht_mode="server", join_timeout=join_timeout, **identity)
     if initial_peers:
         log.info("joined the swarm through %d initial peer(s) as %s", len(initial_peers), dht.peer_id)
     else:

@@ -137,11 +137,23 @@ async def serve(config: NodeConfig) -> int:
         loop.add_signal_handler(signum, on_signal, signum)
 
     node = ExpertNode(config)
+    # a signal during start-up (joining may retry for --join-timeout) stops the start, not only what follows it
+    starting = asyncio.ensure_future(node.start())
+    stopping = asyncio.ensure_future(stop.wait())
     try:
-        ready = await node.start()
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            log.info("stopped while starting")
+        ready = await starting
+    except asyncio.CancelledError:
+        await node.shutdown(save=False)
+        return 0
     except BaseException:
         await node.shutdown(save=False)  # never shadow a good checkpoint with unsaved seed weights
         raise
+    finally:
+        stopping.cancel()
     print_ready("node", **ready)
     await stop.wait()
     await node.shutdown()

@@ -161,7 +161,7 @@ class ExpertNode:
         default_maddr = "/ip4/0.0.0.0/tcp/0" if wildcard else (
             f"/ip6/{cfg.host}/tcp/0" if ":" in cfg.host else f"/ip4/{cfg.host}/tcp/0")
         self.dht = await start_dht(
-            initial_peers=cfg.initial_peers,
+            initial_peers=cfg.initial_peers, join_timeout=cfg.join_timeout,
             host_maddrs=cfg.dht_host_maddrs or [default_maddr],
             announce_maddrs=cfg.dht_announce_maddrs,
             identity_dir=self.identity_dir, signing_key=self.signing_key,

@@ -150,7 +150,9 @@ class Swarm:
             else:
                 peers = list(initial_peers)
                 mode = bool(peers) if client_mode is None else client_mode
-                kwargs: dict[str, Any] = {"initial_peers": peers, "client_mode": mode, **(dht_kwargs or {})}
+                # most of start_timeout for retrying the initial peers, the rest for the p2p daemon's start
+                kwargs: dict[str, Any] = {"initial_peers": peers, "client_mode": mode,
+                                          "join_timeout": 0.75 * start_timeout, **(dht_kwargs or {})}
                 if host_maddrs is not None:
                     kwargs["host_maddrs"] = list(host_maddrs)
                 dht = self.run(InLoopDHT.create(**kwargs), timeout=start_timeout)

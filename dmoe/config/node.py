@@ -79,6 +79,8 @@ class NodeConfig:
     or trusted networks only)"""
     initial_peers: list[str] = option(factory=list, nargs="*", group="network")
     """multiaddrs of peers in the swarm to join; none starts a new swarm"""
+    join_timeout: float = option(60.0, parse=positive_float, group="network")
+    """seconds to keep retrying the initial peers (with backoff) before giving up with an error"""
     dht_host_maddrs: list[str] | None = option(None, nargs="*", group="network")
     """multiaddrs the DHT listens on; default /ip4/<host>/tcp/0"""
     dht_announce_maddrs: list[str] | None = option(None, nargs="*", group="network")

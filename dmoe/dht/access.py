@@ -6,6 +6,14 @@
   and the trainer's hivemind averager can share one DHT with the gating layer. Calls are shipped
   with ``DHT.run_coroutine`` and awaited as futures.
 
+Joining retries: hivemind's ``DHTNode.create`` pings the initial peers once (``wait_timeout``, 3 s)
+and raises if none answered, leaving its p2p daemon behind. A volunteer's first contact may well be
+slower than that (a busy bootstrap peer, a swarm starting all at once, a slow uplink), so
+``InLoopDHT.create`` lets the first round fail quietly and keeps pinging the initial peers with
+backoff for up to ``join_timeout``; if none ever answers it shuts the daemon down and raises a
+``DmoeError`` that names the peers it tried (``join_timeout=None``: come up alone, as a bootstrap
+peer must).
+
 Both sign records with an ``RSASignatureValidator``: a subkey carrying our ``[owner:...]`` marker
 can only be overwritten by us, and values read back are stripped of signatures. Both apply
 ``dmoe.dht.patches`` before they touch hivemind.
@@ -14,7 +22,10 @@ can only be overwritten by us, and values read back are stripped of signatures. 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
+import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -23,10 +34,18 @@ from typing import Any, Protocol
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2PDaemonError, PeerID
 from hivemind.utils import ValueWithExpiration
 from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.multiaddr import Multiaddr
 
+from dmoe.config import NodeConfig, default_of
 from dmoe.dht import patches
+from dmoe.errors import DmoeError
+
+log = logging.getLogger(__name__)
+_JOIN_FIRST_RETRY = 1.0  # then doubling, up to _JOIN_MAX_RETRY
+_JOIN_MAX_RETRY = 8.0
 
 
 class DHTAccess(Protocol):
@@ -99,21 +118,42 @@ class InLoopDHT:
         identity_path: str | None = None,
         client_mode: bool = False,
         signing_key: RSAPrivateKey | None = None,
+        join_timeout: float | None = default_of(NodeConfig, "join_timeout"),
         **kwargs: Any,
     ) -> InLoopDHT:
         patches.apply()
         # own key, not the process-wide one (several peers may share a process)
         validator = RSASignatureValidator(signing_key or RSAPrivateKey())
-        with patches.p2pd_in_own_session():
-            node = await DHTNode.create(
-                initial_peers=list(initial_peers) or None,
-                host_maddrs=list(host_maddrs),
-                announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
-                identity_path=identity_path,
-                client_mode=client_mode,
-                record_validator=validator,
-                **kwargs,
-            )
+        peers = list(initial_peers)
+        joining = _Joining(peers, join_timeout)
+        while True:
+            try:
+                with patches.p2pd_in_own_session():
+                    node = await DHTNode.create(
+                        initial_peers=peers or None,
+                        host_maddrs=list(host_maddrs),
+                        announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
+                        identity_path=identity_path,
+                        client_mode=client_mode,
+                        record_validator=validator,
+                        ensure_bootstrap_success=False,  # retried below, with backoff, and then a clear error
+                        **kwargs,
+                    )
+                break
+            except P2PDaemonError as e:  # p2pd exits at once if it cannot connect to any bootstrap peer
+                if not peers or "bootstrap" not in str(e):
+                    raise
+                if join_timeout is None:
+                    log.warning("none of the %d initial peer(s) could be reached; starting alone", len(peers))
+                    peers = []
+                    continue
+                await joining.wait("could not connect to any")
+        try:
+            if peers and join_timeout is not None:  # None: come up alone if no initial peer answers
+                await _ping_until_joined(node, joining)
+        except BaseException:
+            await node.shutdown()  # the p2p daemon too
+            raise
         return cls(node, validator)
 
     @property
@@ -141,6 +181,52 @@ class InLoopDHT:
 
     async def shutdown(self) -> None:
         await self.node.shutdown()
+
+
+class _Joining:
+    """The backoff and the deadline of one attempt to join through ``initial_peers``."""
+
+    def __init__(self, initial_peers: list[str], timeout: float | None) -> None:
+        self.initial_peers, self.timeout = initial_peers, timeout
+        self.deadline = time.monotonic() + (timeout if timeout is not None else 0.0)
+        self._wait = _JOIN_FIRST_RETRY
+        self.retries = 0
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    async def wait(self, what: str) -> None:
+        """Sleep before the next try, or raise once ``timeout`` is spent; ``what`` failed with the peers."""
+        left = self.left()
+        if left <= 0:
+            shown = ", ".join(self.initial_peers[:3]) + (", ..." if len(self.initial_peers) > 3 else "")
+            raise DmoeError(f"could not join the swarm: {what} of its {len(self.initial_peers)} initial "
+                            f"peer(s) within {self.timeout:g}s ({shown}); check the address (--initial-peers, or "
+                            "the coordinator's) and that the peer is up")
+        log.warning("%s of the initial peers yet; retrying in %.0fs (%.0fs left to join)", what,
+                    min(self._wait, left), left)
+        await asyncio.sleep(min(self._wait, left))
+        self.retries += 1
+        self._wait = min(2 * self._wait, _JOIN_MAX_RETRY)
+
+
+async def _ping_until_joined(node: DHTNode, joining: _Joining) -> None:
+    """Ping the initial peers (validating: hivemind refuses a clock far off the peer's) until one answers, with
+    backoff, then look up our neighbourhood if ``DHTNode.create``'s own round had found nobody."""
+    peers = {PeerID.from_base58(Multiaddr(maddr)["p2p"]) for maddr in joining.initial_peers}
+    joined = bool(node.protocol.routing_table.peer_id_to_uid)
+    while True:
+        answers = await asyncio.gather(*(node.protocol.call_ping(peer, validate=True, strict=True) for peer in peers))
+        answered = sum(answer is not None for answer in answers)
+        if answered or joined:  # joined: the validation is the point of this round, and nobody refused it
+            if not joined:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(node.find_nearest_nodes([node.node_id]), max(joining.left(), 1.0))
+            if joining.retries:
+                log.info("joined the swarm after %d retries (%d of %d initial peer(s) answered)", joining.retries,
+                         answered, len(peers))
+            return
+        await joining.wait("got no DHT ping answer from any")
 
 
 async def _remote_get_many(_dht: hivemind.DHT, node: DHTNode, keys: Sequence[str]) -> dict:
