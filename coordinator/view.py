@@ -5,8 +5,8 @@ through ``ExpertRegistry``, so what it shows is what a trainer would find.
 
 One refresh is
 
-1. ``list_nodes()``: one lookup of ``_dmoe.nodes``, where every node publishes its endpoint, the
-   experts it hosts and a load figure. The experts' uids also tell us which grid prefixes exist
+1. ``list_nodes()``: one batched lookup of the ``_dmoe.nodes`` shards, where every node publishes
+   its endpoint, the experts it hosts and a load figure. The experts' uids also tell us which grid prefixes exist
    and how many dimensions each grid has (``ffn.3.5`` is prefix ``ffn``, 2-D).
 2. ``ExpertRegistry.walk_grid`` of every prefix: level 0 asks ``ffn.`` for alive first
    coordinates, level 1 asks ``ffn.<i>.`` for every alive ``i`` (all in one batched lookup), and

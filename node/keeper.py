@@ -36,11 +36,12 @@ from dmoe.node.state import ExpertState, StateError
 
 from dmoe.config.node import NodeConfig
 from dmoe.dht.placement import grid_uids, neediest, swap_candidate
-from dmoe.dht.registry import ExpertEndpoint, ExpertRegistry
+from dmoe.dht.registry import ExpertEndpoint, ExpertRegistry, NodeRecord
 from dmoe.dht.uids import parse_expert_pattern
 
 log = logging.getLogger(__name__)
 _LOOKUP_TIMEOUT = 15.0
+_HANDOFF_SHARDS = 4  # _dmoe.nodes shards a hand-off reads first
 _TRANSFER_TIMEOUT = 120.0  # one expert's state, through a home uplink
 
 
@@ -246,6 +247,13 @@ class ExpertKeeper:
             return False, "its state could not be transferred"
         return True, "adopted and announced"
 
+    def _room(self, nodes: list[NodeRecord]) -> dict[str, int]:
+        """Endpoint -> free expert slots of the other nodes that could serve this node's experts."""
+        me = self.node_id()
+        return {n.endpoint: int(n.info.get("capacity", 0)) - len(n.experts) for n in nodes
+                if n.node_id != me and n.info.get("expert_cls") == self.config.expert_cls
+                and n.info.get("hidden_dim") == self.config.hidden_dim}
+
     async def hand_off(self, endpoint: str | None) -> None:
         """SIGTERM: find another node for every expert only this node holds (bounded by --handoff-timeout)."""
         if endpoint is None or not self.backends or not self.config.state_transfer:
@@ -253,17 +261,17 @@ class ExpertKeeper:
         self.peers.own_endpoint = endpoint
         try:
             found = await self.holders(list(self.backends))
-            nodes = await asyncio.wait_for(self.registry.list_nodes(), _LOOKUP_TIMEOUT)
+            orphans = [uid for uid in self.backends if not found.get(uid)]
+            if not orphans:
+                return
+            # a few shards of _dmoe.nodes first (a large swarm's full list is megabytes), all if they lack room
+            room = self._room(await asyncio.wait_for(self.registry.list_nodes(sample=_HANDOFF_SHARDS),
+                                                     _LOOKUP_TIMEOUT))
+            if sum(max(r, 0) for r in room.values()) < 2 * len(orphans):
+                room = self._room(await asyncio.wait_for(self.registry.list_nodes(), _LOOKUP_TIMEOUT))
         except (TimeoutError, OSError, RuntimeError) as e:
             log.warning("hand-off skipped: DHT lookup failed (%s)", type(e).__name__)
             return
-        orphans = [uid for uid in self.backends if not found.get(uid)]
-        if not orphans:
-            return
-        me = self.node_id()
-        room = {n.endpoint: int(n.info.get("capacity", 0)) - len(n.experts) for n in nodes
-                if n.node_id != me and n.info.get("expert_cls") == self.config.expert_cls
-                and n.info.get("hidden_dim") == self.config.hidden_dim}
         log.info("handing off %d expert(s) only this node holds: %s", len(orphans), ", ".join(orphans))
         handed = 0
         for uid in orphans:

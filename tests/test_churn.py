@@ -151,3 +151,44 @@ def test_serving_intervals_exclude_down_frozen_and_partitioned_time():
     assert serving_intervals(events, 0, 60) == [(0, 10), (20, 30), (35, 50), (55, 60)]
     assert serving_intervals([e.to_dict() for e in events], 1, 60) == [(0, 12)]
     assert node_states(events, 0, 60)[0] == (0, 10, "up")
+
+
+@pytest.mark.parametrize("dist", [
+    {"dist": "weibull", "shape": 0.6, "scale": 40.0},
+    {"dist": "uniform", "low": 10.0, "high": 50.0},
+    {"dist": "lognormal", "median": 20.0, "sigma": 0.8},
+    {"dist": "pareto", "shape": 2.5, "scale": 10.0},
+    {"dist": "fixed", "value": 30.0},
+])
+def test_a_steady_start_leaves_what_an_observer_at_a_random_moment_sees(dist):
+    """``residual`` ~ the time left of the session in progress at random moments of one long renewal process
+    (two-sample Kolmogorov-Smirnov), which is not the distribution of a fresh session."""
+    import bisect
+    import random
+
+    from dmoe.sim.churn import residual, sample
+    from dmoe.sim.scenario import Distribution
+
+    d = Distribution(dist["dist"], {k: v for k, v in dist.items() if k != "dist"})
+    rng = random.Random(3)
+    ends = [0.0]
+    for _ in range(200_000):
+        ends.append(ends[-1] + sample(d, rng))
+    observed = []
+    for _ in range(5_000):
+        t = rng.uniform(0, ends[-1])
+        observed.append(ends[bisect.bisect_right(ends, t)] - t)
+    drawn = [residual(d, rng) for _ in range(5_000)]
+    assert stats.ks_2samp(observed, drawn).pvalue > 0.001
+    if dist["dist"] != "fixed":
+        fresh = [sample(d, rng) for _ in range(5_000)]
+        assert stats.ks_2samp(observed, fresh).pvalue < 1e-6
+
+
+def test_steady_start_first_sessions_are_residual_and_off_by_default():
+    steady = ChurnModel(make({**HEAVY_TAILED, "steady_start": True}, nodes=250, duration=60), seed=1).timeline()
+    fresh = ChurnModel(make(HEAVY_TAILED, nodes=250, duration=60), seed=1).timeline()
+    early = [sum(1 for e in tl.events if e.action in ("crash", "leave", "freeze") and e.t < 10)
+             for tl in (steady, fresh)]
+    # shape 0.6: fresh sessions end early far more often than sessions already under way
+    assert early[0] < 0.7 * early[1], early

@@ -17,10 +17,23 @@ public key::
   overwrite or erase them; entries without a well-formed owner marker (``NAME[owner:KEY]``, the
   only form the validator checks) are ignored on read, and so is every entry of an owner with more
   than ``MAX_ENTRIES_PER_OWNER`` under one key (nobody can grow a shared record for everyone).
+* Inner levels are kept by a few owners, not by all: a coordinate's inner entry only says "something
+  is alive below here", so ``INNER_WRITERS`` owners per coordinate are enough, and a shared inner
+  record stays ``coordinates x INNER_WRITERS`` entries whatever the swarm's size (with every node
+  writing, the root record grew with the swarm: 5,112 entries, 4 MB at 10,000 modelled nodes, read
+  by every search). Each round a node reads its inner records and their children first and keeps its
+  inner entry only while fewer than ``INNER_WRITERS`` other owners rank before it (a hash of owner
+  and cell, so the choice is stable and spread); an owner counts only if it also has an entry in the
+  child record, so keys that serve nothing cannot talk honest nodes out of announcing. When a keeper
+  leaves or dies, the next owner sees the gap at its next round (``ttl/3``) and writes. The last level
+  (the experts themselves) keeps every replica. A failed read writes everything (fail open).
 * Records expire (``ttl``); owners re-announce well before expiry, so a dead node vanishes
   within one TTL. A graceful leave overwrites its subkeys with a tombstone (``()``).
-* Every node also publishes itself under ``_dmoe.nodes`` (subkey: node id + owner) with its
-  endpoint, experts and load, which the coordinator reads to see the swarm.
+* Every node also publishes itself under ``_dmoe.nodes.S`` (subkey: node id + owner) with its
+  endpoint, experts and load, which the coordinator reads to see the swarm. ``S`` is one of
+  ``NODE_SHARDS`` shards, a hash of the node id: one record for the whole swarm grew with it (8.5 MB
+  at 10,000 modelled nodes, past what one DHT message carries). The coordinator reads every shard
+  in one batched lookup; a node handing its experts off reads ``sample`` random ones.
 * Relays (``dmoe.relay``) publish themselves under ``_dmoe.relays`` (subkey: ``relay`` + owner)
   with their address and how many nodes they carry, so unreachable nodes find one.
 * An endpoint is ``host:port`` or, for a node served through a relay, ``name@relay-host:port``
@@ -36,7 +49,9 @@ public key::
 
 from __future__ import annotations
 
+import hashlib
 import math
+import random
 import re
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
@@ -51,7 +66,8 @@ from dmoe.errors import ConfigError
 from dmoe.wire.endpoints import parse_endpoint
 from dmoe.wire.tls import certificate_fingerprint, key_fingerprint
 
-NODES_KEY = "_dmoe.nodes"
+NODES_KEY = "_dmoe.nodes"  # + "." + shard
+NODE_SHARDS = 16
 CERT_KEY_PREFIX = "_dmoe.cert."
 MEMBER_KEY_PREFIX = "_dmoe.member."
 RELAYS_KEY = "_dmoe.relays"
@@ -61,6 +77,7 @@ MAX_PROBE_DEPTH = 8  # grid dimensions a walk probes for when nobody said how ma
 # a shared record (one grid cell's key) holds one entry per owner and child coordinate: an owner with more
 # entries than a grid row can have is growing it on purpose, and is ignored there; coordinates are small numbers
 MAX_ENTRIES_PER_OWNER = 1024
+INNER_WRITERS = 3  # owners that keep an inner-level entry per coordinate (see the module docstring)
 MAX_COORD_DIGITS = 6
 
 
@@ -153,6 +170,7 @@ class ExpertRegistry:
         self.dht = dht
         # a closed swarm's filter: owner fingerprints -> those that are members (None: an open swarm)
         self.admit: Callable[[set[str]], Awaitable[set[str]]] | None = None
+        self._inner_written: dict[tuple[str, str], float] = {}  # inner (key, coord) we wrote -> its expiration
 
     # ---- announcing (nodes) ----
 
@@ -173,18 +191,47 @@ class ExpertRegistry:
     ) -> bool:
         """Store (or refresh) this node's records for ``uids`` (and its TLS ``certificate``); True if all landed."""
         uids = list(uids)
+        leaves = {_cell_entries(uid)[-1] for uid in uids}
+        inner = {cell for uid in uids for cell in _cell_entries(uid)[:-1]} - leaves
+        deferred = await self._kept_by_others(inner) if inner else set()
         expiration = get_dht_time() + ttl
         entries: dict[tuple[str, bytes], Any] = {}
-        for uid in uids:
-            for key, coord in _cell_entries(uid):
-                entries[(key, self._owned(coord))] = (endpoint, node_id, float(load))
+        for key, coord in sorted(leaves | (inner - deferred)):
+            entries[(key, self._owned(coord))] = (endpoint, node_id, float(load))
+        self._inner_written.update({cell: expiration for cell in inner - deferred})
         info = {"endpoint": endpoint, "experts": uids, "load": float(load), **(node_info or {})}
-        entries[(NODES_KEY, self._owned(node_id))] = info
+        entries[(node_shard_key(node_id), self._owned(node_id))] = info
         if certificate is not None:
             entries[(CERT_KEY_PREFIX + self.fingerprint, self._owned("cert"))] = certificate
         if membership is not None:
             entries[(MEMBER_KEY_PREFIX + self.fingerprint, self._owned("member"))] = membership
         return await self._store(entries, expiration)
+
+    async def _kept_by_others(self, inner: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The inner cells that ``INNER_WRITERS`` other owners, ranked before us, keep alive already."""
+        children = {cell: cell[0] + cell[1] + UID_DELIMITER for cell in inner}
+        try:
+            found = await self.dht.get_many(list(dict.fromkeys([k for k, _ in inner] + list(children.values()))))
+        except (TimeoutError, OSError, RuntimeError):
+            return set()  # fail open: write them all
+        now = get_dht_time()
+        ours = self._owned("")
+        kept = set()
+        for key, coord in inner:
+            serving = {owner for _, owner, value, _ in _owned_entries(found.get(children[(key, coord)]), now)
+                       if value}  # owners with a live entry below this cell (tombstones are empty)
+            mine = _rank(ours, key, coord)
+            before = {owner for name, owner, value, _ in _owned_entries(found.get(key), now)
+                      if name == coord and value and owner in serving and b"[owner:" + owner + b"]" != ours
+                      and _rank(b"[owner:" + owner + b"]", key, coord) < mine}
+            if len(before) >= INNER_WRITERS:
+                kept.add((key, coord))
+        return kept
+
+    def _written_inner(self, cells: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Those of ``cells`` whose inner entry we wrote and that may still be live."""
+        now = get_dht_time()
+        return {cell for cell in cells if self._inner_written.get(cell, 0.0) >= now}
 
     @property
     def fingerprint(self) -> str:
@@ -210,17 +257,20 @@ class ExpertRegistry:
         subset would also hide its siblings: call this with every uid the node announced.
         """
         expiration = get_dht_time() + ttl + 1.0  # must outlive the record it replaces
-        entries: dict[tuple[str, bytes], Any] = {}
-        for uid in uids:
-            for key, coord in _cell_entries(uid):
-                entries[(key, self._owned(coord))] = ()
-        entries[(NODES_KEY, self._owned(node_id))] = ()
+        uids = list(uids)
+        leaves = {_cell_entries(uid)[-1] for uid in uids}
+        inner = self._written_inner(cell for uid in uids for cell in _cell_entries(uid)[:-1])
+        entries: dict[tuple[str, bytes], Any] = {(key, self._owned(coord)): () for key, coord in leaves | inner}
+        entries[(node_shard_key(node_id), self._owned(node_id))] = ()
         return await self._store(entries, expiration)
 
     async def withdraw_some(self, dropped: Iterable[str], *, kept: Iterable[str], ttl: float) -> bool:
         """Tombstone the records of ``dropped`` uids only, keeping every inner-level entry ``kept`` uids share."""
         keep = {e for uid in kept for e in _cell_entries(uid)}
-        gone = {e for uid in dropped for e in _cell_entries(uid)} - keep
+        dropped = list(dropped)
+        leaves = {_cell_entries(uid)[-1] for uid in dropped}
+        inner = self._written_inner(cell for uid in dropped for cell in _cell_entries(uid)[:-1])
+        gone = (leaves | inner) - keep
         if not gone:
             return True
         entries = {(key, self._owned(coord)): () for key, coord in gone}
@@ -390,26 +440,46 @@ class ExpertRegistry:
                 continue
         return sorted(relays, key=lambda r: (-r.free, r.address))
 
-    async def list_nodes(self) -> list[NodeRecord]:
-        """Every node currently announced under ``_dmoe.nodes``."""
-        record = (await self.dht.get_many([NODES_KEY])).get(NODES_KEY)
+    async def list_nodes(self, sample: int | None = None) -> list[NodeRecord]:
+        """Every node currently announced under the ``_dmoe.nodes`` shards (``sample``: of that many random ones)."""
+        keys = [f"{NODES_KEY}.{shard}" for shard in range(NODE_SHARDS)]
+        if sample is not None:
+            keys = random.sample(keys, min(sample, len(keys)))
+        found = await self.dht.get_many(keys)
+        now = get_dht_time()
         nodes = []
-        for node_id, _, value, expiration in _owned_entries(record, get_dht_time()):
-            if not isinstance(value, dict):
-                continue
-            try:
-                nodes.append(NodeRecord(node_id=node_id, endpoint=str(value["endpoint"]),
-                                        experts=[str(u) for u in value["experts"]], load=float(value["load"]),
-                                        expiration=expiration, info=value))
-            except (KeyError, TypeError, ValueError):
-                continue
+        for key in keys:
+            for node_id, value, expiration in _node_entries(key, found.get(key), now):
+                try:
+                    nodes.append(NodeRecord(node_id=node_id, endpoint=str(value["endpoint"]),
+                                            experts=[str(u) for u in value["experts"]], load=float(value["load"]),
+                                            expiration=expiration, info=value))
+                except (KeyError, TypeError, ValueError):
+                    continue
         return sorted(nodes, key=lambda n: n.endpoint)
+
+
+def node_shard_key(node_id: str) -> str:
+    """The ``_dmoe.nodes`` shard a node announces itself under."""
+    return f"{NODES_KEY}.{int.from_bytes(hashlib.sha256(node_id.encode()).digest()[:4], 'big') % NODE_SHARDS}"
+
+
+def _node_entries(key: str, record: Any, now: float) -> Iterator[tuple[str, dict, float]]:
+    """(node id, value, expiration) of a shard's entries, only those that belong in that shard."""
+    for node_id, _, value, expiration in _owned_entries(record, now):
+        if isinstance(value, dict) and node_shard_key(node_id) == key:
+            yield node_id, value, expiration
 
 
 def _cell_entries(uid: str) -> list[tuple[str, str]]:
     """(DHT key, coordinate) of every entry announcing ``uid``, one per grid level."""
     prefix, coords = split_uid(uid)
     return [(cell_key(prefix, coords[:level]), str(coord)) for level, coord in enumerate(coords)]
+
+
+def _rank(owner_marker: bytes, key: str, coord: str) -> bytes:
+    """Where an owner stands among the candidate keepers of inner cell (key, coord): stable, and spread."""
+    return hashlib.sha256(owner_marker + key.encode() + b"\0" + coord.encode()).digest()
 
 
 def _identity(value: Any) -> Any:

@@ -24,7 +24,8 @@ Layout (all sections optional except where noted; see ``scenarios/*.toml`` for d
                 steps, forward_timeout_s, backward_timeout_s, timeout_after_k_min_s, compression, max_data_mb,
                 target_batch_size, extra_args
     [links]     up_mbit, down_mbit, latency_ms, jitter_ms, drop_prob  (number or distribution)
-    [churn]     enabled, start_after_s, online, offline, freeze, departure, keep_checkpoint, exempt_nodes
+    [churn]     enabled, start_after_s, steady_start, online, offline, freeze, departure, keep_checkpoint,
+                exempt_nodes
     [[events]]  at_s, action, nodes | fraction | count, duration_s, keep_checkpoint, mode, link values
     [report]    min_experts
 
@@ -188,6 +189,9 @@ class LinkSpec:
 class ChurnSpec:
     enabled: bool = False
     start_after_s: float = 20.0  # no random churn before this (the swarm warms up)
+    # nodes' first sessions are already under way at start_after_s (a swarm that has run for a while),
+    # instead of all starting then: with Weibull shape < 1 fresh sessions end far more often early on
+    steady_start: bool = False
     online: Distribution = field(default_factory=lambda: Distribution("exponential", {"mean": 60.0}))
     offline: Distribution = field(default_factory=lambda: Distribution("exponential", {"mean": 15.0}))
     freeze: Distribution | None = None  # how long a freeze lasts; None: drawn from `offline`
@@ -526,6 +530,7 @@ def _parse_churn(t: _Table, nodes: int) -> ChurnSpec:
     spec = ChurnSpec(
         enabled=t.boolean("enabled", d.enabled),
         start_after_s=t.number("start_after_s", d.start_after_s, lo=0),
+        steady_start=t.boolean("steady_start", d.steady_start),
         online=t.distribution("online", d.online),
         offline=t.distribution("offline", d.offline),
         freeze=t.distribution("freeze", None),

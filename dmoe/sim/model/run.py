@@ -30,7 +30,7 @@ import numpy as np
 from dmoe.config.client import HealthOptions, HedgeOptions, LookupOptions, MoEOptions
 from dmoe.config.train import TrainOptions
 from dmoe.dht.placement import place_experts
-from dmoe.dht.registry import NODES_KEY
+from dmoe.dht.registry import NODE_SHARDS, NODES_KEY
 from dmoe.dht.uids import cell_key, split_uid
 from dmoe.sim.churn import ChurnModel
 from dmoe.sim.links import LinkModel
@@ -279,7 +279,9 @@ class ModelRun:
             inner = [store.size(cell_key(prefix, (c,)), now) for c in range(self.sc.swarm.grid[0])]
             sizes["cell_entries_max"] = max((e for e, _ in inner), default=0)
             sizes["cell_bytes_max"] = max((b for _, b in inner), default=0)
-        sizes["nodes_entries"], sizes["nodes_bytes"] = store.size(NODES_KEY, now)
+        shards = [store.size(f"{NODES_KEY}.{shard}", now) for shard in range(NODE_SHARDS)]
+        sizes["nodes_entries"] = max(e for e, _ in shards)  # the largest shard: what one lookup of it moves
+        sizes["nodes_bytes"] = max(b for _, b in shards)
         inv = self.result.invariants
         limit = self.health.ban_max + self.health.probe_interval + self.health.probe_timeout + 0.5
         inv.ban_limit_s = limit

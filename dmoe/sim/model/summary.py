@@ -57,6 +57,9 @@ def summarize(result: RunResult, scenario: Scenario, options: ModelOptions) -> d
         "records_max": sizes,
         "dht_lookups_total": last.get("dht_lookups"),
         "dht_bytes_total": last.get("dht_bytes"),
+        # everything but the trainers' steps: the nodes' announce rounds and withdrawals, mostly
+        "node_dht_bytes_per_node_min": ((last.get("dht_bytes", 0) - sum(r.dht_bytes for r in steps))
+                                        / result.nodes / (options.duration_s / 60)) if result.nodes else None,
         "announces": dict(result.announces),
         "churn_events": dict(result.events),
         "invariants": {**{k: v for k, v in inv.__dict__.items()}, "ok": inv.ok},
@@ -80,9 +83,10 @@ def format_table(summary: dict[str, Any]) -> str:
         ("steps with < k experts for a token", _fmt(s["short_step_share"], ".1%")),
         ("DHT lookups / bytes per step", f"{_fmt(s['lookups_per_step'], '.1f')} / "
                                          f"{_fmt(s['dht_bytes_per_step'], ',.0f')} B"),
+        ("nodes' own DHT traffic", f"{_fmt(s['node_dht_bytes_per_node_min'], ',.0f')} B per node-minute"),
         ("largest root record", f"{r['root_entries']} entries, {r['root_bytes']:,} B"),
         ("largest level-1 record", f"{r['cell_entries_max']} entries, {r['cell_bytes_max']:,} B"),
-        ("_dmoe.nodes record", f"{r['nodes_entries']} entries, {r['nodes_bytes']:,} B"),
+        ("_dmoe.nodes largest shard", f"{r['nodes_entries']} entries, {r['nodes_bytes']:,} B"),
         ("invariants", "ok" if s["invariants"]["ok"] else f"VIOLATED {s['invariants']}"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -105,7 +109,7 @@ def plot(result: RunResult, summary: dict[str, Any], path: Path) -> None:
     st = [s["t"] for s in result.samples]
     axes[1][0].plot(st, [s.get("root_bytes", 0) / 1e3 for s in result.samples], label="root record")
     axes[1][0].plot(st, [s.get("cell_bytes_max", 0) / 1e3 for s in result.samples], label="largest level-1 record")
-    axes[1][0].plot(st, [s.get("nodes_bytes", 0) / 1e3 for s in result.samples], label="_dmoe.nodes")
+    axes[1][0].plot(st, [s.get("nodes_bytes", 0) / 1e3 for s in result.samples], label="_dmoe.nodes (largest shard)")
     axes[1][0].set(title="shared DHT record sizes", xlabel="virtual s", ylabel="kB")
     axes[1][0].legend(loc="center right")
     axes[1][1].plot(st, [s["nodes_up"] for s in result.samples])
