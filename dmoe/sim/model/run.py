@@ -17,6 +17,7 @@ crashed node's records must be gone from the DHT one TTL after the crash.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -161,6 +162,7 @@ class ModelRun:
                            backward_timeout=sc.trainer.backward_timeout_s,
                            timeout_after_k_min=sc.trainer.timeout_after_k_min_s)
         self.announcers: dict[int, Any] = {}
+        self.starting: dict[int, asyncio.Future[bool]] = {}  # announcers still in their first attempts
         self.down_since: dict[int, float] = {}
 
     def alive(self, endpoint: str, uid: str) -> bool:
@@ -202,11 +204,19 @@ class ModelRun:
         self.down_since.pop(i, None)
         announcer = self._announcer(i)
         self.announcers[i] = announcer
-        await announcer.start()
+        # a task of its own, so a crash during the first announce attempts cancels them (a killed process
+        # does not go on to announce, and its records must be gone one TTL later)
+        self.starting[i] = asyncio.ensure_future(announcer.start())
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.starting[i]
+        self.starting.pop(i, None)
 
     async def _stop(self, i: int, *, state: str, withdraw: bool) -> None:
         node = self.nodes[i]
         announcer = self.announcers.pop(i, None)
+        starting = self.starting.pop(i, None)
+        if starting is not None:
+            starting.cancel()
         if state != "down" or not withdraw:
             node.state = state
         if announcer is not None:
@@ -215,11 +225,11 @@ class ModelRun:
         if state == "down":
             self.down_since[i] = asyncio.get_running_loop().time()
             if not withdraw:
-                asyncio.get_running_loop().call_later(self.ttl + 0.5, self._check_expired, i)
+                asyncio.get_running_loop().call_later(self.ttl + 0.5, self._check_expired, i, self.down_since[i])
 
-    def _check_expired(self, i: int) -> None:
-        if self.nodes[i].state != "down":
-            return
+    def _check_expired(self, i: int, crashed_at: float) -> None:
+        if self.nodes[i].state != "down" or self.down_since.get(i) != crashed_at:
+            return  # up again since, or down from a later crash (which has a check of its own)
         node = self.nodes[i]
         now = asyncio.get_running_loop().time()
         inv = self.result.invariants
