@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per step and layer (default: the scenario's batch_size x block_size)")
     p.add_argument("--trainer-compute-ms", type=non_negative_float, default=_DEFAULTS.trainer_compute_ms,
                    help="a trainer's own forward+backward per step, ms")
+    p.add_argument("--per-call-ms", type=non_negative_float, default=_DEFAULTS.per_call_ms,
+                   help="a node's fixed CPU cost per call (RPC, decoding, batching), ms of one core; calibrate it "
+                        "against a dmoe simulate run with --compare")
     p.add_argument("--dht-rtt-ms", type=positive_float, default=None,
                    help="fixed time per DHT hop, ms (dmoe simulate's DHT runs on loopback); default: from links")
     p.add_argument("--compare", default=None, help="a dmoe simulate output directory: print real vs model")
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     options = ModelOptions(duration_s=args.duration or scenario.duration_s, trainers=args.trainers,
                            tokens_per_step=args.tokens_per_step, trainer_compute_ms=args.trainer_compute_ms,
-                           dht_rtt_ms=args.dht_rtt_ms, seed=args.seed)
+                           dht_rtt_ms=args.dht_rtt_ms, seed=args.seed, per_call_ms=args.per_call_ms)
     cost = measure_service_cost(scenario.swarm.expert_cls, scenario.swarm.hidden_dim, options.per_call_ms)
     print(f"dmoe model: {scenario.name}, {scenario.swarm.total_nodes} nodes, grid {list(scenario.swarm.grid)} x "
           f"{scenario.swarm.layers} layers, {options.duration_s:.0f} virtual s; expert cost on this CPU "
