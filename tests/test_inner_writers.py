@@ -28,6 +28,8 @@ def peers():
     host = Swarm(use_dht=False)
     first = Announcer.start(host, [])
     rest = [Announcer.start(host, first.maddrs()) for _ in range(5)]
+    for peer in [first, *rest]:
+        peer.registry.inner_recheck = 0.0  # re-read every round: the rounds here are seconds apart, the TTL a minute
     yield host, [first, *rest]
     for peer in reversed([first, *rest]):
         peer.shutdown()
@@ -117,3 +119,26 @@ def test_keys_that_serve_nothing_below_do_not_count(peers):
     second = announce_round(honest)
     fresh = {o for o, (value, exp) in entries(all_peers[0], ROOT).items() if value and exp >= second + TTL}
     assert fresh == {owner_of(p) for _, p in ranked(honest)[:INNER_WRITERS]}  # the squatters did not count
+
+
+@pytest.mark.timeout(120)
+def test_keepers_are_reread_once_per_ttl_not_every_round(peers):
+    host, all_peers = peers
+    peer = all_peers[0]
+    peer.registry.inner_recheck = 1.0  # the default: once per TTL
+    reads: list[list[str]] = []
+    get_many = peer.dht.get_many
+
+    async def counting(keys):  # the real lookup, counted
+        reads.append(list(keys))
+        return await get_many(keys)
+
+    peer.dht.get_many = counting
+    for _ in range(3):  # three rounds within one TTL
+        assert host.run(peer.registry.announce(["iw.0.0"], endpoint="127.0.0.1:20000", node_id="n0", load=0.0, ttl=TTL),
+                        timeout=30)
+    assert sum(ROOT in keys for keys in reads) == 1, reads
+    peer.registry._checked_at -= TTL  # a TTL later
+    assert host.run(peer.registry.announce(["iw.0.0"], endpoint="127.0.0.1:20000", node_id="n0", load=0.0, ttl=TTL),
+                    timeout=30)
+    assert sum(ROOT in keys for keys in reads) == 2, reads

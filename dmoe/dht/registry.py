@@ -25,7 +25,9 @@ public key::
   inner entry only while fewer than ``INNER_WRITERS`` other owners rank before it (a hash of owner
   and cell, so the choice is stable and spread); an owner counts only if it also has an entry in the
   child record, so keys that serve nothing cannot talk honest nodes out of announcing. When a keeper
-  leaves or dies, the next owner sees the gap at its next round (``ttl/3``) and writes. The last level
+  leaves or dies, the next owner sees the gap when it next re-reads (once per TTL, every third round:
+  the keepers change slowly, and reading every round cost each node 5x its announce traffic) and
+  writes; the other keepers carry the coordinate meanwhile. The last level
   (the experts themselves) keeps every replica. A failed read writes everything (fail open).
 * Records expire (``ttl``); owners re-announce well before expiry, so a dead node vanishes
   within one TTL. A graceful leave overwrites its subkeys with a tombstone (``()``).
@@ -78,6 +80,7 @@ MAX_PROBE_DEPTH = 8  # grid dimensions a walk probes for when nobody said how ma
 # entries than a grid row can have is growing it on purpose, and is ignored there; coordinates are small numbers
 MAX_ENTRIES_PER_OWNER = 1024
 INNER_WRITERS = 3  # owners that keep an inner-level entry per coordinate (see the module docstring)
+INNER_RECHECK_TTLS = 1.0  # a node re-reads its inner cells' keepers once per this many TTLs (3 rounds)
 MAX_COORD_DIGITS = 6
 
 
@@ -171,6 +174,11 @@ class ExpertRegistry:
         # a closed swarm's filter: owner fingerprints -> those that are members (None: an open swarm)
         self.admit: Callable[[set[str]], Awaitable[set[str]]] | None = None
         self._inner_written: dict[tuple[str, str], float] = {}  # inner (key, coord) we wrote -> its expiration
+        # who keeps our inner cells changes slowly: re-read them every inner_recheck TTLs, not every round
+        self.inner_recheck = INNER_RECHECK_TTLS
+        self._checked_cells: set[tuple[str, str]] = set()
+        self._checked_at = -math.inf
+        self._deferred: set[tuple[str, str]] = set()
 
     # ---- announcing (nodes) ----
 
@@ -193,7 +201,11 @@ class ExpertRegistry:
         uids = list(uids)
         leaves = {_cell_entries(uid)[-1] for uid in uids}
         inner = {cell for uid in uids for cell in _cell_entries(uid)[:-1]} - leaves
-        deferred = await self._kept_by_others(inner) if inner else set()
+        now = get_dht_time()
+        if inner != self._checked_cells or now >= self._checked_at + self.inner_recheck * ttl:
+            self._deferred = await self._kept_by_others(inner) if inner else set()
+            self._checked_cells, self._checked_at = inner, now
+        deferred = self._deferred
         expiration = get_dht_time() + ttl
         entries: dict[tuple[str, bytes], Any] = {}
         for key, coord in sorted(leaves | (inner - deferred)):
