@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+from dmoe.coordinator.bootstrap import load_or_create_identity
 from test_coordinator import coordinator_args, free_port, node_args
-
-from coordinator.bootstrap import load_or_create_identity
 
 pytestmark = pytest.mark.integration
 
