@@ -199,8 +199,9 @@ class ExpertRegistry:
     ) -> bool:
         """Store (or refresh) this node's records for ``uids`` (and its TLS ``certificate``); True if all landed."""
         uids = list(uids)
-        leaves = {_cell_entries(uid)[-1] for uid in uids}
-        inner = {cell for uid in uids for cell in _cell_entries(uid)[:-1]} - leaves
+        cells = [_cell_entries(uid) for uid in uids]
+        leaves = {c[-1] for c in cells}
+        inner = {cell for c in cells for cell in c[:-1]} - leaves
         now = get_dht_time()
         if inner != self._checked_cells or now >= self._checked_at + self.inner_recheck * ttl:
             self._deferred = await self._kept_by_others(inner) if inner else set()
@@ -227,23 +228,26 @@ class ExpertRegistry:
         except (TimeoutError, OSError, RuntimeError):
             return set()  # fail open: write them all
         now = get_dht_time()
-        ours = self._owned("")
+        ours = self.dht.owner_marker
         kept = set()
         for key, coord in inner:
             serving = {owner for _, owner, value, _ in _owned_entries(found.get(children[(key, coord)]), now)
                        if value}  # owners with a live entry below this cell (tombstones are empty)
             mine = _rank(ours, key, coord)
-            before = {owner for name, owner, value, _ in _owned_entries(found.get(key), now)
-                      if name == coord and value and owner in serving and b"[owner:" + owner + b"]" != ours
-                      and _rank(b"[owner:" + owner + b"]", key, coord) < mine}
+            others = {_marker(owner) for name, owner, value, _ in _owned_entries(found.get(key), now)
+                      if name == coord and value and owner in serving}
+            before = {m for m in others - {ours} if _rank(m, key, coord) < mine}
             if len(before) >= INNER_WRITERS:
                 kept.add((key, coord))
         return kept
 
-    def _written_inner(self, cells: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
-        """Those of ``cells`` whose inner entry we wrote and that may still be live."""
+    def _our_cells(self, uids: Iterable[str]) -> set[tuple[str, str]]:
+        """The (key, coord) entries of ``uids`` that may hold a live entry of ours: every leaf, and the inner
+        cells we wrote (tombstoning the others would only add entries to shared records)."""
         now = get_dht_time()
-        return {cell for cell in cells if self._inner_written.get(cell, 0.0) >= now}
+        cells = [_cell_entries(uid) for uid in uids]
+        return {c[-1] for c in cells} | {cell for c in cells for cell in c[:-1]
+                                         if self._inner_written.get(cell, 0.0) >= now}
 
     @property
     def fingerprint(self) -> str:
@@ -269,20 +273,14 @@ class ExpertRegistry:
         subset would also hide its siblings: call this with every uid the node announced.
         """
         expiration = get_dht_time() + ttl + 1.0  # must outlive the record it replaces
-        uids = list(uids)
-        leaves = {_cell_entries(uid)[-1] for uid in uids}
-        inner = self._written_inner(cell for uid in uids for cell in _cell_entries(uid)[:-1])
-        entries: dict[tuple[str, bytes], Any] = {(key, self._owned(coord)): () for key, coord in leaves | inner}
+        entries: dict[tuple[str, bytes], Any] = {(key, self._owned(coord)): () for key, coord in self._our_cells(uids)}
         entries[(node_shard_key(node_id), self._owned(node_id))] = ()
         return await self._store(entries, expiration)
 
     async def withdraw_some(self, dropped: Iterable[str], *, kept: Iterable[str], ttl: float) -> bool:
         """Tombstone the records of ``dropped`` uids only, keeping every inner-level entry ``kept`` uids share."""
         keep = {e for uid in kept for e in _cell_entries(uid)}
-        dropped = list(dropped)
-        leaves = {_cell_entries(uid)[-1] for uid in dropped}
-        inner = self._written_inner(cell for uid in dropped for cell in _cell_entries(uid)[:-1])
-        gone = (leaves | inner) - keep
+        gone = self._our_cells(dropped) - keep
         if not gone:
             return True
         entries = {(key, self._owned(coord)): () for key, coord in gone}
@@ -487,6 +485,11 @@ def _cell_entries(uid: str) -> list[tuple[str, str]]:
     """(DHT key, coordinate) of every entry announcing ``uid``, one per grid level."""
     prefix, coords = split_uid(uid)
     return [(cell_key(prefix, coords[:level]), str(coord)) for level, coord in enumerate(coords)]
+
+
+def _marker(owner: bytes) -> bytes:
+    """The subkey marker of an owner key (what ``DHTAccess.owner_marker`` is for our own)."""
+    return b"[owner:" + owner + b"]"
 
 
 def _rank(owner_marker: bytes, key: str, coord: str) -> bytes:
